@@ -1,0 +1,39 @@
+# Every target sets up its own virtual environment on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-all bench lint tiny-lm clean
+
+install: $(STAMP)
+
+# torch is pinned through constraints.txt so that CPU machines do not pull a CUDA build.
+$(STAMP): setup.cfg constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt torch
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) train.py fit --config configs/demo.yaml
+	$(PY) -m mtsae.cli summary --run-dir runs/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+tiny-lm: $(STAMP)
+	$(PY) -m mtsae.tiny_lm --out artifacts/tiny_lm
+
+clean:
+	rm -rf runs cache lightning_logs

@@ -1,0 +1,179 @@
+"""The Multi-Scale Temporal Sparse Autoencoder (a plain ``nn.Module``; it knows nothing about Lightning).
+
+Encoder: ``u = x - b_dec`` (zero at invalid positions), one causal depth-wise dilated ``Conv1d`` per
+dilation (kernel 3, left padding only, so position ``t`` sees ``t, t-r, t-2r``), the branch outputs
+concatenated and mapped by ``W_enc`` to ``d_sae`` pre-activations, then a sparsifying activation.
+Decoder: per token and linear, ``x_hat = f @ W_dec + b_dec`` with unit-norm rows of ``W_dec``.
+
+With ``dilations=[]`` the encoder is ``(x - b_dec) @ W_enc + b_enc``: the ordinary per-token SAE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mtsae.activations import Activation, make_activation
+
+__all__ = ["MTSAE", "ForwardOutput", "KERNEL_SIZE"]
+
+KERNEL_SIZE = 3
+
+
+class ForwardOutput(NamedTuple):
+    x_hat: Tensor
+    """reconstruction ``[B, T, d_in]``"""
+    f: Tensor
+    """feature codes ``[B, T, d_sae]`` (zero at invalid positions)"""
+    pre: Tensor
+    """pre-activations ``[B, T, d_sae]`` (used by AuxK and JumpReLU losses)"""
+    z_scales: Tensor | None
+    """per-dilation branch outputs ``[B, T, n_scales, d_in]``; ``None`` for a per-token SAE"""
+
+
+class MTSAE(nn.Module):
+    """Multi-scale temporal SAE.
+
+    Args:
+        d_in: width of the activations (the residual stream).
+        d_sae: number of features (dictionary size).
+        dilations: one causal depth-wise conv branch per entry; ``[]`` gives a per-token SAE.
+        activation: ``relu`` (L1), ``topk``, ``batchtopk`` or ``jumprelu`` (see :mod:`mtsae.activations`).
+        activation_kwargs: options of the activation (``k`` for top-k variants, ...).
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        dilations: Sequence[int] = (1, 2, 4, 8),
+        activation: str = "relu",
+        activation_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if d_in <= 0 or d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got d_in={d_in}, d_sae={d_sae}")
+        dilations = [int(r) for r in dilations]
+        if any(r < 1 for r in dilations):
+            raise ValueError(f"dilations must be positive integers, got {dilations}")
+        if len(set(dilations)) != len(dilations):
+            raise ValueError(f"dilations must be distinct, got {dilations}")
+        self.d_in, self.d_sae, self.dilations = d_in, d_sae, dilations
+        self.activation_name = activation
+        self.activation_kwargs = dict(activation_kwargs or {})
+        n_blocks = max(1, len(dilations))
+
+        # conv_weight[s, c, k]: tap k of channel c in scale s; k = KERNEL_SIZE-1 is offset 0 (the token
+        # itself), k = KERNEL_SIZE-2 is offset -r, ... Identity initialisation: tap at offset 0 = 1.
+        conv = torch.zeros(len(dilations), d_in, KERNEL_SIZE)
+        conv[:, :, -1] = 1.0
+        self.conv_weight = nn.Parameter(conv)
+
+        W_dec = torch.randn(d_sae, d_in)
+        W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        # every dilation block starts as W_dec^T, so the untrained MTSAE equals a per-token SAE whose
+        # W_enc is n_scales * block (scaled down to keep the pre-activation magnitude of one block)
+        self.W_enc = nn.Parameter(W_dec.t().repeat(n_blocks, 1).clone() / n_blocks)
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.act: Activation = make_activation(activation, d_sae, **self.activation_kwargs)
+
+    # ------------------------------------------------------------------ encoder
+    @property
+    def n_scales(self) -> int:
+        return len(self.dilations)
+
+    @property
+    def receptive_field(self) -> int:
+        """Number of tokens (the current one included) that the encoder sees."""
+        return 1 + (KERNEL_SIZE - 1) * sum(self.dilations)
+
+    def scale_branches(self, u_BTD: Tensor) -> Tensor:
+        """Causal depth-wise dilated convolutions: ``[B, T, d_in] -> [B, T, n_scales, d_in]``."""
+        u_BDT = u_BTD.transpose(1, 2)
+        outs = []
+        for s, r in enumerate(self.dilations):
+            padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))  # left padding only: causal
+            w = self.conv_weight[s].unsqueeze(1).to(u_BDT.dtype)  # [d_in, 1, K]
+            outs.append(F.conv1d(padded, w, dilation=r, groups=self.d_in))
+        return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)  # [B, T, S, d_in]
+
+    def _encode(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        squeeze = x.dim() == 2
+        if squeeze:
+            x = x.unsqueeze(0)
+            valid = None if valid is None else valid.unsqueeze(0)
+        if x.dim() != 3 or x.shape[-1] != self.d_in:
+            raise ValueError(f"expected activations [B, T, {self.d_in}] or [T, {self.d_in}], got {tuple(x.shape)}")
+        if valid is not None and valid.shape != x.shape[:2]:
+            raise ValueError(f"valid mask {tuple(valid.shape)} does not match activations {tuple(x.shape[:2])}")
+        u = x - self.b_dec.to(x.dtype)  # [B, T, d_in]
+        if valid is not None:
+            u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
+        if self.dilations:
+            z = self.scale_branches(u)  # [B, T, S, d_in]
+            pre = z.flatten(2) @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype)
+        else:
+            z = None
+            pre = u @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype)
+        f = self.act(pre, valid)
+        if squeeze:
+            f, pre = f.squeeze(0), pre.squeeze(0)
+            z = None if z is None else z.squeeze(0)
+        return f, pre, z
+
+    def encode(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Feature codes of ``x`` (``[B, T, d_in]`` or ``[T, d_in]``; rows are sequences in order)."""
+        return self._encode(x, valid)[0]
+
+    # ------------------------------------------------------------------ decoder
+    def decode(self, f: Tensor) -> Tensor:
+        """``x_hat = f @ W_dec + b_dec`` (per token)."""
+        return f @ self.W_dec.to(f.dtype) + self.b_dec.to(f.dtype)
+
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> ForwardOutput:
+        f, pre, z = self._encode(x, valid)
+        return ForwardOutput(x_hat=self.decode(f), f=f, pre=pre, z_scales=z)
+
+    # ------------------------------------------------------------------ decoder norm constraint
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Renormalise the rows of ``W_dec`` to unit norm (after each optimizer step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def project_decoder_grad_(self) -> None:
+        """Remove from ``W_dec.grad`` the component parallel to each row (before each optimizer step)."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def fold_input_scale_(self, c: float) -> None:
+        """Make an SAE trained on ``c * x`` act on raw ``x`` (decoder rows stay unit norm).
+
+        With ``x_s = c x``: ``pre_s = conv(x_s - b_dec) W_enc + b_enc``. Dividing ``b_dec`` and ``b_enc``
+        by ``c`` (and thresholds, via :meth:`Activation.fold_scale`) gives ``pre = pre_s / c``,
+        ``f = f_s / c`` and ``x_hat = x_hat_s / c``.
+        """
+        self.b_dec.div_(c)
+        self.b_enc.div_(c)
+        self.act.fold_scale(c)
+
+    def config(self) -> dict:
+        """The constructor arguments (saved beside exported weights)."""
+        return {
+            "d_in": self.d_in,
+            "d_sae": self.d_sae,
+            "dilations": list(self.dilations),
+            "activation": self.activation_name,
+            "activation_kwargs": dict(self.activation_kwargs),
+        }
