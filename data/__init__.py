@@ -1,0 +1,18 @@
+"""Activation data: sources, the HDF5 sequence cache and the LightningDataModule."""
+
+from data.cache import ActivationCache, CacheMismatchError, CacheSpec, build_cache
+from data.datamodule import ActivationDataModule
+from data.sources import ActivationSource, SourceChunk
+from data.synthetic import FeatureGroup, SyntheticSource
+
+__all__ = [
+    "ActivationCache",
+    "ActivationDataModule",
+    "ActivationSource",
+    "CacheMismatchError",
+    "CacheSpec",
+    "FeatureGroup",
+    "SourceChunk",
+    "SyntheticSource",
+    "build_cache",
+]

@@ -1,0 +1,17 @@
+"""mtsae: Multi-Scale Temporal Sparse Autoencoders."""
+
+from mtsae.activations import ACTIVATIONS, make_activation
+from mtsae.export import load_sae, load_sae_from_checkpoint, save_sae
+from mtsae.model import MTSAE, ForwardOutput
+from mtsae.module import SAEModule
+
+__all__ = [
+    "ACTIVATIONS",
+    "ForwardOutput",
+    "MTSAE",
+    "SAEModule",
+    "load_sae",
+    "load_sae_from_checkpoint",
+    "make_activation",
+    "save_sae",
+]

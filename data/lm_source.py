@@ -1,0 +1,462 @@
+"""Activations of a Hugging Face causal LM on a text dataset (``data.source.class_path: data.LMSource``).
+
+Rows are ``[BOS] + (ctx_len - 1)`` tokens packed from the document stream (:func:`pack_documents`):
+documents are tokenized without special tokens and each is followed by EOS; a document longer than
+the room left in a row continues in the next row, after that row's BOS. Nothing is dropped or
+duplicated, except the incomplete tail at the very end of the dataset. Row ``i`` is always the
+same bytes (same model, revision, dataset, tokenizer, dtype and device type), which is what lets a
+cache build resume at shard granularity: :meth:`LMSource.generate` packs the rows before ``start``
+(cheap) but skips their forward pass.
+
+Activations are the residual stream after decoder layer ``layer`` ("resid_post", SAEBench's
+``blocks.L.hook_resid_post``), read by :func:`mtsae.lm.capture_resid_post`, which stops the forward
+pass right after that layer. ``valid`` is False on the special tokens (BOS, EOS, PAD).
+
+Models without a BOS token (Qwen2, ...) use their EOS token at the start of a row, as GPT-2 does (its
+BOS and EOS are the same ``<|endoftext|>``): a row then starts with the token the model has seen at
+document boundaries. A tokenizer with neither is rejected.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import logging
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data.sources import ActivationSource, SourceChunk
+from mtsae.lm import capture_resid_post, decoder_layers, lm_hidden_size, n_layers
+
+__all__ = ["LMSource", "SourceUnavailableError", "pack_documents", "MODEL_DTYPES", "LOCAL_DATA_BUILDERS"]
+
+log = logging.getLogger(__name__)
+
+#: values of ``model_dtype``
+MODEL_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+#: file suffix -> ``datasets`` packaged builder used for a local dataset file
+LOCAL_DATA_BUILDERS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".txt": "text",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+
+_TOKENIZE_BATCH = 64  # documents tokenized per call of the (fast, Rust) tokenizer
+
+
+class SourceUnavailableError(RuntimeError):
+    """A model, tokenizer or dataset named in the config cannot be loaded (missing path, no network, gated)."""
+
+
+def pack_documents(
+    token_lists: Iterable[list[int]], ctx_len: int, bos_id: int, eos_id: int
+) -> Iterator[list[int]]:
+    """Pack tokenized documents into rows of ``ctx_len`` tokens: ``[bos] + ctx_len - 1`` stream tokens.
+
+    The stream is every document followed by ``eos_id``. Rows cut it into consecutive pieces of
+    ``ctx_len - 1`` tokens, so a long document continues in the next row (after its BOS). Empty
+    documents are skipped; the incomplete last row (when the documents run out) is not yielded.
+    """
+    if ctx_len < 2:
+        raise ValueError(f"ctx_len must be at least 2 (BOS + one token), got {ctx_len}")
+    body = ctx_len - 1
+    buf: list[int] = []
+    for toks in token_lists:
+        if not toks:
+            continue
+        buf.extend(toks)
+        buf.append(eos_id)
+        if len(buf) < body:
+            continue
+        n_full = len(buf) // body
+        for i in range(n_full):
+            yield [bos_id, *buf[i * body : (i + 1) * body]]
+        buf = buf[n_full * body :]
+
+
+def _looks_like_path(name: str) -> bool:
+    """True if ``name`` can only be a local path (a hub id is ``name`` or ``org/name``)."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or "\\" in name
+        or Path(name).suffix.lower() in LOCAL_DATA_BUILDERS
+    )
+
+
+def _short(name: str) -> str:
+    return Path(name.rstrip("/")).name or "model"
+
+
+class LMSource(ActivationSource):
+    """Residual-stream activations (resid_post of ``layer``) of a causal LM on packed text rows.
+
+    Args:
+        model_name: Hugging Face hub name (``google/gemma-2-2b``) or path to a local model folder.
+        layer: decoder layer whose output (resid_post) is read, 0-based (Gemma-2-2B has 0 .. 25).
+        dataset: hub dataset name (``monology/pile-uncopyrighted``), a local folder, or a local file
+            (``.jsonl``, ``.json``, ``.txt`` (one document per line), ``.parquet``, ``.csv``).
+        ctx_len: tokens per row, BOS included.
+        dataset_config: hub dataset configuration name (``wikitext-103-raw-v1``), if it has several.
+        split: dataset split to read (``train``).
+        text_column: column that holds the document text.
+        streaming: stream the dataset instead of downloading it all first.
+        revision: model revision (branch, tag or commit) on the hub; ``None`` is the default branch.
+        model_dtype: dtype the model runs in and activations are produced in:
+            ``bfloat16``, ``float16`` or ``float32``.
+        device: ``auto`` (``cuda`` if available, else ``cpu``), or a torch device string (``cuda:1``).
+        llm_batch_size: rows per forward pass of the language model.
+        trust_remote_code: allow model code from the hub (off unless you trust the repository).
+        shuffle_buffer: if > 0, shuffle documents with a buffer of this many (seeded by ``seed``);
+            0 reads documents in dataset order.
+        seed: seed of the document shuffle (used only when ``shuffle_buffer > 0``).
+
+    Gated models (Gemma) need their license accepted on the hub and a token (``HF_TOKEN`` or
+    ``huggingface-cli login``); offline, point ``model_name`` and ``dataset`` at local copies.
+    """
+
+    kind = "lm"
+
+    def __init__(
+        self,
+        model_name: str,
+        layer: int,
+        dataset: str,
+        ctx_len: int = 128,
+        dataset_config: str | None = None,
+        split: str = "train",
+        text_column: str = "text",
+        streaming: bool = True,
+        revision: str | None = None,
+        model_dtype: str = "bfloat16",
+        device: str = "auto",
+        llm_batch_size: int = 8,
+        trust_remote_code: bool = False,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+    ) -> None:
+        if not model_name:
+            raise ValueError("model_name must be a hub name or a local path, got an empty string")
+        if not dataset:
+            raise ValueError("dataset must be a hub name or a local path, got an empty string")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer must be a non-negative int, got {layer!r}")
+        if ctx_len < 2:
+            raise ValueError(f"ctx_len must be at least 2 (BOS + one token), got {ctx_len}")
+        if model_dtype not in MODEL_DTYPES:
+            raise ValueError(f"model_dtype must be one of {sorted(MODEL_DTYPES)}, got {model_dtype!r}")
+        if llm_batch_size < 1:
+            raise ValueError(f"llm_batch_size must be >= 1, got {llm_batch_size}")
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
+        if device != "auto":
+            try:
+                torch.device(device)
+            except RuntimeError as e:
+                raise ValueError(f"device must be 'auto' or a torch device string, got {device!r}") from e
+        self.model_name = model_name
+        self.layer = layer
+        self.dataset = dataset
+        self._ctx_len = ctx_len
+        self.dataset_config = dataset_config
+        self.split = split
+        self.text_column = text_column
+        self.streaming = streaming
+        self.revision = revision
+        self.model_dtype = model_dtype
+        self.device = device
+        self.llm_batch_size = llm_batch_size
+        self.trust_remote_code = trust_remote_code
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+
+        self._config: Any = None
+        self._tokenizer: Any = None
+        self._model: torch.nn.Module | None = None
+        # packed-row iterator kept between generate() calls, so that consecutive ranges don't re-tokenize
+        self._rows: Iterator[list[int]] | None = None
+        self._rows_pos = 0  # rows already taken from self._rows
+
+    # ------------------------------------------------------------------ description
+    @property
+    def ctx_len(self) -> int:
+        return self._ctx_len
+
+    @property
+    def d_in(self) -> int:
+        """Width of the residual stream, from the model config (no weights are loaded)."""
+        return lm_hidden_size(self._load_config())
+
+    def fingerprint(self) -> dict:
+        return {
+            "source": self.kind,
+            "model_name": self.model_name,
+            "revision": self.revision,
+            "layer": self.layer,
+            "hook": "resid_post",
+            "ctx_len": self.ctx_len,
+            "dataset": self.dataset,
+            "dataset_config": self.dataset_config,
+            "split": self.split,
+            "text_column": self.text_column,
+            "model_dtype": self.model_dtype,
+            "shuffle_buffer": self.shuffle_buffer,
+            "seed": self.seed,
+        }
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    # ------------------------------------------------------------------ loading (with clear errors)
+    def _model_error(self, what: str, e: Exception) -> SourceUnavailableError:
+        rev = f" (revision {self.revision!r})" if self.revision else ""
+        local = f"/path/to/local/{_short(self.model_name)}"
+        return SourceUnavailableError(
+            f"LMSource cannot load the {what} of model_name={self.model_name!r}{rev}: {type(e).__name__}: {e}\n"
+            f"If this is a local path, check that it exists and holds config.json, the tokenizer and weights. "
+            f"If the machine has no network access, or the model is gated (Gemma: accept its license on the hub "
+            f"and set HF_TOKEN), download it once elsewhere (`huggingface-cli download {self.model_name} "
+            f"--local-dir {local}`) and point the config at the local copy:\n"
+            f"    data.source.init_args.model_name: {local}"
+        )
+
+    def _check_local_model(self) -> None:
+        if _looks_like_path(self.model_name) and not Path(self.model_name).expanduser().exists():
+            raise self._model_error(
+                "config", FileNotFoundError(f"local path {str(Path(self.model_name).expanduser().resolve())!r} "
+                                            "does not exist")
+            )
+
+    def _load_config(self) -> Any:
+        if self._config is None:
+            from transformers import AutoConfig
+
+            self._check_local_model()
+            try:
+                self._config = AutoConfig.from_pretrained(
+                    self.model_name, revision=self.revision, trust_remote_code=self.trust_remote_code
+                )
+            except Exception as e:  # OSError, HF hub errors, ValueError for unknown model types
+                raise self._model_error("config", e) from e
+        return self._config
+
+    def _load_tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._check_local_model()
+            try:
+                tok = AutoTokenizer.from_pretrained(
+                    self.model_name, revision=self.revision, trust_remote_code=self.trust_remote_code
+                )
+            except Exception as e:
+                raise self._model_error("tokenizer", e) from e
+            if tok.bos_token_id is None and tok.eos_token_id is None:
+                raise ValueError(f"the tokenizer of {self.model_name!r} has neither a BOS nor an EOS token; "
+                                 "LMSource needs one to start rows and separate documents")
+            tok.model_max_length = int(1e30)  # we pack long documents ourselves: silence the length warning
+            self._tokenizer = tok
+        return self._tokenizer
+
+    @property
+    def special_ids(self) -> tuple[int, int, int | None]:
+        """``(bos_id, eos_id, pad_id)`` used in rows (a missing BOS/EOS is replaced by the other)."""
+        tok = self._load_tokenizer()
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
+        return bos, eos, tok.pad_token_id
+
+    def _load_model(self) -> torch.nn.Module:
+        if self._model is None:
+            from transformers import AutoModelForCausalLM
+
+            self._check_local_model()
+            device = self.torch_device
+            log.info("loading %s (%s) on %s", self.model_name, self.model_dtype, device)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    self.model_name,
+                    revision=self.revision,
+                    dtype=MODEL_DTYPES[self.model_dtype],
+                    trust_remote_code=self.trust_remote_code,
+                )
+            except Exception as e:
+                raise self._model_error("weights", e) from e
+            self._model = model.to(device).eval()
+        return self._model
+
+    def _dataset_error(self, e: Exception) -> SourceUnavailableError:
+        cfg = f" (config {self.dataset_config!r})" if self.dataset_config else ""
+        local = f"/path/to/local/{_short(self.dataset)}"
+        return SourceUnavailableError(
+            f"LMSource cannot read dataset={self.dataset!r}{cfg}, split={self.split!r}: {type(e).__name__}: {e}\n"
+            f"A local dataset is a folder or a file ({', '.join(LOCAL_DATA_BUILDERS)}) with a "
+            f"{self.text_column!r} column. Without network access, download the dataset once elsewhere "
+            f"(`huggingface-cli download --repo-type dataset {self.dataset} --local-dir {local}`) and point the "
+            f"config at the local copy:\n    data.source.init_args.dataset: {local}"
+        )
+
+    def _open_dataset(self, streaming: bool) -> Iterable[dict]:
+        from datasets import load_dataset
+
+        path = Path(self.dataset).expanduser()
+        try:
+            if path.is_file():
+                builder = LOCAL_DATA_BUILDERS.get(path.suffix.lower())
+                if builder is None:
+                    raise ValueError(f"unsupported file type {path.suffix!r} (supported: "
+                                     f"{', '.join(LOCAL_DATA_BUILDERS)})")
+                split_name = self.split.split("[")[0]  # `train[:1000]` slices the split called `train`
+                ds = load_dataset(builder, data_files={split_name: str(path)}, split=self.split,
+                                  streaming=streaming)
+            elif path.is_dir():
+                ds = load_dataset(str(path), self.dataset_config, split=self.split, streaming=streaming)
+            elif _looks_like_path(self.dataset):
+                raise FileNotFoundError(f"local path {str(path.resolve())!r} does not exist")
+            else:
+                ds = load_dataset(self.dataset, self.dataset_config, split=self.split, streaming=streaming)
+        except Exception as e:
+            raise self._dataset_error(e) from e
+        if self.shuffle_buffer > 0:
+            if streaming:
+                ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+            else:
+                ds = ds.shuffle(seed=self.seed)
+        return ds
+
+    def _texts(self, streaming: bool) -> Iterator[str]:
+        for i, record in enumerate(self._open_dataset(streaming)):
+            if self.text_column not in record:
+                raise ValueError(f"dataset {self.dataset!r} has no column {self.text_column!r} "
+                                 f"(columns: {sorted(record)}); set data.source.init_args.text_column")
+            text = record[self.text_column]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise ValueError(f"dataset {self.dataset!r} column {self.text_column!r} holds "
+                                 f"{type(text).__name__}, not text (record {i})")
+            yield text
+
+    def _token_lists(self) -> Iterator[list[int]]:
+        tok = self._load_tokenizer()
+        texts = self._texts(self.streaming)
+        while batch := list(itertools.islice(texts, _TOKENIZE_BATCH)):
+            yield from tok(batch, add_special_tokens=False)["input_ids"]
+
+    def _new_rows(self) -> Iterator[list[int]]:
+        bos, eos, _ = self.special_ids
+        return pack_documents(self._token_lists(), self.ctx_len, bos, eos)
+
+    # ------------------------------------------------------------------ ActivationSource
+    def check(self) -> None:
+        """Fail fast: config reachable, layer in range, architecture supported, tokenizer and dataset readable.
+
+        Loads no weights (the architecture check builds the model on the ``meta`` device).
+        """
+        from transformers import AutoModelForCausalLM
+
+        config = self._load_config()
+        n = n_layers(config)
+        if not 0 <= self.layer < n:
+            raise ValueError(f"layer={self.layer} is out of range: {self.model_name!r} has {n} decoder layers "
+                             f"(valid: 0 .. {n - 1}); set data.source.init_args.layer")
+        try:
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
+        except Exception as e:
+            raise ValueError(f"{self.model_name!r} ({type(config).__name__}) is not a causal language model "
+                             f"that transformers can build: {e}") from e
+        decoder_layers(skeleton)  # ValueError naming the class if the layout is unknown
+        del skeleton
+        self._load_tokenizer()
+        # one record, streamed: reachability and the text column without downloading the dataset
+        next(iter(self._texts(streaming=True)), None)
+
+    def generate(self, start: int, stop: int, batch_size: int) -> Iterator[SourceChunk]:
+        """Yield rows ``start .. stop`` in chunks of at most ``batch_size`` rows.
+
+        Chunks hold ``acts [n, ctx_len, d_in]`` (CPU, ``model_dtype``), ``tokens [n, ctx_len] int32`` and
+        ``valid [n, ctx_len] bool`` (False on BOS / EOS / PAD). Raises ``ValueError`` if the dataset ends
+        before row ``stop``.
+        """
+        if not 0 <= start <= stop:
+            raise ValueError(f"need 0 <= start <= stop, got start={start}, stop={stop}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if start == stop:
+            return
+        from tqdm.auto import tqdm
+
+        model = self._load_model()
+        device = next(model.parameters()).device
+        special = torch.tensor([t for t in self.special_ids if t is not None], dtype=torch.int32)
+
+        if self._rows is None or start < self._rows_pos:
+            self._rows, self._rows_pos = self._new_rows(), 0
+        skipped = sum(1 for _ in itertools.islice(self._rows, start - self._rows_pos))  # packed, not run
+        self._rows_pos += skipped
+        if self._rows_pos < start:
+            raise self._exhausted(stop)
+
+        T = self.ctx_len
+        bar = tqdm(total=(stop - start) * T, unit="tok", unit_scale=True, desc=f"{_short(self.model_name)} L{self.layer}")
+        try:
+            row = start
+            while row < stop:
+                n = min(batch_size, stop - row)
+                rows = list(itertools.islice(self._rows, n))
+                self._rows_pos += len(rows)
+                if len(rows) < n:
+                    raise self._exhausted(stop)
+                tokens = torch.tensor(rows, dtype=torch.int32)  # [n, T]
+                acts = []
+                for i in range(0, len(rows), self.llm_batch_size):
+                    ids = tokens[i : i + self.llm_batch_size].to(device=device, dtype=torch.long)  # [b, T]
+                    acts.append(capture_resid_post(model, self.layer, ids))  # [b, T, d] on device
+                    bar.update(ids.numel())
+                # outside inference mode: a plain CPU tensor the consumer may view, convert or modify
+                acts_NTD = torch.cat([a.to("cpu") for a in acts])  # [n, T, d]
+                valid = ~torch.isin(tokens, special)  # [n, T]
+                yield SourceChunk(acts=acts_NTD, tokens=tokens, valid=valid)
+                row += n
+        finally:
+            bar.close()
+
+    def _exhausted(self, stop: int) -> ValueError:
+        return ValueError(
+            f"dataset {self.dataset!r} (split {self.split!r}) ends after {self._rows_pos} rows of ctx_len "
+            f"{self.ctx_len}, but rows up to {stop} were requested: use a larger dataset/split or fewer sequences"
+        )
+
+    def close(self) -> None:
+        """Free the model (and GPU memory); the config and tokenizer stay (they are small)."""
+        if self._model is not None:
+            on_cuda = next(self._model.parameters()).is_cuda
+            self._model = None
+            gc.collect()
+            if on_cuda:
+                torch.cuda.empty_cache()
+        self._rows, self._rows_pos = None, 0
+
+    def __getstate__(self) -> dict:
+        # picklable (DDP spawn, deepcopy): drop the loaded model and the live row iterator
+        state = self.__dict__.copy()
+        state.update(_model=None, _rows=None, _rows_pos=0)
+        return state
+
+    def __repr__(self) -> str:
+        return (f"LMSource(model_name={self.model_name!r}, layer={self.layer}, dataset={self.dataset!r}, "
+                f"ctx_len={self.ctx_len})")

@@ -1,0 +1,181 @@
+"""``SAEModule``: the LightningModule that owns the losses, the optimisation and the logging.
+
+The SAE itself is a plain :class:`mtsae.MTSAE` in ``self.sae``. Inputs are multiplied by a constant
+``act_scale`` so that ``E||x||^2 = d_in`` on the training data (estimated once from the cache
+statistics); :meth:`SAEModule.export_sae` folds the constant back in, so the exported SAE acts on raw
+activations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from mtsae.losses import (
+    SEPARATION_KINDS,
+    codes_separation,
+    decoder_separation,
+    fvu,
+    l1_sparsity,
+    recon_loss,
+    scales_separation,
+)
+from mtsae.metrics import ReconstructionMetrics
+from mtsae.model import MTSAE, ForwardOutput
+from mtsae.schedulers import WarmupDecayLR
+
+__all__ = ["SAEModule"]
+
+
+class SAEModule(L.LightningModule):
+    """Train an MTSAE (or, with ``dilations: []``, a per-token SAE).
+
+    Args:
+        d_in: activation width (linked from ``data.d_in``; do not type it).
+        d_sae: number of features.
+        dilations: dilations of the causal depth-wise conv branches; ``[]`` = per-token SAE.
+        activation: ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``.
+        activation_kwargs: options of the activation (``k: 32`` for top-k variants, ...).
+        l1_coeff: weight of the L1 sparsity penalty (ReLU SAEs only).
+        l1_warmup_steps: steps of linear warm-up of ``l1_coeff`` from 0.
+        separation: cosine feature-separation loss: ``scales``, ``decoder``, ``codes`` or ``none``.
+        separation_coeff: its weight.
+        separation_max_tokens: tokens sampled per batch by the ``codes`` kind (bounds its cost).
+        separation_max_pairs: co-active feature pairs sampled per batch by the ``decoder`` kind.
+        scale_activations: multiply inputs by a constant so that ``E||x||^2 = d_in`` (from the cache).
+        init_b_dec_from_data: initialise ``b_dec`` to the mean training activation.
+        optimizer: optimizer factory (YAML ``class_path``/``init_args``); Adam by default.
+        lr_scheduler: LR scheduler factory, stepped every optimizer step; ``None`` for a constant LR.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int = 512,
+        dilations: Sequence[int] = (1, 2, 4, 8),
+        activation: str = "relu",
+        activation_kwargs: dict[str, Any] | None = None,
+        l1_coeff: float = 5.0,
+        l1_warmup_steps: int = 0,
+        separation: str = "scales",
+        separation_coeff: float = 0.1,
+        separation_max_tokens: int = 1024,
+        separation_max_pairs: int = 4096,
+        scale_activations: bool = True,
+        init_b_dec_from_data: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if separation not in SEPARATION_KINDS:
+            raise ValueError(f"separation must be one of {SEPARATION_KINDS}, got {separation!r}")
+        if separation == "scales" and len(dilations) < 2:
+            raise ValueError(
+                f"separation 'scales' compares dilation branches and needs at least two dilations, got "
+                f"{list(dilations)}; use separation: none, decoder or codes for this model"
+            )
+        if l1_coeff < 0 or separation_coeff < 0 or l1_warmup_steps < 0:
+            raise ValueError("l1_coeff, separation_coeff and l1_warmup_steps must be non-negative")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.sae = MTSAE(d_in, d_sae, dilations=dilations, activation=activation, activation_kwargs=activation_kwargs)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.register_buffer("act_scale", torch.tensor(1.0))
+        self.register_buffer("data_initialised", torch.tensor(False))
+        self.val_metrics = ReconstructionMetrics(d_in, d_sae)
+
+    # ------------------------------------------------------------------ set-up from the data
+    def initialise_from_stats(self, stats: dict) -> None:
+        """Set ``act_scale`` (so that ``E||x||^2 = d_in``) and ``b_dec`` from cache statistics."""
+        hp = self.hparams
+        if hp.scale_activations:
+            self.act_scale.fill_(math.sqrt(hp.d_in / stats["mean_sq_norm"]))
+        if hp.init_b_dec_from_data:
+            mean = torch.tensor(stats["mean"], dtype=self.sae.b_dec.dtype, device=self.sae.b_dec.device)
+            with torch.no_grad():
+                self.sae.b_dec.copy_(mean * self.act_scale)
+        self.data_initialised.fill_(True)
+
+    def on_fit_start(self) -> None:
+        # once per run: a resumed run restores both buffers from the checkpoint instead
+        dm = self.trainer.datamodule
+        if not bool(self.data_initialised) and dm is not None and hasattr(dm, "stats"):
+            self.initialise_from_stats(dm.stats)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> ForwardOutput:
+        """Run the SAE on raw activations ``[B, T, d_in]`` (scaled internally); outputs are scaled."""
+        return self.sae(x.float() * self.act_scale, valid)
+
+    def _losses(self, x: Tensor, valid: Tensor, out: ForwardOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        terms = {"recon": recon_loss(x, out.x_hat, valid)}
+        loss = terms["recon"]
+        if self.sae.act.uses_l1 and hp.l1_coeff > 0:
+            warm = 1.0 if hp.l1_warmup_steps == 0 else min(1.0, (self.global_step + 1) / hp.l1_warmup_steps)
+            terms["sparsity"] = l1_sparsity(out.f, valid)
+            loss = loss + hp.l1_coeff * warm * terms["sparsity"]
+        if hp.separation != "none" and hp.separation_coeff > 0:
+            if hp.separation == "scales":
+                terms["separation"] = scales_separation(out.z_scales, valid)
+            elif hp.separation == "decoder":
+                terms["separation"] = decoder_separation(self.sae.W_dec, out.f, valid, hp.separation_max_pairs)
+            else:
+                terms["separation"] = codes_separation(out.f, valid, hp.separation_max_tokens)
+            loss = loss + hp.separation_coeff * terms["separation"]
+        terms["loss"] = loss
+        return terms
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
+        out = self.sae(x, valid)
+        terms = self._losses(x, valid, out)
+        with torch.no_grad():
+            l0 = (out.f[valid] > 0).float().sum(-1).mean()
+            batch_fvu = fvu(x, out.x_hat, valid)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+        self.log_dict({"train/l0": l0, "train/fvu": batch_fvu}, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
+        out = self.sae(x, valid)
+        self.log("val/loss", self._losses(x, valid, out)["loss"], sync_dist=True)
+        c = self.act_scale
+        self.val_metrics.update(x / c, out.x_hat / c, out.f / c, valid)  # in raw units
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
+        self.val_metrics.reset()
+
+    # ------------------------------------------------------------------ decoder norm constraint
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.sae.project_decoder_grad_()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.normalize_decoder_()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupDecayLR) and scheduler.total_steps is None:
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ export
+    def export_sae(self) -> MTSAE:
+        """A copy of the SAE that acts on raw activations (the input scale folded into its biases)."""
+        sae = copy.deepcopy(self.sae).float().cpu().eval()
+        sae.fold_input_scale_(float(self.act_scale))
+        return sae
