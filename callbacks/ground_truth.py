@@ -38,7 +38,9 @@ class GroundTruthRecovery(L.Callback):
                 self._truth = {
                     "features": torch.as_tensor(gt["features"]),
                     "group_index": torch.as_tensor(gt.get("group_index")) if "group_index" in gt else None,
-                    "group_names": [n.decode() if isinstance(n, bytes) else str(n) for n in gt.get("group_names", [])],
+                    "group_names": [
+                        n.decode() if isinstance(n, bytes) else str(n) for n in gt.get("group_names", [])
+                    ],
                 }
         return self._truth
 
@@ -50,7 +52,11 @@ class GroundTruthRecovery(L.Callback):
         if not truth:
             return
         res = ground_truth_recovery(
-            truth["features"], pl_module.sae.W_dec, truth["group_index"], truth["group_names"] or None, self.threshold
+            truth["features"],
+            pl_module.sae.W_dec,
+            truth["group_index"],
+            truth["group_names"] or None,
+            self.threshold,
         )
         # identical on every rank (parameters are in sync), so no cross-rank reduction is needed
         pl_module.log_dict({f"val/{k}": v for k, v in res.items()}, sync_dist=False)

@@ -2,6 +2,7 @@
 
 from data.cache import ActivationCache, CacheMismatchError, CacheSpec, build_cache
 from data.datamodule import ActivationDataModule
+from data.lm_source import LMSource, SourceUnavailableError
 from data.sources import ActivationSource, SourceChunk
 from data.synthetic import FeatureGroup, SyntheticSource
 
@@ -12,7 +13,9 @@ __all__ = [
     "CacheMismatchError",
     "CacheSpec",
     "FeatureGroup",
+    "LMSource",
     "SourceChunk",
+    "SourceUnavailableError",
     "SyntheticSource",
     "build_cache",
 ]

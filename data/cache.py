@@ -134,9 +134,7 @@ def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: 
     x = from_storage(stored, dtype).double()[valid]  # [n_valid, d]
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", track_order=False) as h5:
-        ds = h5.create_dataset(
-            "acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False
-        )
+        ds = h5.create_dataset("acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False)
         ds.attrs["torch_dtype"] = dtype
         h5.create_dataset("tokens", data=tokens.numpy(), fletcher32=True, chunks=(1, T), track_times=False)
         h5.create_dataset("valid", data=valid.numpy(), fletcher32=True, chunks=(1, T), track_times=False)

@@ -18,7 +18,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from data.cache import ActivationCache, CacheMismatchError, CacheSpec, build_cache, fingerprint, fingerprint_inputs
+from data.cache import (
+    ActivationCache,
+    CacheMismatchError,
+    CacheSpec,
+    build_cache,
+    fingerprint,
+    fingerprint_inputs,
+)
 from data.sources import ActivationSource
 
 __all__ = ["ActivationDataModule", "RowDataset", "ShardedRowSampler"]
@@ -157,7 +164,9 @@ class ActivationDataModule(L.LightningDataModule):
         found = cache.manifest["fingerprint_inputs"]
         if found != expected:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-            detail = "; ".join(f"{k}: cache has {found.get(k)!r}, config has {expected.get(k)!r}" for k in diff[:6])
+            detail = "; ".join(
+                f"{k}: cache has {found.get(k)!r}, config has {expected.get(k)!r}" for k in diff[:6]
+            )
             raise CacheMismatchError(
                 f"the cache at {cache.root} was built for another configuration ({detail}). Point "
                 "data.cache_path elsewhere, or drop it to build a cache for this configuration."

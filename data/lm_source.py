@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from data.sources import ActivationSource, SourceChunk
-from mtsae.lm import capture_resid_post, decoder_layers, lm_hidden_size, n_layers
+from mtsae.lm import capture_resid_post, decoder_layers, hf_dtype_kwargs, lm_hidden_size, n_layers
 
 __all__ = ["LMSource", "SourceUnavailableError", "pack_documents", "MODEL_DTYPES", "LOCAL_DATA_BUILDERS"]
 
@@ -120,6 +120,7 @@ class LMSource(ActivationSource):
         shuffle_buffer: if > 0, shuffle documents with a buffer of this many (seeded by ``seed``);
             0 reads documents in dataset order.
         seed: seed of the document shuffle (used only when ``shuffle_buffer > 0``).
+        progress: show a progress bar (tokens/s, ETA) while generating.
 
     Gated models (Gemma) need their license accepted on the hub and a token (``HF_TOKEN`` or
     ``huggingface-cli login``); offline, point ``model_name`` and ``dataset`` at local copies.
@@ -144,6 +145,7 @@ class LMSource(ActivationSource):
         trust_remote_code: bool = False,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        progress: bool = True,
     ) -> None:
         if not model_name:
             raise ValueError("model_name must be a hub name or a local path, got an empty string")
@@ -179,6 +181,7 @@ class LMSource(ActivationSource):
         self.trust_remote_code = trust_remote_code
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.progress = progress
 
         self._config: Any = None
         self._tokenizer: Any = None
@@ -212,6 +215,8 @@ class LMSource(ActivationSource):
             "model_dtype": self.model_dtype,
             "shuffle_buffer": self.shuffle_buffer,
             "seed": self.seed,
+            # streaming and map-style datasets shuffle differently; without shuffling they read the same order
+            **({"streaming": self.streaming} if self.shuffle_buffer else {}),
         }
 
     @property
@@ -224,21 +229,27 @@ class LMSource(ActivationSource):
     def _model_error(self, what: str, e: Exception) -> SourceUnavailableError:
         rev = f" (revision {self.revision!r})" if self.revision else ""
         local = f"/path/to/local/{_short(self.model_name)}"
+        if isinstance(e, FileNotFoundError) and _looks_like_path(self.model_name):
+            hint = (
+                "Point the config at an existing model folder (with config.json, the tokenizer and the "
+                "weights) or at a Hugging Face hub name:"
+            )
+        else:
+            hint = (
+                f"If the machine has no network access, or the model is gated (Gemma: accept its license on "
+                f"the hub and set HF_TOKEN), download it once elsewhere (`huggingface-cli download "
+                f"{self.model_name} --local-dir {local}`) and point the config at the local copy:"
+            )
         return SourceUnavailableError(
             f"LMSource cannot load the {what} of model_name={self.model_name!r}{rev}: {type(e).__name__}: {e}\n"
-            f"If this is a local path, check that it exists and holds config.json, the tokenizer and weights. "
-            f"If the machine has no network access, or the model is gated (Gemma: accept its license on the hub "
-            f"and set HF_TOKEN), download it once elsewhere (`huggingface-cli download {self.model_name} "
-            f"--local-dir {local}`) and point the config at the local copy:\n"
-            f"    data.source.init_args.model_name: {local}"
+            f"{hint}\n    data.source.init_args.model_name: {local}"
         )
 
     def _check_local_model(self) -> None:
-        if _looks_like_path(self.model_name) and not Path(self.model_name).expanduser().exists():
-            raise self._model_error(
-                "config", FileNotFoundError(f"local path {str(Path(self.model_name).expanduser().resolve())!r} "
-                                            "does not exist")
-            )
+        path = Path(self.model_name).expanduser()
+        if _looks_like_path(self.model_name) and not path.exists():
+            e = FileNotFoundError(f"local path {str(path.resolve())!r} does not exist")
+            raise self._model_error("config", e) from e
 
     def _load_config(self) -> Any:
         if self._config is None:
@@ -265,8 +276,10 @@ class LMSource(ActivationSource):
             except Exception as e:
                 raise self._model_error("tokenizer", e) from e
             if tok.bos_token_id is None and tok.eos_token_id is None:
-                raise ValueError(f"the tokenizer of {self.model_name!r} has neither a BOS nor an EOS token; "
-                                 "LMSource needs one to start rows and separate documents")
+                raise ValueError(
+                    f"the tokenizer of {self.model_name!r} has neither a BOS nor an EOS token; "
+                    "LMSource needs one to start rows and separate documents"
+                )
             tok.model_max_length = int(1e30)  # we pack long documents ourselves: silence the length warning
             self._tokenizer = tok
         return self._tokenizer
@@ -290,7 +303,7 @@ class LMSource(ActivationSource):
                 model = AutoModelForCausalLM.from_pretrained(
                     self.model_name,
                     revision=self.revision,
-                    dtype=MODEL_DTYPES[self.model_dtype],
+                    **hf_dtype_kwargs(MODEL_DTYPES[self.model_dtype]),
                     trust_remote_code=self.trust_remote_code,
                 )
             except Exception as e:
@@ -301,12 +314,20 @@ class LMSource(ActivationSource):
     def _dataset_error(self, e: Exception) -> SourceUnavailableError:
         cfg = f" (config {self.dataset_config!r})" if self.dataset_config else ""
         local = f"/path/to/local/{_short(self.dataset)}"
+        if isinstance(e, FileNotFoundError) and _looks_like_path(self.dataset):
+            hint = (
+                "Point the config at an existing local file or folder, or at a Hugging Face hub dataset name:"
+            )
+        else:
+            hint = (
+                f"Without network access, download the dataset once elsewhere (`huggingface-cli download "
+                f"--repo-type dataset {self.dataset} --local-dir {local}`) and point the config at the local "
+                f"copy:"
+            )
         return SourceUnavailableError(
             f"LMSource cannot read dataset={self.dataset!r}{cfg}, split={self.split!r}: {type(e).__name__}: {e}\n"
             f"A local dataset is a folder or a file ({', '.join(LOCAL_DATA_BUILDERS)}) with a "
-            f"{self.text_column!r} column. Without network access, download the dataset once elsewhere "
-            f"(`huggingface-cli download --repo-type dataset {self.dataset} --local-dir {local}`) and point the "
-            f"config at the local copy:\n    data.source.init_args.dataset: {local}"
+            f"{self.text_column!r} column. {hint}\n    data.source.init_args.dataset: {local}"
         )
 
     def _open_dataset(self, streaming: bool) -> Iterable[dict]:
@@ -317,11 +338,13 @@ class LMSource(ActivationSource):
             if path.is_file():
                 builder = LOCAL_DATA_BUILDERS.get(path.suffix.lower())
                 if builder is None:
-                    raise ValueError(f"unsupported file type {path.suffix!r} (supported: "
-                                     f"{', '.join(LOCAL_DATA_BUILDERS)})")
+                    raise ValueError(
+                        f"unsupported file type {path.suffix!r} (supported: {', '.join(LOCAL_DATA_BUILDERS)})"
+                    )
                 split_name = self.split.split("[")[0]  # `train[:1000]` slices the split called `train`
-                ds = load_dataset(builder, data_files={split_name: str(path)}, split=self.split,
-                                  streaming=streaming)
+                ds = load_dataset(
+                    builder, data_files={split_name: str(path)}, split=self.split, streaming=streaming
+                )
             elif path.is_dir():
                 ds = load_dataset(str(path), self.dataset_config, split=self.split, streaming=streaming)
             elif _looks_like_path(self.dataset):
@@ -340,14 +363,18 @@ class LMSource(ActivationSource):
     def _texts(self, streaming: bool) -> Iterator[str]:
         for i, record in enumerate(self._open_dataset(streaming)):
             if self.text_column not in record:
-                raise ValueError(f"dataset {self.dataset!r} has no column {self.text_column!r} "
-                                 f"(columns: {sorted(record)}); set data.source.init_args.text_column")
+                raise ValueError(
+                    f"dataset {self.dataset!r} has no column {self.text_column!r} "
+                    f"(columns: {sorted(record)}); set data.source.init_args.text_column"
+                )
             text = record[self.text_column]
             if text is None:
                 continue
             if not isinstance(text, str):
-                raise ValueError(f"dataset {self.dataset!r} column {self.text_column!r} holds "
-                                 f"{type(text).__name__}, not text (record {i})")
+                raise ValueError(
+                    f"dataset {self.dataset!r} column {self.text_column!r} holds "
+                    f"{type(text).__name__}, not text (record {i})"
+                )
             yield text
 
     def _token_lists(self) -> Iterator[list[int]]:
@@ -371,14 +398,18 @@ class LMSource(ActivationSource):
         config = self._load_config()
         n = n_layers(config)
         if not 0 <= self.layer < n:
-            raise ValueError(f"layer={self.layer} is out of range: {self.model_name!r} has {n} decoder layers "
-                             f"(valid: 0 .. {n - 1}); set data.source.init_args.layer")
+            raise ValueError(
+                f"layer={self.layer} is out of range: {self.model_name!r} has {n} decoder layers "
+                f"(valid: 0 .. {n - 1}); set data.source.init_args.layer"
+            )
         try:
             with torch.device("meta"):
                 skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=self.trust_remote_code)
         except Exception as e:
-            raise ValueError(f"{self.model_name!r} ({type(config).__name__}) is not a causal language model "
-                             f"that transformers can build: {e}") from e
+            raise ValueError(
+                f"{self.model_name!r} ({type(config).__name__}) is not a causal language model "
+                f"that transformers can build: {e}"
+            ) from e
         decoder_layers(skeleton)  # ValueError naming the class if the layout is unknown
         del skeleton
         self._load_tokenizer()
@@ -412,7 +443,14 @@ class LMSource(ActivationSource):
             raise self._exhausted(stop)
 
         T = self.ctx_len
-        bar = tqdm(total=(stop - start) * T, unit="tok", unit_scale=True, desc=f"{_short(self.model_name)} L{self.layer}")
+        bar = tqdm(
+            total=(stop - start) * T,
+            unit="tok",
+            unit_scale=True,
+            leave=False,
+            disable=not self.progress,
+            desc=f"{_short(self.model_name)} L{self.layer}",
+        )
         try:
             row = start
             while row < stop:
@@ -425,10 +463,10 @@ class LMSource(ActivationSource):
                 acts = []
                 for i in range(0, len(rows), self.llm_batch_size):
                     ids = tokens[i : i + self.llm_batch_size].to(device=device, dtype=torch.long)  # [b, T]
-                    acts.append(capture_resid_post(model, self.layer, ids))  # [b, T, d] on device
+                    acts.append(capture_resid_post(model, self.layer, ids).to("cpu"))  # [b, T, d]
                     bar.update(ids.numel())
-                # outside inference mode: a plain CPU tensor the consumer may view, convert or modify
-                acts_NTD = torch.cat([a.to("cpu") for a in acts])  # [n, T, d]
+                # concatenated outside inference mode: a plain tensor the consumer may view, convert or modify
+                acts_NTD = torch.cat(acts)  # [n, T, d]
                 valid = ~torch.isin(tokens, special)  # [n, T]
                 yield SourceChunk(acts=acts_NTD, tokens=tokens, valid=valid)
                 row += n
@@ -458,5 +496,7 @@ class LMSource(ActivationSource):
         return state
 
     def __repr__(self) -> str:
-        return (f"LMSource(model_name={self.model_name!r}, layer={self.layer}, dataset={self.dataset!r}, "
-                f"ctx_len={self.ctx_len})")
+        return (
+            f"LMSource(model_name={self.model_name!r}, layer={self.layer}, dataset={self.dataset!r}, "
+            f"ctx_len={self.ctx_len})"
+        )

@@ -96,7 +96,11 @@ class SyntheticSource(ActivationSource):
             raise ValueError(f"ctx_len must be >= 2 (BOS + at least one token), got {ctx_len}")
         if noise_std < 0 or jitter < 0:
             raise ValueError("noise_std and jitter must be non-negative")
-        self.groups = tuple(DEFAULT_GROUPS if groups is None else (FeatureGroup(**g) if isinstance(g, dict) else g for g in groups))
+        self.groups = tuple(
+            DEFAULT_GROUPS
+            if groups is None
+            else (FeatureGroup(**g) if isinstance(g, dict) else g for g in groups)
+        )
         names = [g.name for g in self.groups]
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be distinct, got {names}")

@@ -29,6 +29,7 @@ __all__ = [
     "splice_resid_post",
     "lm_hidden_size",
     "n_layers",
+    "hf_dtype_kwargs",
 ]
 
 #: attribute path of the decoder layers (from the ``*ForCausalLM`` model) -> families using it
@@ -66,8 +67,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def _check_layer(layer: int, n: int, model: nn.Module) -> None:
     if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < n:
-        raise ValueError(f"layer={layer!r} is out of range: {type(model).__name__} has {n} decoder layers "
-                         f"(valid layers: 0 .. {n - 1})")
+        raise ValueError(
+            f"layer={layer!r} is out of range: {type(model).__name__} has {n} decoder layers "
+            f"(valid layers: 0 .. {n - 1})"
+        )
 
 
 def _hidden(output: Tensor | tuple) -> Tensor:
@@ -158,3 +161,12 @@ def n_layers(config: Any) -> int:
         if isinstance(value, int):
             return value
     raise ValueError(f"cannot find the number of layers in {type(config).__name__} (no num_hidden_layers)")
+
+
+def hf_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``from_pretrained`` / ``from_config`` keyword for the weights' dtype: ``dtype`` since transformers
+    4.56, ``torch_dtype`` before (the floor in setup.cfg is 4.44)."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}

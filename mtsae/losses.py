@@ -99,7 +99,9 @@ def decoder_separation(
     return torch.relu(cos).mean()
 
 
-def codes_separation(f: Tensor, valid: Tensor | None, max_tokens: int = 1024, seed: int | None = None) -> Tensor:
+def codes_separation(
+    f: Tensor, valid: Tensor | None, max_tokens: int = 1024, seed: int | None = None
+) -> Tensor:
     """Mean over tokens of the max cosine between a token's code and another token's code.
 
     At most ``max_tokens`` valid tokens are used (a uniform sample), so the cost is bounded by

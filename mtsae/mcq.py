@@ -278,7 +278,9 @@ def score_mcq(
         kwargs = {"logits_to_keep": 1} if keep_last else {}
         ctx = intervention(ids, mask) if intervention is not None else contextlib.nullcontext()
         with ctx:
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs
+            ).logits
         probs[idx] = answer_probs(logits[:, -1], letter_ids).cpu()
     answers = torch.tensor([q.answer for q in questions], dtype=torch.long)
     return MCQScores(correct=predict(probs) == answers, probs=probs, answers=answers)
@@ -310,7 +312,9 @@ def filter_correct(
     scores = score_mcq(model, tokenizer, expanded, batch_size, letters=letters, chat_template=chat_template)
     keep = scores.correct.view(len(questions), n_perms).all(dim=1)
     kept = [q for q, k in zip(questions, keep.tolist(), strict=True) if k]
-    log.info("kept %d / %d questions answered correctly under %d ordering(s)", len(kept), len(questions), n_perms)
+    log.info(
+        "kept %d / %d questions answered correctly under %d ordering(s)", len(kept), len(questions), n_perms
+    )
     return kept
 
 

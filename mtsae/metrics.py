@@ -43,15 +43,16 @@ class ReconstructionMetrics(Metric):
         else:
             x, x_hat, f = x.flatten(0, -2), x_hat.flatten(0, -2), f.flatten(0, -2)
         x, x_hat, f = x.double(), x_hat.double(), f.double()
-        self.n += x.shape[0]
-        self.sq_err += (x - x_hat).pow(2).sum()
-        self.sum_x += x.sum(0)
-        self.sum_sq_x += x.pow(2).sum()
-        self.cos += F.cosine_similarity(x, x_hat, dim=-1, eps=1e-8).sum()
-        self.l0 += (f > 0).sum()
-        self.l1 += f.abs().sum()
-        self.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum()
-        self.fired += (f > 0).sum(0)
+        # out-of-place updates: states made under inference_mode (trainer.validate) stay usable in fit
+        self.n = self.n + x.shape[0]
+        self.sq_err = self.sq_err + (x - x_hat).pow(2).sum()
+        self.sum_x = self.sum_x + x.sum(0)
+        self.sum_sq_x = self.sum_sq_x + x.pow(2).sum()
+        self.cos = self.cos + F.cosine_similarity(x, x_hat, dim=-1, eps=1e-8).sum()
+        self.l0 = self.l0 + (f > 0).sum()
+        self.l1 = self.l1 + f.abs().sum()
+        self.l2_ratio = self.l2_ratio + (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-8)).sum()
+        self.fired = self.fired + (f > 0).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
         n = self.n.clamp_min(1)

@@ -44,6 +44,10 @@ class MTSAE(nn.Module):
         dilations: one causal depth-wise conv branch per entry; ``[]`` gives a per-token SAE.
         activation: ``relu`` (L1), ``topk``, ``batchtopk`` or ``jumprelu`` (see :mod:`mtsae.activations`).
         activation_kwargs: options of the activation (``k`` for top-k variants, ...).
+        cascade: if False (default), every branch convolves ``u`` itself, so with the default
+            dilations position ``t`` sees ``t - 2·max(r) .. t`` (17 tokens). If True, branch ``s``
+            convolves the output of branch ``s - 1`` (a WaveNet-style stack), so the last branch sees
+            ``1 + 2·sum(r)`` tokens (31 with the default). Both start as the identity.
     """
 
     def __init__(
@@ -53,6 +57,7 @@ class MTSAE(nn.Module):
         dilations: Sequence[int] = (1, 2, 4, 8),
         activation: str = "relu",
         activation_kwargs: dict | None = None,
+        cascade: bool = False,
     ) -> None:
         super().__init__()
         if d_in <= 0 or d_sae <= 0:
@@ -63,6 +68,7 @@ class MTSAE(nn.Module):
         if len(set(dilations)) != len(dilations):
             raise ValueError(f"dilations must be distinct, got {dilations}")
         self.d_in, self.d_sae, self.dilations = d_in, d_sae, dilations
+        self.cascade = cascade
         self.activation_name = activation
         self.activation_kwargs = dict(activation_kwargs or {})
         n_blocks = max(1, len(dilations))
@@ -91,17 +97,28 @@ class MTSAE(nn.Module):
     @property
     def receptive_field(self) -> int:
         """Number of tokens (the current one included) that the encoder sees."""
-        return 1 + (KERNEL_SIZE - 1) * sum(self.dilations)
+        if not self.dilations:
+            return 1
+        return 1 + (KERNEL_SIZE - 1) * (sum(self.dilations) if self.cascade else max(self.dilations))
 
     def scale_branches(self, u_BTD: Tensor) -> Tensor:
-        """Causal depth-wise dilated convolutions: ``[B, T, d_in] -> [B, T, n_scales, d_in]``."""
-        u_BDT = u_BTD.transpose(1, 2)
+        """Causal depth-wise dilated convolutions: ``[B, T, d_in] -> [B, T, n_scales, d_in]``.
+
+        Written as shifted multiply-adds along time (equal to ``F.conv1d(groups=d_in)`` with left
+        padding; ``bench/bench_conv.py`` compares the two), which avoids transposes and is faster.
+        """
+        T = u_BTD.shape[1]
         outs = []
         for s, r in enumerate(self.dilations):
-            padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))  # left padding only: causal
-            w = self.conv_weight[s].unsqueeze(1).to(u_BDT.dtype)  # [d_in, 1, K]
-            outs.append(F.conv1d(padded, w, dilation=r, groups=self.d_in))
-        return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)  # [B, T, S, d_in]
+            inp = outs[-1] if (self.cascade and outs) else u_BTD
+            w_DK = self.conv_weight[s].to(inp.dtype)  # [d_in, K]
+            acc = inp * w_DK[:, -1]  # offset 0: the token itself
+            for k in range(KERNEL_SIZE - 1):
+                lag = (KERNEL_SIZE - 1 - k) * r  # tap k looks `lag` tokens back
+                if lag < T:  # left padding only: causal
+                    acc = acc + F.pad(inp[:, : T - lag], (0, 0, lag, 0)) * w_DK[:, k]
+            outs.append(acc)
+        return torch.stack(outs, dim=2)  # [B, T, S, d_in]
 
     def _encode(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         squeeze = x.dim() == 2
@@ -109,9 +126,13 @@ class MTSAE(nn.Module):
             x = x.unsqueeze(0)
             valid = None if valid is None else valid.unsqueeze(0)
         if x.dim() != 3 or x.shape[-1] != self.d_in:
-            raise ValueError(f"expected activations [B, T, {self.d_in}] or [T, {self.d_in}], got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected activations [B, T, {self.d_in}] or [T, {self.d_in}], got {tuple(x.shape)}"
+            )
         if valid is not None and valid.shape != x.shape[:2]:
-            raise ValueError(f"valid mask {tuple(valid.shape)} does not match activations {tuple(x.shape[:2])}")
+            raise ValueError(
+                f"valid mask {tuple(valid.shape)} does not match activations {tuple(x.shape[:2])}"
+            )
         u = x - self.b_dec.to(x.dtype)  # [B, T, d_in]
         if valid is not None:
             u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
@@ -176,4 +197,5 @@ class MTSAE(nn.Module):
             "dilations": list(self.dilations),
             "activation": self.activation_name,
             "activation_kwargs": dict(self.activation_kwargs),
+            "cascade": self.cascade,
         }

@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from mtsae.aux_losses import DeadLatentTracker, auxk_loss
 from mtsae.losses import (
     SEPARATION_KINDS,
     codes_separation,
@@ -43,12 +44,18 @@ class SAEModule(L.LightningModule):
         dilations: dilations of the causal depth-wise conv branches; ``[]`` = per-token SAE.
         activation: ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``.
         activation_kwargs: options of the activation (``k: 32`` for top-k variants, ...).
-        l1_coeff: weight of the L1 sparsity penalty (ReLU SAEs only).
-        l1_warmup_steps: steps of linear warm-up of ``l1_coeff`` from 0.
+        cascade: stack the conv branches (receptive field ``1 + 2·sum(dilations)``) instead of running
+            them side by side on the input (``1 + 2·max(dilations)``); see :class:`mtsae.MTSAE`.
+        sparsity_coeff: weight of the sparsity penalty: L1 of the codes for ``relu``, the (straight-through)
+            L0 for ``jumprelu``; unused by ``topk`` / ``batchtopk``, whose sparsity is fixed by ``k``.
+        sparsity_warmup_steps: steps of linear warm-up of ``sparsity_coeff`` from 0.
         separation: cosine feature-separation loss: ``scales``, ``decoder``, ``codes`` or ``none``.
         separation_coeff: its weight.
         separation_max_tokens: tokens sampled per batch by the ``codes`` kind (bounds its cost).
         separation_max_pairs: co-active feature pairs sampled per batch by the ``decoder`` kind.
+        auxk_coeff: weight of the AuxK loss for dead latents (``topk`` / ``batchtopk``; Gao et al. 2024).
+        auxk_k: latents used by AuxK (default ``d_in // 2``).
+        dead_after_tokens: a latent that has not fired for this many training tokens counts as dead.
         scale_activations: multiply inputs by a constant so that ``E||x||^2 = d_in`` (from the cache).
         init_b_dec_from_data: initialise ``b_dec`` to the mean training activation.
         optimizer: optimizer factory (YAML ``class_path``/``init_args``); Adam by default.
@@ -62,12 +69,16 @@ class SAEModule(L.LightningModule):
         dilations: Sequence[int] = (1, 2, 4, 8),
         activation: str = "relu",
         activation_kwargs: dict[str, Any] | None = None,
-        l1_coeff: float = 5.0,
-        l1_warmup_steps: int = 0,
+        cascade: bool = False,
+        sparsity_coeff: float = 5.0,
+        sparsity_warmup_steps: int = 0,
         separation: str = "scales",
         separation_coeff: float = 0.1,
         separation_max_tokens: int = 1024,
         separation_max_pairs: int = 4096,
+        auxk_coeff: float = 1 / 32,
+        auxk_k: int | None = None,
+        dead_after_tokens: int = 10_000_000,
         scale_activations: bool = True,
         init_b_dec_from_data: bool = True,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -81,18 +92,41 @@ class SAEModule(L.LightningModule):
                 f"separation 'scales' compares dilation branches and needs at least two dilations, got "
                 f"{list(dilations)}; use separation: none, decoder or codes for this model"
             )
-        if l1_coeff < 0 or separation_coeff < 0 or l1_warmup_steps < 0:
-            raise ValueError("l1_coeff, separation_coeff and l1_warmup_steps must be non-negative")
+        for name, v in [
+            ("sparsity_coeff", sparsity_coeff),
+            ("sparsity_warmup_steps", sparsity_warmup_steps),
+            ("separation_coeff", separation_coeff),
+            ("auxk_coeff", auxk_coeff),
+        ]:
+            if v < 0:
+                raise ValueError(f"{name} must be non-negative, got {v}")
+        if dead_after_tokens < 1:
+            raise ValueError(f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.sae = MTSAE(d_in, d_sae, dilations=dilations, activation=activation, activation_kwargs=activation_kwargs)
+        self.sae = MTSAE(
+            d_in,
+            d_sae,
+            dilations=dilations,
+            activation=activation,
+            activation_kwargs=activation_kwargs,
+            cascade=cascade,
+        )
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.dead_tracker = DeadLatentTracker(d_sae)
+        self.auxk_k = auxk_k if auxk_k is not None else max(1, d_in // 2)
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("data_initialised", torch.tensor(False))
         self.val_metrics = ReconstructionMetrics(d_in, d_sae)
 
     # ------------------------------------------------------------------ set-up from the data
-    def initialise_from_stats(self, stats: dict) -> None:
-        """Set ``act_scale`` (so that ``E||x||^2 = d_in``) and ``b_dec`` from cache statistics."""
+    def initialise_from_stats(self, stats: dict, force: bool = False) -> bool:
+        """Set ``act_scale`` (so that ``E||x||^2 = d_in``) and ``b_dec`` from cache statistics.
+
+        Done once per run: a module restored from a checkpoint is left alone unless ``force``.
+        Returns whether anything was set.
+        """
+        if bool(self.data_initialised) and not force:
+            return False
         hp = self.hparams
         if hp.scale_activations:
             self.act_scale.fill_(math.sqrt(hp.d_in / stats["mean_sq_norm"]))
@@ -101,11 +135,11 @@ class SAEModule(L.LightningModule):
             with torch.no_grad():
                 self.sae.b_dec.copy_(mean * self.act_scale)
         self.data_initialised.fill_(True)
+        return True
 
     def on_fit_start(self) -> None:
-        # once per run: a resumed run restores both buffers from the checkpoint instead
         dm = self.trainer.datamodule
-        if not bool(self.data_initialised) and dm is not None and hasattr(dm, "stats"):
+        if dm is not None and hasattr(dm, "stats"):
             self.initialise_from_stats(dm.stats)
 
     # ------------------------------------------------------------------ steps
@@ -117,15 +151,27 @@ class SAEModule(L.LightningModule):
         hp = self.hparams
         terms = {"recon": recon_loss(x, out.x_hat, valid)}
         loss = terms["recon"]
-        if self.sae.act.uses_l1 and hp.l1_coeff > 0:
-            warm = 1.0 if hp.l1_warmup_steps == 0 else min(1.0, (self.global_step + 1) / hp.l1_warmup_steps)
-            terms["sparsity"] = l1_sparsity(out.f, valid)
-            loss = loss + hp.l1_coeff * warm * terms["sparsity"]
+        act = self.sae.act
+        if (act.uses_l1 or act.uses_l0) and hp.sparsity_coeff > 0:
+            warm = 1.0
+            if hp.sparsity_warmup_steps > 0:
+                warm = min(1.0, (self.global_step + 1) / hp.sparsity_warmup_steps)
+            terms["sparsity"] = l1_sparsity(out.f, valid) if act.uses_l1 else act.l0_penalty(out.pre, valid)
+            loss = loss + hp.sparsity_coeff * warm * terms["sparsity"]
+        if act.uses_auxk and hp.auxk_coeff > 0 and self.training:
+            dead = self.dead_tracker.dead_mask(hp.dead_after_tokens)
+            terms["auxk"] = auxk_loss(out.pre, x - out.x_hat, self.sae.W_dec, dead, self.auxk_k, valid)
+            # AuxK is a normalised MSE (Gao et al.); recon is not, so weight it by the batch variance
+            xv = x[valid]
+            var = (xv - xv.mean(0)).pow(2).sum(-1).mean().detach()
+            loss = loss + hp.auxk_coeff * var * terms["auxk"]
         if hp.separation != "none" and hp.separation_coeff > 0:
             if hp.separation == "scales":
                 terms["separation"] = scales_separation(out.z_scales, valid)
             elif hp.separation == "decoder":
-                terms["separation"] = decoder_separation(self.sae.W_dec, out.f, valid, hp.separation_max_pairs)
+                terms["separation"] = decoder_separation(
+                    self.sae.W_dec, out.f, valid, hp.separation_max_pairs
+                )
             else:
                 terms["separation"] = codes_separation(out.f, valid, hp.separation_max_tokens)
             loss = loss + hp.separation_coeff * terms["separation"]
@@ -135,12 +181,15 @@ class SAEModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
         out = self.sae(x, valid)
+        self.dead_tracker.update(out.f.detach(), valid)
         terms = self._losses(x, valid, out)
         with torch.no_grad():
             l0 = (out.f[valid] > 0).float().sum(-1).mean()
             batch_fvu = fvu(x, out.x_hat, valid)
         self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
         self.log_dict({"train/l0": l0, "train/fvu": batch_fvu}, prog_bar=True)
+        dead = self.dead_tracker.dead_mask(self.hparams.dead_after_tokens)
+        self.log("train/dead_fraction", dead.float().mean())
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return terms["loss"]
 

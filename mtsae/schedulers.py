@@ -20,7 +20,11 @@ class WarmupDecayLR(LambdaLR):
     """
 
     def __init__(
-        self, optimizer: Optimizer, warmup_steps: int = 0, decay_fraction: float = 0.0, total_steps: int | None = None
+        self,
+        optimizer: Optimizer,
+        warmup_steps: int = 0,
+        decay_fraction: float = 0.0,
+        total_steps: int | None = None,
     ) -> None:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")

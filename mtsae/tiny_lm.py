@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from mtsae.lm import hf_dtype_kwargs
+
 __all__ = ["ARCHS", "SPECIAL_TOKENS", "build_tiny_lm", "make_corpus", "main"]
 
 log = logging.getLogger(__name__)
@@ -34,15 +36,61 @@ ARCHS = ("gemma2", "llama", "gpt2", "gpt_neox")
 #: special tokens of the tiny tokenizer, in id order (``<pad>`` = 0, ``<bos>`` = 1, ...)
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>"}
 
-_SUBJECTS = ["the cell", "a virus", "the protein", "my cat", "the river", "a student", "the enzyme",
-             "the old king", "a small robot", "the market", "the gene", "our team", "the storm"]
-_VERBS = ["binds", "follows", "replicates near", "looks at", "crosses", "studies", "breaks", "builds",
-          "remembers", "measures", "ignores", "protects", "changes"]
-_OBJECTS = ["the membrane", "a long road", "the receptor", "the blue house", "an ancient map",
-            "the sample", "a quiet village", "the signal", "the strand of DNA", "the last train",
-            "a heavy stone", "the dataset"]
-_TAILS = ["", " today", " again", " in the morning", " after the rain", " very slowly", " at night",
-          " for three days", " without a sound"]
+_SUBJECTS = [
+    "the cell",
+    "a virus",
+    "the protein",
+    "my cat",
+    "the river",
+    "a student",
+    "the enzyme",
+    "the old king",
+    "a small robot",
+    "the market",
+    "the gene",
+    "our team",
+    "the storm",
+]
+_VERBS = [
+    "binds",
+    "follows",
+    "replicates near",
+    "looks at",
+    "crosses",
+    "studies",
+    "breaks",
+    "builds",
+    "remembers",
+    "measures",
+    "ignores",
+    "protects",
+    "changes",
+]
+_OBJECTS = [
+    "the membrane",
+    "a long road",
+    "the receptor",
+    "the blue house",
+    "an ancient map",
+    "the sample",
+    "a quiet village",
+    "the signal",
+    "the strand of DNA",
+    "the last train",
+    "a heavy stone",
+    "the dataset",
+]
+_TAILS = [
+    "",
+    " today",
+    " again",
+    " in the morning",
+    " after the rain",
+    " very slowly",
+    " at night",
+    " for three days",
+    " without a sound",
+]
 
 
 def make_corpus(n_docs: int = 300, seed: int = 0) -> list[str]:
@@ -85,33 +133,66 @@ def _train_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512, **SPECIAL_TOKENS)
 
 
-def _make_config(arch: str, vocab_size: int, special_ids: dict[str, int], n_layers: int, hidden_size: int,
-                 n_heads: int, max_positions: int):
+def _make_config(
+    arch: str,
+    vocab_size: int,
+    special_ids: dict[str, int],
+    n_layers: int,
+    hidden_size: int,
+    n_heads: int,
+    max_positions: int,
+):
     from transformers import Gemma2Config, GPT2Config, GPTNeoXConfig, LlamaConfig
 
-    ids = {"bos_token_id": special_ids["bos"], "eos_token_id": special_ids["eos"],
-           "pad_token_id": special_ids["pad"]}
+    ids = {
+        "bos_token_id": special_ids["bos"],
+        "eos_token_id": special_ids["eos"],
+        "pad_token_id": special_ids["pad"],
+    }
     head_dim = hidden_size // n_heads
     if arch == "gemma2":
         return Gemma2Config(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2),
-            head_dim=head_dim, query_pre_attn_scalar=head_dim, max_position_embeddings=max_positions,
-            sliding_window=max_positions // 4, **ids,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            head_dim=head_dim,
+            query_pre_attn_scalar=head_dim,
+            max_position_embeddings=max_positions,
+            sliding_window=max_positions // 4,
+            **ids,
         )
     if arch == "llama":
         return LlamaConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, num_key_value_heads=max(1, n_heads // 2),
-            max_position_embeddings=max_positions, **ids,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=max(1, n_heads // 2),
+            max_position_embeddings=max_positions,
+            **ids,
         )
     if arch == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden_size, n_layer=n_layers, n_head=n_heads,
-                          n_positions=max_positions, **ids)
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_positions=max_positions,
+            **ids,
+        )
     if arch == "gpt_neox":
         return GPTNeoXConfig(
-            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads, max_position_embeddings=max_positions, **ids,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            max_position_embeddings=max_positions,
+            **ids,
         )
     raise ValueError(f"unknown arch {arch!r}; build_tiny_lm supports {', '.join(ARCHS)}")
 
@@ -159,15 +240,26 @@ def build_tiny_lm(
 
     tokenizer = _train_tokenizer(docs, vocab_size)
     tokenizer.save_pretrained(out)
-    special_ids = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    special_ids = {
+        "bos": tokenizer.bos_token_id,
+        "eos": tokenizer.eos_token_id,
+        "pad": tokenizer.pad_token_id,
+    }
 
     config = _make_config(arch, len(tokenizer), special_ids, n_layers, hidden_size, n_heads, max_positions)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, **hf_dtype_kwargs(torch.float32))
     model.save_pretrained(out)
-    log.info("wrote tiny %s LM (%d layers, d_model=%d, vocab=%d) + tokenizer + corpus.jsonl (%d docs) to %s",
-             arch, n_layers, hidden_size, len(tokenizer), len(docs), out)
+    log.info(
+        "wrote tiny %s LM (%d layers, d_model=%d, vocab=%d) + tokenizer + corpus.jsonl (%d docs) to %s",
+        arch,
+        n_layers,
+        hidden_size,
+        len(tokenizer),
+        len(docs),
+        out,
+    )
     return out
 
 
@@ -181,8 +273,9 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--hidden-size", type=int, default=64)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return build_tiny_lm(args.out, arch=args.arch, seed=args.seed, n_layers=args.n_layers,
-                         hidden_size=args.hidden_size)
+    return build_tiny_lm(
+        args.out, arch=args.arch, seed=args.seed, n_layers=args.n_layers, hidden_size=args.hidden_size
+    )
 
 
 if __name__ == "__main__":

@@ -294,7 +294,9 @@ def _counts(value: Any, name: str) -> tuple[int, int]:
             raise ValueError(f"{name}: expected keys 'correct' and 'total', got {sorted(value)}")
         return int(value["correct"]), int(value["total"])
     if isinstance(value, (float, int)) and not isinstance(value, bool):
-        raise ValueError(f"{name}: pooling needs per-question correctness or counts, not an accuracy ({value})")
+        raise ValueError(
+            f"{name}: pooling needs per-question correctness or counts, not an accuracy ({value})"
+        )
     t = torch.as_tensor(value).flatten()
     return int(t.bool().sum()), int(t.numel())
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from mtsae.lm import capture_resid_post, decoder_layers, lm_hidden_size, n_layers, splice_resid_post
 from mtsae.tiny_lm import build_tiny_lm, main
-from tests.lm_helpers import tiny_lm_dir
+from tests.lm_helpers import one_thread, tiny_lm_dir
 
 ARCHS = ["gemma2", "llama", "gpt2", "gpt_neox"]
 
@@ -20,12 +21,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    yield from one_thread()
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, nn.Module]:
     from transformers import AutoModelForCausalLM
 
-    return {arch: AutoModelForCausalLM.from_pretrained(tiny_lm_dir(tmp_path_factory, arch)).eval()
-            for arch in ARCHS}
+    return {
+        arch: AutoModelForCausalLM.from_pretrained(tiny_lm_dir(tmp_path_factory, arch)).eval()
+        for arch in ARCHS
+    }
 
 
 def _ids(b: int = 2, t: int = 12) -> torch.Tensor:
@@ -79,7 +87,9 @@ def test_capture_stops_after_layer(tiny_models: dict[str, nn.Module], arch: str)
     calls: list[int] = []
     head = model.get_output_embeddings()
     before = _n_hooks(model)
-    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, layer in enumerate(layers)
+    ]
     handles.append(head.register_forward_pre_hook(lambda m, a: calls.append(-1)))
     try:
         capture_resid_post(model, 1, _ids())

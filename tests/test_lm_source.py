@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 from data.lm_source import LMSource, SourceUnavailableError, pack_documents
 from mtsae.lm import capture_resid_post
-from tests.lm_helpers import offline_hub, tiny_lm_dir
+from tests.lm_helpers import offline_hub, one_thread, tiny_lm_dir
 
 BOS, EOS = 1, 2
 
@@ -21,14 +22,26 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    yield from one_thread()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_lm_dir(tmp_path_factory, "gemma2")
 
 
 def _source(tiny: Path, **kw) -> LMSource:
-    args = dict(model_name=str(tiny), layer=1, dataset=str(tiny / "corpus.jsonl"), ctx_len=16,
-                model_dtype="float32", device="cpu", llm_batch_size=3)
+    args = dict(
+        model_name=str(tiny),
+        layer=1,
+        dataset=str(tiny / "corpus.jsonl"),
+        ctx_len=16,
+        model_dtype="float32",
+        device="cpu",
+        llm_batch_size=3,
+    )
     return LMSource(**{**args, **kw})
 
 
@@ -112,7 +125,8 @@ def test_fingerprint(tiny: Path) -> None:
     assert _source(tiny, layer=2).fingerprint() != fp
     assert _source(tiny, ctx_len=32).fingerprint() != fp
     assert _source(tiny, model_dtype="bfloat16").fingerprint() != fp
-    assert _source(tiny, llm_batch_size=7, device="cpu").fingerprint() == fp  # does not change the bytes
+    assert _source(tiny, llm_batch_size=7, streaming=False, progress=False).fingerprint() == fp  # same bytes
+    assert _source(tiny, shuffle_buffer=100).fingerprint() != fp
 
 
 def test_check_and_pickle(tiny: Path) -> None:
@@ -127,10 +141,16 @@ def test_check_and_pickle(tiny: Path) -> None:
     assert clone._model is None and clone.fingerprint() == src.fingerprint()
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(ctx_len=1), "ctx_len"), (dict(model_dtype="int8"), "model_dtype"), (dict(layer=-1), "layer"),
-    (dict(llm_batch_size=0), "llm_batch_size"), (dict(device="gpu0"), "device"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(ctx_len=1), "ctx_len"),
+        (dict(model_dtype="int8"), "model_dtype"),
+        (dict(layer=-1), "layer"),
+        (dict(llm_batch_size=0), "llm_batch_size"),
+        (dict(device="gpu0"), "device"),
+    ],
+)
 def test_invalid_arguments(tiny: Path, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _source(tiny, **kw)
@@ -151,7 +171,9 @@ def test_missing_local_model(tiny: Path, tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_unreachable_hub_model(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     offline_hub(monkeypatch)
-    with pytest.raises(SourceUnavailableError, match=r"(?s)'google/gemma-2-2b'.*init_args\.model_name") as info:
+    with pytest.raises(
+        SourceUnavailableError, match=r"(?s)'google/gemma-2-2b'.*init_args\.model_name"
+    ) as info:
         _source(tiny, model_name="google/gemma-2-2b").check()
     assert isinstance(info.value.__cause__, Exception)  # the hub's error is kept as the cause
 

@@ -40,8 +40,34 @@ GEMMA_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-WORDS = ["A", "B", "C", "D", " A", " B", " C", " D", "\n", ".", ":", " (", "(", "Answer", " right", " wrong",
-         " other", " third", "user", "model", "What", " is", " it", "?", "The", " following"]
+WORDS = [
+    "A",
+    "B",
+    "C",
+    "D",
+    " A",
+    " B",
+    " C",
+    " D",
+    "\n",
+    ".",
+    ":",
+    " (",
+    "(",
+    "Answer",
+    " right",
+    " wrong",
+    " other",
+    " third",
+    "user",
+    "model",
+    "What",
+    " is",
+    " it",
+    "?",
+    "The",
+    " following",
+]
 
 
 def tiny_tokenizer(chat: bool = True):
@@ -73,10 +99,15 @@ def test_format_question_exact_text() -> None:
     assert format_question("What is it?", ["a", "b", "c", "d"]) == BODY + "\nAnswer:"
     # instruct model: SAEBench's GEMMA_INST_FORMAT + "Answer: ("
     expected = "<bos><start_of_turn>user\n" + BODY + "<end_of_turn>\n<start_of_turn>model\nAnswer: ("
-    assert format_question("What is it?", ["a", "b", "c", "d"], chat_template_tokenizer=tiny_tokenizer()) == expected
+    assert (
+        format_question("What is it?", ["a", "b", "c", "d"], chat_template_tokenizer=tiny_tokenizer())
+        == expected
+    )
     text = format_question("Q", ["x", "y"], letters="AB", subject=subject_of("high_school_us_history"))
-    assert text == ("The following are multiple choice questions (with answers) about high school us history.\n"
-                    "Q\nA. x\nB. y\nAnswer:")
+    assert text == (
+        "The following are multiple choice questions (with answers) about high school us history.\n"
+        "Q\nA. x\nB. y\nAnswer:"
+    )
     assert subject_of("wmdp-bio") == "biology"
     with pytest.raises(ValueError, match="letters"):
         format_question("Q", ["a", "b", "c"], letters="AB")
@@ -132,7 +163,7 @@ class RightPicker(nn.Module):
         self.vocab = len(tok)
         self.calls = 0
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
         self.calls += 1
         logits = torch.zeros(*input_ids.shape, self.vocab)
         for b, row in enumerate(input_ids):
@@ -180,11 +211,20 @@ def _tiny_lm(arch: str, vocab: int) -> nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     if arch == "gpt2":  # absolute positions: left padding is only harmless with position ids from the mask
-        cfg = GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.5)
+        cfg = GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.5
+        )
         return GPT2LMHeadModel(cfg).eval()
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      initializer_range=0.5)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        initializer_range=0.5,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -165,9 +165,17 @@ def test_unlearning_score_hand_worked() -> None:
         # pooled 199/200 = 0.995 (mean of subset accuracies would be 0.5): qualifies
         {"m": 25, "wmdp": 0.6, "mmlu": {"a": [False], "b": [True] * 199}},
         # pooled 197/200 = 0.985: does not qualify even though its WMDP accuracy is lowest
-        {"m": 50, "wmdp": 0.3, "mmlu": {"a": {"correct": 97, "total": 100}, "b": {"correct": 100, "total": 100}}},
+        {
+            "m": 50,
+            "wmdp": 0.3,
+            "mmlu": {"a": {"correct": 97, "total": 100}, "b": {"correct": 100, "total": 100}},
+        },
         # pooled exactly 0.99: qualifies (SAEBench disqualifies only < 0.99)
-        {"m": 100, "wmdp": [True, True, False, False, False], "mmlu": {"a": torch.tensor([True] * 99 + [False])}},
+        {
+            "m": 100,
+            "wmdp": [True, True, False, False, False],
+            "mmlu": {"a": torch.tensor([True] * 99 + [False])},
+        },
         # ties with the previous one: the first wins
         {"m": 200, "wmdp": 0.4, "mmlu": {"a": [True] * 10}},
     ]
@@ -204,7 +212,9 @@ def test_per_token_ce_and_kl() -> None:
     torch.testing.assert_close(ce, ref.view(2, 4))
     other = torch.randn(2, 5, 11)
     kl = kl_per_token(logits, other)
-    ref_kl = F.kl_div(F.log_softmax(other, -1), F.log_softmax(logits, -1), log_target=True, reduction="none").sum(-1)
+    ref_kl = F.kl_div(
+        F.log_softmax(other, -1), F.log_softmax(logits, -1), log_target=True, reduction="none"
+    ).sum(-1)
     torch.testing.assert_close(kl, ref_kl)
     assert torch.allclose(kl_per_token(logits, logits), torch.zeros(2, 5), atol=1e-6)
 
@@ -220,8 +230,14 @@ def _tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, initializer_range=0.5,
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        initializer_range=0.5,
     )
     torch.manual_seed(0)
     return LlamaForCausalLM(cfg).eval()

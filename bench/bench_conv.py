@@ -1,0 +1,63 @@
+"""Causal depth-wise dilated convolutions: shifted multiply-adds (the model's) vs ``F.conv1d``.
+
+Prints the time of forward + backward of each, measured interleaved in one run, and their ratio.
+    python bench/bench_conv.py [--d-in 64] [--batch 32] [--ctx 64] [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mtsae.model import KERNEL_SIZE, MTSAE
+
+
+def conv1d_reference(sae: MTSAE, u_BTD: torch.Tensor) -> torch.Tensor:
+    u_BDT = u_BTD.transpose(1, 2)
+    outs = []
+    for s, r in enumerate(sae.dilations):
+        padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))
+        outs.append(F.conv1d(padded, sae.conv_weight[s].unsqueeze(1), dilation=r, groups=sae.d_in))
+    return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--d-in", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    sae = MTSAE(a.d_in, 4 * a.d_in).to(a.device)
+    with torch.no_grad():
+        sae.conv_weight.normal_()
+    u = torch.randn(a.batch, a.ctx, a.d_in, device=a.device, requires_grad=True)
+    impls = {"shift (model)": sae.scale_branches, "F.conv1d": lambda t: conv1d_reference(sae, t)}
+    assert torch.allclose(impls["shift (model)"](u), impls["F.conv1d"](u), atol=1e-5)
+    times = {k: [] for k in impls}
+    for _ in range(3):  # warm-up
+        for fn in impls.values():
+            fn(u).sum().backward()
+    for _ in range(a.repeats):  # interleaved, so machine noise hits both alike
+        for name, fn in impls.items():
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(u).sum().backward()
+            if a.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in times.items()}
+    print(f"device={a.device} B={a.batch} T={a.ctx} d_in={a.d_in} dilations={sae.dilations}")
+    for k, v in med.items():
+        print(f"  {k:<14} {v:8.3f} ms (median forward+backward)")
+    print(f"  ratio F.conv1d / shift = {med['F.conv1d'] / med['shift (model)']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

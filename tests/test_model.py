@@ -1,0 +1,158 @@
+"""The MTSAE model: causality, identity initialisation, BOS isolation, decoder norm, export folding."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtsae.model import KERNEL_SIZE, MTSAE
+from tests.conftest import tiny_sae
+
+
+def _randomise(sae: MTSAE) -> MTSAE:
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_()
+        sae.normalize_decoder_()
+    return sae
+
+
+def conv1d_reference(sae: MTSAE, u_BTD: torch.Tensor) -> torch.Tensor:
+    u_BDT = u_BTD.transpose(1, 2)
+    outs = []
+    for s, r in enumerate(sae.dilations):
+        padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))
+        outs.append(F.conv1d(padded, sae.conv_weight[s].unsqueeze(1), dilation=r, groups=sae.d_in))
+    return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)
+
+
+def test_branches_equal_causal_depthwise_conv1d() -> None:
+    sae = _randomise(tiny_sae())
+    u = torch.randn(3, 40, 32)
+    torch.testing.assert_close(sae.scale_branches(u), conv1d_reference(sae, u), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+@pytest.mark.parametrize("t", [0, 5, 17, 38])
+def test_causality(t: int, cascade: bool) -> None:
+    sae = _randomise(tiny_sae(cascade=cascade))
+    x = torch.randn(2, 40, 32)
+    x2 = x.clone()
+    x2[:, t + 1 :] += 10 * torch.randn_like(x2[:, t + 1 :])
+    f, f2 = sae.encode(x), sae.encode(x2)
+    torch.testing.assert_close(f[:, : t + 1], f2[:, : t + 1], atol=0, rtol=0)
+    if t + 1 < 40:
+        assert not torch.allclose(f[:, t + 1 :], f2[:, t + 1 :])
+
+
+@pytest.mark.parametrize("cascade, window", [(False, 17), (True, 31)])
+def test_receptive_field(cascade: bool, window: int) -> None:
+    sae = _randomise(tiny_sae(cascade=cascade))
+    assert sae.receptive_field == window
+    x = torch.randn(1, 64, 32)
+    t = 50
+    far, near = x.clone(), x.clone()
+    far[:, t - window] += 5.0  # just outside the window
+    near[:, t - window + 1] += 5.0  # the oldest token inside it
+    assert torch.equal(sae.encode(far)[:, t], sae.encode(x)[:, t])
+    assert not torch.allclose(sae.encode(near)[:, t], sae.encode(x)[:, t])
+
+
+def test_cascade_feeds_each_branch_the_previous_one() -> None:
+    sae = _randomise(tiny_sae(dilations=[1, 2], cascade=True))
+    u = torch.randn(2, 30, 32)
+    flat = tiny_sae(dilations=[1, 2])
+    with torch.no_grad():
+        flat.conv_weight.copy_(sae.conv_weight)
+    z, z1 = sae.scale_branches(u), flat.scale_branches(u)
+    torch.testing.assert_close(z[:, :, 0], z1[:, :, 0])
+    single = tiny_sae(dilations=[2])
+    with torch.no_grad():
+        single.conv_weight.copy_(sae.conv_weight[1:])
+    torch.testing.assert_close(z[:, :, 1], single.scale_branches(z1[:, :, 0])[:, :, 0])
+
+
+def test_untrained_mtsae_equals_per_token_sae() -> None:
+    mt = tiny_sae()
+    with torch.no_grad():  # arbitrary (different) blocks and biases; convs stay at their identity init
+        mt.W_enc.normal_()
+        mt.b_enc.normal_()
+        mt.b_dec.normal_()
+    base = tiny_sae(dilations=[])
+    with torch.no_grad():
+        base.W_enc.copy_(mt.W_enc.view(4, 32, 64).sum(0))
+        base.W_dec.copy_(mt.W_dec)
+        base.b_enc.copy_(mt.b_enc)
+        base.b_dec.copy_(mt.b_dec)
+    x = torch.randn(2, 20, 32)
+    valid = torch.rand(2, 20) > 0.2
+    a, b = mt(x, valid), base(x, valid)
+    torch.testing.assert_close(a.f, b.f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.x_hat, b.x_hat, atol=1e-5, rtol=1e-5)
+    assert b.z_scales is None and a.z_scales.shape == (2, 20, 4, 32)
+
+
+def test_invalid_positions_do_not_leak() -> None:
+    sae = _randomise(tiny_sae())
+    x = torch.randn(2, 24, 32)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    valid[:, 0] = False
+    huge = x.clone()
+    huge[:, 0] = 1e4  # a Gemma-like BOS activation
+    f, f_huge = sae.encode(x, valid), sae.encode(huge, valid)
+    torch.testing.assert_close(f, f_huge, atol=0, rtol=0)
+    assert torch.all(f[:, 0] == 0)  # no features at invalid positions
+
+
+def test_encode_accepts_unbatched_and_rejects_bad_shapes() -> None:
+    sae = _randomise(tiny_sae())
+    x = torch.randn(20, 32)
+    torch.testing.assert_close(sae.encode(x), sae.encode(x[None])[0])
+    with pytest.raises(ValueError, match="expected activations"):
+        sae.encode(torch.randn(2, 20, 31))
+    with pytest.raises(ValueError, match="valid mask"):
+        sae.encode(torch.randn(2, 20, 32), torch.ones(2, 19, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bad", [dict(dilations=[0]), dict(dilations=[2, 2]), dict(d_sae=0)])
+def test_bad_config_is_refused(bad: dict) -> None:
+    kw = dict(d_in=8, d_sae=16) | bad
+    with pytest.raises(ValueError):
+        MTSAE(**kw)
+
+
+def test_decoder_rows_stay_unit_norm_and_gradient_is_projected() -> None:
+    sae = tiny_sae()
+    opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+    x = torch.randn(4, 16, 32)
+    for _ in range(5):
+        out = sae(x)
+        loss = (x - out.x_hat).pow(2).sum(-1).mean() + out.f.abs().sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        raw = sae.W_dec.grad.clone()
+        sae.project_decoder_grad_()
+        g = sae.W_dec.grad
+        assert (g * sae.W_dec).sum(-1).abs().max() < 1e-5  # orthogonal to each row
+        assert not torch.allclose(raw, g)  # the projection did something
+        opt.step()
+        assert (sae.W_dec.norm(dim=1) - 1).abs().max() > 1e-6  # Adam alone leaves the sphere
+        sae.normalize_decoder_()
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64))
+
+
+@pytest.mark.parametrize("dilations", [[], [1, 2, 4, 8]])
+def test_fold_input_scale_gives_an_sae_on_raw_activations(dilations: list[int]) -> None:
+    sae = _randomise(tiny_sae(dilations))
+    c = 3.7
+    x = torch.randn(2, 20, 32)
+    scaled = sae(x * c)
+    raw = copy.deepcopy(sae)
+    raw.fold_input_scale_(c)
+    out = raw(x)
+    torch.testing.assert_close(out.x_hat, scaled.x_hat / c, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.f, scaled.f / c, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(raw.W_dec.norm(dim=1), torch.ones(64))
