@@ -17,7 +17,6 @@ $(STAMP): setup.cfg constraints.txt
 
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
-	$(PY) -m mtsae.cli summary --run-dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider

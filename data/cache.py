@@ -10,6 +10,7 @@ and never rewrites a finished one. Row order inside a sequence is the temporal o
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -182,6 +183,18 @@ def build_cache(
     inputs = fingerprint_inputs(source, spec)
     root = Path(cache_dir) / fingerprint(inputs)
     root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        try:  # one builder at a time: a second job on the same cache waits, then finds it done
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("another process is building the cache in %s; waiting for it", root)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(source, root, inputs, spec, source_batch_size, progress)
+
+
+def _build_locked(
+    source: ActivationSource, root: Path, inputs: dict, spec: CacheSpec, source_batch_size: int, progress: bool
+) -> Path:
     mpath = root / "manifest.json"
     plan = spec.shard_plan()
     done: list[dict] = []

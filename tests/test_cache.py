@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import h5py
@@ -155,3 +156,20 @@ def test_bad_spec_is_refused() -> None:
         CacheSpec(4, 1, 2, "int8")
     with pytest.raises(ValueError, match="shard_size"):
         CacheSpec(4, 1, 0, "float32")
+
+
+def test_concurrent_builders_wait_for_each_other(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from data.cache import CacheSpec, build_cache; from tests.conftest import tiny_source; "
+        "build_cache(tiny_source(), sys.argv[1], CacheSpec(40, 8, 8, 'float32'), 4, progress=False)"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    (root,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    ref = build_cache(tiny_source(), tmp_path / "ref", CacheSpec(40, 8, 8, "float32"), 4, progress=False)
+    for shard in sorted(ref.glob("shard_*.h5")):
+        assert (root / shard.name).read_bytes() == shard.read_bytes()

@@ -1,0 +1,146 @@
+"""SAEBench's core LM metrics during validation: CE-loss and KL scores with the SAE spliced into the LM."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from mtsae.core_eval import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, load_causal_lm
+
+__all__ = ["CoreLMMetrics", "is_lm_source", "shared_lm"]
+
+# models held by callbacks, shared when two callbacks ask for the same one (freed with their holders)
+_LMS: weakref.WeakValueDictionary[tuple, nn.Module] = weakref.WeakValueDictionary()
+
+
+def shared_lm(
+    name: str,
+    revision: str | None,
+    dtype: str,
+    device: torch.device | str,
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """Load a causal LM once per ``(name, revision, dtype, device)`` for all callbacks that hold it."""
+    key = (name, revision, dtype, str(torch.device(device)), trust_remote_code)
+    model = _LMS.get(key)
+    if model is None:
+        model = load_causal_lm(name, revision, dtype, device, trust_remote_code)
+        _LMS[key] = model
+    return model
+
+
+def is_lm_source(source: Any) -> bool:
+    """True for a language-model activation source (``data.LMSource``: ``model_name``, ``layer``)."""
+    return (
+        getattr(source, "kind", None) == "lm" and hasattr(source, "model_name") and hasattr(source, "layer")
+    )
+
+
+class CoreLMMetrics(L.Callback):
+    """CE-loss score and KL score (SAEBench core) on held-out validation sequences.
+
+    Every ``every_n_val`` validations (the sanity check excluded), the first ``n_sequences`` rows of the
+    validation split of the activation cache (their ``tokens``) are run through the data source's LM
+    three times: clean, with the SAE reconstruction spliced into layer ``L``, and with that layer's
+    output zeroed (special tokens keep their activation and are not averaged; see
+    :mod:`mtsae.core_eval`). The LM is loaded lazily, once, on the module's device (the source frees
+    its own model after caching). Logs ``val/ce_loss_score``, ``val/kl_div_score``,
+    ``val/ce_loss_clean``, ``val/ce_loss_sae``, ``val/ce_loss_zero``, ``val/kl_div_sae`` and
+    ``val/kl_div_zero``.
+
+    Under DDP each rank evaluates its share of the rows and the sums are added across ranks
+    (``trainer.strategy.reduce``) before the scores are computed. With a non-LM source (synthetic) it
+    warns once and does nothing.
+
+    Args:
+        every_n_val: evaluate on every n-th validation.
+        n_sequences: validation sequences to evaluate (split across ranks).
+        batch_size: sequences per LM forward (three forwards per batch).
+        model_dtype: dtype of the LM (``bfloat16``, ``float16``, ``float32``); default: the source's.
+    """
+
+    def __init__(
+        self, every_n_val: int = 1, n_sequences: int = 64, batch_size: int = 8, model_dtype: str | None = None
+    ) -> None:
+        if every_n_val < 1:
+            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
+        if n_sequences < 1 or batch_size < 1:
+            raise ValueError(f"n_sequences and batch_size must be >= 1, got {n_sequences}, {batch_size}")
+        self.every_n_val, self.n_sequences, self.batch_size = every_n_val, n_sequences, batch_size
+        self.model_dtype = model_dtype
+        self.n_validations = 0
+        self._model: nn.Module | None = None
+        self._tokens: Tensor | None = None  # [n_rank, T] this rank's rows
+        self._warned = False
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_validations": self.n_validations}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_validations = int(state_dict.get("n_validations", 0))
+
+    # ------------------------------------------------------------------ helpers
+    def _rows(self, trainer: L.Trainer) -> Tensor:
+        if self._tokens is None:
+            dm = trainer.datamodule
+            if dm.cache is None:
+                dm.setup("validate")
+            rows = dm.cache.rows("val")[: self.n_sequences][trainer.global_rank :: trainer.world_size]
+            self._tokens = dm.cache.read(rows)["tokens"].long()  # [n_rank, T]
+        return self._tokens
+
+    def _lm(self, source: Any, device: torch.device) -> nn.Module:
+        if self._model is None:
+            dtype = self.model_dtype or source.model_dtype
+            trust = getattr(source, "trust_remote_code", False)
+            self._model = shared_lm(source.model_name, source.revision, dtype, device, trust)
+        return self._model
+
+    # ------------------------------------------------------------------ hook
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.n_validations += 1
+        if self.n_validations % self.every_n_val:
+            return
+        source = getattr(trainer.datamodule, "source", None)
+        if not is_lm_source(source):
+            if not self._warned:
+                rank_zero_warn("CoreLMMetrics: the data source is not a language model; nothing is logged")
+                self._warned = True
+            return
+        tokens = self._rows(trainer)
+        model = self._lm(source, pl_module.device)
+        was_training = pl_module.sae.training
+        pl_module.sae.eval()
+        try:
+            sums = core_lm_metrics(
+                model,
+                pl_module.sae,
+                source.layer,
+                tokens,
+                None,
+                source.special_ids,
+                self.batch_size,
+                act_scale=pl_module.act_scale,
+            )
+        finally:
+            pl_module.sae.train(was_training)
+        # every rank evaluated its own rows: add the sums across ranks (identity on one device)
+        sums = {
+            k: trainer.strategy.reduce(sums[k].to(pl_module.device), reduce_op="sum") for k in CORE_SUM_KEYS
+        }
+        metrics = finalize_core_metrics({k: v.cpu() for k, v in sums.items()})
+        metrics.pop("n_tokens")
+        # identical on every rank after the reduction
+        pl_module.log_dict({f"val/{k}": float(v) for k, v in metrics.items()}, sync_dist=False)

@@ -1,0 +1,245 @@
+"""SAEBench's unlearning evaluation (WMDP-bio forget, MMLU retain) as a Lightning callback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from typing_extensions import override
+
+from callbacks.core_metrics import is_lm_source, shared_lm
+from callbacks.export import run_dir
+from mtsae.core_eval import load_tokenizer
+from mtsae.mcq import MMLU_SOURCE, MMLU_SUBSETS, WMDP_BIO, MCQuestion
+from mtsae.unlearning import GridConfig
+from mtsae.unlearning_eval import (
+    UnlearningConfig,
+    UnlearningData,
+    evaluate_unlearning,
+    filter_questions,
+    load_unlearning_data,
+    save_results,
+)
+
+__all__ = ["Unlearning", "LOGGED_METRICS"]
+
+#: metric name -> key of the results of :func:`mtsae.unlearning_eval.evaluate_unlearning`
+LOGGED_METRICS = {
+    "val/unlearning_score": "unlearning_score",
+    "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
+    "val/unlearning/mmlu_acc_best": "mmlu_acc_best",
+}
+
+
+class Unlearning(L.Callback):
+    """Unlearning score of the SAE being trained (SAEBench; see :mod:`mtsae.unlearning_eval`).
+
+    It is expensive (two corpora through the LM, then every grid point scores every question), so by
+    default (``every_n_val: 0``) it runs **once, when training ends** (``on_train_end``, while the model
+    is still on its device); ``every_n_val: n`` also runs it on every n-th validation. Defaults are the
+    cheap setting for use during training: questions filtered on their original order only
+    (``all_perms: false``) and at most ``max_questions`` per set; ``mtsae eval unlearning`` runs the full
+    SAEBench setting.
+
+    Logs ``val/unlearning_score``, ``val/unlearning/wmdp_acc_best`` and ``val/unlearning/mmlu_acc_best``
+    (of the best grid point; with none keeping MMLU accuracy, those of the unmodified model) and writes
+    every grid point (features, accuracies) to ``<run dir>/unlearning/step<global_step>.json``.
+
+    The evaluation runs on global rank 0 (the others wait) and its summary is broadcast, so every rank
+    logs the same values. The filtered question set depends only on the model and the settings: it is
+    kept in memory and in ``question_cache_dir``. Corpora and questions are read at ``setup`` (fit start),
+    so a missing file fails before training. With a non-LM source it warns and does nothing.
+
+    Args:
+        forget_corpus: local path of the WMDP bio forget corpus (``bio-forget-corpus.jsonl``, gated:
+            request access from the WMDP authors, ``cais/wmdp-bio-forget-corpus`` on the hub).
+        every_n_val: also run on every n-th validation (sanity check excluded); 0: only at train end.
+        at_train_end: run when training ends (skipped if the last validation already ran it).
+        model_name: the unlearning LM (e.g. ``google/gemma-2-2b-it`` for an SAE trained on
+            ``gemma-2-2b``, as in SAEBench); default: the data source's model.
+        revision: revision of ``model_name`` (default: the source's revision if the model is the source's).
+        model_dtype: dtype of the LM; default: the source's.
+        retain_corpus: retain text: hub dataset, local folder or file.
+        retain_config: configuration of ``retain_corpus``.
+        retain_split: split of ``retain_corpus``.
+        wmdp_source: ``cais/wmdp`` or a local copy (file or snapshot folder).
+        mmlu_source: ``cais/mmlu``, a snapshot folder, or subset name -> local file.
+        mmlu_subsets: MMLU subsets pooled for the side-effect accuracy.
+        all_perms: filter questions under all 24 orderings (SAEBench) instead of the original order.
+        max_questions: cap per question set (a seeded sample); ``None``: all.
+        n_sparsity_rows: rows per corpus for feature sparsities.
+        seq_len: tokens per sparsity row.
+        grid: the sweep (default: SAEBench's 16 points).
+        llm_batch_size: rows per forward for sparsities.
+        mcq_batch_size: prompts per forward for questions.
+        question_cache_dir: where filtered question sets are cached (default ``<default_root_dir>/
+            unlearning_cache``).
+        seed: seed of document / question sampling and row shuffling.
+    """
+
+    def __init__(
+        self,
+        forget_corpus: str | None = None,
+        every_n_val: int = 0,
+        at_train_end: bool = True,
+        model_name: str | None = None,
+        revision: str | None = None,
+        model_dtype: str | None = None,
+        retain_corpus: str = "wikitext",
+        retain_config: str | None = "wikitext-2-raw-v1",
+        retain_split: str = "test",
+        wmdp_source: str = WMDP_BIO[0],
+        mmlu_source: str | dict[str, str] = MMLU_SOURCE,
+        mmlu_subsets: list[str] | None = None,
+        all_perms: bool = False,
+        max_questions: int | None = 200,
+        n_sparsity_rows: int = 128,
+        seq_len: int = 1024,
+        grid: GridConfig | None = None,
+        llm_batch_size: int = 4,
+        mcq_batch_size: int = 16,
+        question_cache_dir: str | None = None,
+        seed: int = 42,
+    ) -> None:
+        if every_n_val < 0:
+            raise ValueError(f"every_n_val must be >= 0 (0: only at train end), got {every_n_val}")
+        self.every_n_val, self.at_train_end = every_n_val, at_train_end
+        self.model_name, self.revision, self.model_dtype = model_name, revision, model_dtype
+        self.question_cache_dir = question_cache_dir
+        self.config = UnlearningConfig(  # validates
+            forget_corpus=forget_corpus,
+            retain_corpus=retain_corpus,
+            retain_config=retain_config,
+            retain_split=retain_split,
+            wmdp_source=wmdp_source,
+            mmlu_source=mmlu_source,
+            mmlu_subsets=list(mmlu_subsets or MMLU_SUBSETS),
+            all_perms=all_perms,
+            max_questions=max_questions,
+            n_sparsity_rows=n_sparsity_rows,
+            seq_len=seq_len,
+            grid=grid or GridConfig(),
+            llm_batch_size=llm_batch_size,
+            mcq_batch_size=mcq_batch_size,
+            seed=seed,
+        )
+        self.n_validations = 0
+        self.last_step: int | None = None  # global step of the last evaluation
+        self.last_results: dict[str, Any] | None = None  # on rank 0
+        self.last_path: Path | None = None
+        self._enabled = True
+        self._tokenizer: Any = None
+        self._data: UnlearningData | None = None
+        self._filtered: dict[str, dict[str, list[MCQuestion]]] = {}  # per model: kept questions
+        self._model: nn.Module | None = None
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_validations": self.n_validations, "last_step": self.last_step}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_validations = int(state_dict.get("n_validations", 0))
+        self.last_step = state_dict.get("last_step")
+
+    # ------------------------------------------------------------------ the model
+    def _model_id(self, source: Any) -> dict[str, Any]:
+        own = self.model_name is None or self.model_name == source.model_name
+        return {
+            "name": source.model_name if self.model_name is None else self.model_name,
+            "revision": source.revision if own and self.revision is None else self.revision,
+            "dtype": self.model_dtype or source.model_dtype,
+            "trust_remote_code": bool(getattr(source, "trust_remote_code", False)),
+        }
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        source = getattr(trainer.datamodule, "source", None)
+        if not is_lm_source(source):
+            rank_zero_warn("Unlearning: the data source is not a language model; the evaluation is skipped")
+            self._enabled = False
+            return
+        if trainer.is_global_zero and self._data is None:  # fail fast: before any training
+            mid = self._model_id(source)
+            self._tokenizer = load_tokenizer(mid["name"], mid["revision"], mid["trust_remote_code"])
+            self._data = load_unlearning_data(self._tokenizer, self.config)
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not self._enabled or self.every_n_val == 0:
+            return
+        self.n_validations += 1
+        if self.n_validations % self.every_n_val:
+            return
+        summary = self._run(trainer, pl_module)
+        pl_module.log_dict(summary, sync_dist=False)  # broadcast: identical on every rank
+
+    @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._enabled or not self.at_train_end or self.last_step == trainer.global_step:
+            return
+        summary = self._run(trainer, pl_module)
+        # logging through the module is not allowed here: write to the loggers and the callback metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(summary, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in summary.items()})
+
+    # ------------------------------------------------------------------ evaluation
+    def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        summary: dict[str, float] | None = None
+        if trainer.is_global_zero:
+            # validation runs under inference mode; the exported SAE copy must be an ordinary tensor
+            with torch.inference_mode(False), torch.no_grad():
+                results = self._evaluate(trainer, pl_module)
+            self.last_results = results
+            self.last_path = save_results(
+                results, run_dir(trainer) / "unlearning" / f"step{trainer.global_step}.json"
+            )
+            summary = {name: float(results[key]) for name, key in LOGGED_METRICS.items()}
+            rank_zero_info(
+                f"unlearning score {summary['val/unlearning_score']:.4f} at step {trainer.global_step} "
+                f"(details: {self.last_path})"
+            )
+        summary = trainer.strategy.broadcast(summary, src=0)
+        self.last_step = trainer.global_step
+        return summary
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        source = trainer.datamodule.source
+        mid = self._model_id(source)
+        if self._data is None:  # setup() was not called (e.g. a bare trainer.validate)
+            self._tokenizer = load_tokenizer(mid["name"], mid["revision"], mid["trust_remote_code"])
+            self._data = load_unlearning_data(self._tokenizer, self.config)
+        device = pl_module.device
+        if self._model is None:
+            self._model = shared_lm(
+                mid["name"], mid["revision"], mid["dtype"], device, mid["trust_remote_code"]
+            )
+        key = repr(sorted(mid.items()))
+        if key not in self._filtered:
+            cache_dir = self.question_cache_dir or str(Path(trainer.default_root_dir) / "unlearning_cache")
+            self._filtered[key] = filter_questions(
+                self._model,
+                self._tokenizer,
+                self._data.questions,
+                all_perms=self.config.all_perms,
+                batch_size=self.config.mcq_batch_size,
+                chat_template=self.config.chat_template,
+                cache_dir=cache_dir,
+                model_id=mid,
+            )
+        sae = pl_module.export_sae().to(device)  # acts on raw activations: multipliers in raw units
+        results = evaluate_unlearning(
+            self._model, self._tokenizer, sae, source.layer, self._data, self._filtered[key], self.config
+        )
+        results["model"] = mid
+        results["global_step"] = trainer.global_step
+        return results

@@ -1,0 +1,224 @@
+"""The evaluation callbacks inside a tiny LM training run, and ``mtsae eval`` on its checkpoint (offline)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import mtsae_cli
+from tests.lm_helpers import offline_hub, one_thread
+from tests.test_unlearning_eval import build_mcq_lm, write_unlearning_files
+from train import cli_main
+
+TINY_GRID = {"retain_thresholds": [0.01, 1.0], "n_features": [2, 4], "multipliers": [10.0, 100.0]}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    yield from one_thread()
+
+
+def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
+    """A training config on the tiny LM (layer 1, ctx 16) with both evaluation callbacks."""
+    unlearning = {
+        **files,
+        "retain_config": None,
+        "every_n_val": 1,  # at the validation of step 4, and (the default) when training ends at step 6
+        "max_questions": 16,
+        "n_sparsity_rows": 8,
+        "seq_len": 32,
+        "llm_batch_size": 8,
+        "grid": TINY_GRID,
+        "question_cache_dir": str(tmp / "question_cache"),
+    }
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 6,
+            "val_check_interval": 4,
+            "num_sanity_val_steps": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp / "runs"),
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp / "runs"), "name": "tiny_lm"},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"save_last": True},
+                },
+                {
+                    "class_path": "callbacks.core_metrics.CoreLMMetrics",
+                    "init_args": {"n_sequences": 8, "batch_size": 4},
+                },
+                {"class_path": "callbacks.unlearning.Unlearning", "init_args": unlearning},
+            ],
+        },
+        "model": {"d_sae": 128, "dilations": [1, 2], "separation": "none", "sparsity_coeff": 0.1},
+        "data": {
+            "source": {
+                "class_path": "data.LMSource",
+                "init_args": {
+                    "model_name": str(lm_dir),
+                    "layer": 1,
+                    "dataset": str(lm_dir / "corpus.jsonl"),
+                    "ctx_len": 16,
+                    "model_dtype": "float32",
+                    "device": "cpu",
+                    "llm_batch_size": 16,
+                    "progress": False,
+                },
+            },
+            "cache_dir": str(tmp / "cache"),
+            "n_sequences": 64,
+            "val_sequences": 16,
+            "shard_size": 64,
+            "batch_size": 8,
+            "progress": False,
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One tiny training run with both callbacks (shared by the tests of this module)."""
+    tmp = tmp_path_factory.mktemp("eval_run")
+    lm_dir = build_mcq_lm(tmp / "lm")
+    files = write_unlearning_files(lm_dir, tmp / "data")
+    cfg_path = tmp / "train.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_lm_config(tmp, lm_dir, files)))
+    cli = cli_main(["fit", "--config", str(cfg_path)])
+    run_dir = Path(cli.trainer.logger.log_dir)
+    return {
+        "cli": cli,
+        "tmp": tmp,
+        "files": files,
+        "run_dir": run_dir,
+        "config": run_dir / "config.yaml",
+        "ckpt": Path(cli.trainer.checkpoint_callback.last_model_path),
+        "metrics": dict(cli.trainer.callback_metrics),
+    }
+
+
+def test_callbacks_log_their_metrics(run: dict) -> None:
+    m = run["metrics"]
+    for key in (
+        "val/ce_loss_score",
+        "val/kl_div_score",
+        "val/ce_loss_clean",
+        "val/ce_loss_sae",
+        "val/ce_loss_zero",
+    ):
+        assert key in m and torch.isfinite(m[key]), key
+    assert m["val/ce_loss_clean"] <= m["val/ce_loss_sae"] + 1e-6 or m["val/ce_loss_score"] <= 1
+    for key in ("val/unlearning_score", "val/unlearning/wmdp_acc_best", "val/unlearning/mmlu_acc_best"):
+        assert key in m, key
+    assert 0 <= float(m["val/unlearning_score"]) <= 1
+    outs = sorted((run["run_dir"] / "unlearning").glob("step*.json"))
+    assert [p.name for p in outs] == ["step4.json", "step6.json"]  # one validation, then the train end
+    res = json.loads(outs[-1].read_text())
+    assert len(res["configs"]) == 8 and res["model"]["name"].endswith("lm") and res["global_step"] == 6
+    assert res["unlearning_score"] == pytest.approx(float(m["val/unlearning_score"]))
+    core = [cb for cb in run["cli"].trainer.callbacks if type(cb).__name__ == "CoreLMMetrics"][0]
+    assert core.state_dict() == {"n_validations": 1}
+    assert list((run["tmp"] / "question_cache").glob("filtered_*.json"))  # reused by later evaluations
+
+
+def test_eval_core_writes_results(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    offline_hub(monkeypatch)
+    out = tmp_path / "core"
+    args = ["--ckpt", str(run["ckpt"]), "--config", str(run["config"]), "--out", str(out)]
+    assert (
+        mtsae_cli.main(["eval", "core", *args, "--n-sequences", "8", "--device", "cpu", "--no-progress"]) == 0
+    )
+    res = json.loads((out / "results.json").read_text())
+    assert {"fvu", "l0", "dead_fraction"} <= set(res["reconstruction"])
+    assert {"ce_loss_score", "kl_div_score", "ce_loss_clean", "ce_loss_sae", "ce_loss_zero"} <= set(res["lm"])
+    assert res["n_sequences"] == 8 and res["layer"] == 1
+    assert "ce_loss_score" in (out / "summary.md").read_text()
+
+
+def test_eval_unlearning_writes_results(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    offline_hub(monkeypatch)
+    f, out = run["files"], tmp_path / "unlearning"
+    mmlu = [f"{k}={v}" for k, v in f["mmlu_source"].items()]
+    argv = [
+        "eval",
+        "unlearning",
+        "--ckpt",
+        str(run["ckpt"]),
+        "--config",
+        str(run["config"]),
+        "--out",
+        str(out),
+    ]
+    argv += [
+        "--forget-corpus",
+        f["forget_corpus"],
+        "--retain-corpus",
+        f["retain_corpus"],
+        "--retain-config",
+        "",
+    ]
+    argv += [
+        "--wmdp-source",
+        f["wmdp_source"],
+        "--mmlu-file",
+        *mmlu,
+        "--no-all-perms",
+        "--max-questions",
+        "16",
+    ]
+    argv += ["--n-sparsity-rows", "8", "--seq-len", "32", "--retain-thresholds", "1.0", "--n-features", "2"]
+    argv += ["--multipliers", "10", "--device", "cpu", "--no-progress"]
+    assert mtsae_cli.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["configs"]) == 1 and 0 <= res["unlearning_score"] <= 1
+    assert "unlearning score" in (out / "summary.md").read_text()
+    assert list((out / "question_cache").glob("filtered_*.json"))
+
+
+def test_eval_disentanglement_writes_results(run: dict, tmp_path: Path) -> None:
+    pytest.importorskip("mtsae.disentanglement", reason="mtsae.disentanglement is written in another change")
+    out = tmp_path / "dis"
+    argv = ["eval", "disentanglement", "--ckpt", str(run["ckpt"]), "--config", str(run["config"])]
+    assert mtsae_cli.main([*argv, "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    assert (out / "results.json").exists() and (out / "summary.md").exists()
+
+
+def test_clear_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["eval", "core", "--config", str(run["config"]), "--out", str(tmp_path / "x"), "--no-progress"]
+    assert mtsae_cli.main([*base, "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "missing.ckpt" in err and "does not exist" in err
+    # a config whose activations have another width than the checkpoint's
+    argv = ["eval", "core", "--ckpt", str(run["ckpt"]), "--config", "configs/demo.yaml"]
+    argv += ["--set", "data.source.init_args.d_in=16", "--out", str(tmp_path / "y"), "--no-progress"]
+    assert mtsae_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "d_in=64" in err and "width 16" in err
+    # the unlearning eval without the gated forget corpus says how to get it, before loading any model
+    argv = ["eval", "unlearning", "--ckpt", str(run["ckpt"]), "--config", str(run["config"])]
+    argv += ["--out", str(tmp_path / "z"), "--wmdp-source", run["files"]["wmdp_source"]]
+    argv += ["--mmlu-file", *[f"{k}={v}" for k, v in run["files"]["mmlu_source"].items()]]
+    assert mtsae_cli.main(argv) == 2
+    assert "cais/wmdp-bio-forget-corpus" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_mtsae_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
+    assert mtsae_cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "eval" in out and "compare" in out
+    assert mtsae_cli.main(["eval", "--help"]) == 0
+    assert "core,unlearning,disentanglement" in capsys.readouterr().out
+    assert mtsae_cli.main(["nope"]) == 2
