@@ -312,10 +312,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval disentanglement``: diagnostics over the validation rows, with figures."""
-    try:
-        from mtsae import disentanglement
-    except ImportError as e:
-        raise EvalError(f"mtsae.disentanglement is not available in this installation ({e})") from e
+    from mtsae.disentanglement import evaluate_disentanglement, figures, results_to_json
 
     module = load_module(args.ckpt)
     dm = load_datamodule(args.config, _overrides(args))
@@ -325,17 +322,16 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     module = module.to(device)
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
-    res = disentanglement.evaluate_disentanglement(
+    res = evaluate_disentanglement(
         module.sae, batches, act_scale=float(module.act_scale), ground_truth=truth
     )
-    to_json = getattr(disentanglement, "results_to_json", _jsonable)
-    results = {"command": "disentanglement", "checkpoint": str(args.ckpt), **to_json(res)}
+    results = {"command": "disentanglement", "checkpoint": str(args.ckpt), **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    figs = disentanglement.figures(res) if hasattr(disentanglement, "figures") else {}
+    figs = figures(res)
     for name, fig in figs.items():
         fig.savefig(out / f"{name}.png", dpi=120)
-    scalars = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    scalars = results["scalars"]
     lines = ["# Disentanglement", "", f"- checkpoint: `{args.ckpt}`", "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
     lines += ["", *[f"![{n}]({n}.png)" for n in figs]]

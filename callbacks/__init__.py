@@ -1,9 +1,19 @@
 """Lightning callbacks: evaluation during validation, export and run summaries."""
 
 from callbacks.core_metrics import CoreLMMetrics
+from callbacks.disentanglement import Disentanglement
 from callbacks.export import ExportSAE
 from callbacks.ground_truth import GroundTruthRecovery
 from callbacks.summary import RunSummary
+from callbacks.synthetic_unlearning import SyntheticUnlearning
 from callbacks.unlearning import Unlearning
 
-__all__ = ["CoreLMMetrics", "ExportSAE", "GroundTruthRecovery", "RunSummary", "Unlearning"]
+__all__ = [
+    "CoreLMMetrics",
+    "Disentanglement",
+    "ExportSAE",
+    "GroundTruthRecovery",
+    "RunSummary",
+    "SyntheticUnlearning",
+    "Unlearning",
+]

@@ -14,6 +14,15 @@ def _seed_everything() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny matmuls run faster on one thread than on two contended ones (and CI has 2 cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_sae(dilations=(1, 2, 4, 8), d_in: int = 32, d_sae: int = 64, **kw) -> MTSAE:
     return MTSAE(d_in, d_sae, dilations=list(dilations), **kw)
 

@@ -188,11 +188,11 @@ def test_eval_unlearning_writes_results(run: dict, tmp_path: Path, monkeypatch: 
 
 
 def test_eval_disentanglement_writes_results(run: dict, tmp_path: Path) -> None:
-    pytest.importorskip("mtsae.disentanglement", reason="mtsae.disentanglement is written in another change")
     out = tmp_path / "dis"
     argv = ["eval", "disentanglement", "--ckpt", str(run["ckpt"]), "--config", str(run["config"])]
     assert mtsae_cli.main([*argv, "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert (out / "results.json").exists() and (out / "summary.md").exists()
+    assert "coherence/max" in (out / "summary.md").read_text()
 
 
 def test_clear_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -1,0 +1,144 @@
+"""Feature disentanglement during validation: scalars under ``val/disentanglement/...`` and figures."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from typing_extensions import override
+
+from mtsae.disentanglement import (
+    COHERENCE_THRESHOLD,
+    DEFAULT_LAGS,
+    DENSE_THRESHOLD,
+    DisentanglementAccumulator,
+    disentanglement_results,
+    figures,
+)
+
+__all__ = ["Disentanglement"]
+
+PREFIX = "val/disentanglement/"
+
+
+class Disentanglement(L.Callback):
+    """Every ``every_n_val``-th validation, measure how disentangled the SAE's features are.
+
+    During validation the codes of the first ``max_batches`` validation batches of each rank are
+    recomputed (``pl_module(batch["acts"], batch["valid"]).f``) and accumulated; at the end the
+    counts are summed across ranks (``trainer.strategy.reduce``), and every rank computes the same
+    results (see :mod:`mtsae.disentanglement` for the definitions). The sanity check is skipped.
+
+    Logged scalars (``val/disentanglement/`` + name; the names of
+    :func:`mtsae.disentanglement.disentanglement_results`):
+
+    * ``coherence/max``, ``coherence/mean``, ``coherence/frac_above`` (``|cos| > coherence_threshold``);
+    * ``density/dead_fraction``, ``density/dense_fraction`` (``> dense_threshold``),
+      ``density/median_log10``, ``density/mean_log10``;
+    * MTSAE only: ``scale/share/dilation_<r>``, ``scale/majority/dilation_<r>``, ``scale/entropy``;
+    * ``persistence/lag_<k>`` for each lag;
+    * with ground truth: ``recovery/mmcs``, ``recovery/recovered`` and ``recovery/{mmcs,recovered}/<group>``.
+
+    Undefined values (``nan``: a lag longer than the sequences, no live feature) are not logged.
+
+    Figures (TensorBoard logger only, rank 0): ``disentanglement/density``,
+    ``disentanglement/scale_attribution``, ``disentanglement/persistence``, ``disentanglement/recovery``.
+
+    Args:
+        every_n_val: run on every n-th validation (1: each one).
+        max_batches: validation batches per rank to encode (``None``: all).
+        lags: persistence lags.
+        coherence_threshold: ``|cos|`` above which a decoder pair counts as near-duplicate.
+        dense_threshold: density above which a feature counts as dense.
+        log_figures: also log matplotlib figures to TensorBoard.
+    """
+
+    def __init__(
+        self,
+        every_n_val: int = 1,
+        max_batches: int | None = 32,
+        lags: list[int] | None = None,
+        coherence_threshold: float = COHERENCE_THRESHOLD,
+        dense_threshold: float = DENSE_THRESHOLD,
+        log_figures: bool = True,
+    ) -> None:
+        if every_n_val < 1:
+            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
+        if max_batches is not None and max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
+        self.every_n_val, self.max_batches = every_n_val, max_batches
+        self.lags = list(DEFAULT_LAGS if lags is None else lags)
+        self.coherence_threshold, self.dense_threshold = coherence_threshold, dense_threshold
+        self.log_figures = log_figures
+        self.n_validations = 0  # completed (non-sanity) validations
+        self._acc: DisentanglementAccumulator | None = None
+        self._truth: dict | None = None
+
+    def _active(self, trainer: L.Trainer) -> bool:
+        return not trainer.sanity_checking and self.n_validations % self.every_n_val == 0
+
+    @override
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._acc = None
+        if self._active(trainer):
+            self._acc = DisentanglementAccumulator(pl_module.sae.d_sae, self.lags, device=pl_module.device)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._acc is None or (self.max_batches is not None and batch_idx >= self.max_batches):
+            return
+        with torch.no_grad():
+            f = pl_module(batch["acts"], batch["valid"]).f  # [B, T, d_sae]
+        self._acc.update(f, batch["valid"])
+
+    def _ground_truth(self, trainer: L.Trainer) -> dict:
+        if self._truth is None:
+            gt = getattr(trainer.datamodule, "ground_truth", None) or {}
+            self._truth = dict(gt) if "features" in gt else {}
+        return self._truth
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        acc, self._acc = self._acc, None
+        self.n_validations += 1
+        if acc is None:
+            return
+        for t in acc.state_tensors():  # sum counts over ranks; every rank then holds the same totals
+            t.copy_(trainer.strategy.reduce(t, reduce_op="sum"))
+        if int(acc.density.n_tokens) == 0:
+            return
+        res = disentanglement_results(
+            pl_module.sae,
+            acc,
+            self._ground_truth(trainer) or None,
+            self.coherence_threshold,
+            self.dense_threshold,
+        )
+        # identical on every rank (reduced counts, synchronised parameters): no further sync
+        scalars = {PREFIX + k: float(v) for k, v in res["scalars"].items() if not math.isnan(v)}
+        pl_module.log_dict(scalars, sync_dist=False)
+        logger = trainer.logger
+        if self.log_figures and trainer.is_global_zero and isinstance(logger, TensorBoardLogger):
+            for name, fig in figures(res).items():
+                logger.experiment.add_figure(f"disentanglement/{name}", fig, trainer.global_step, close=True)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_validations": self.n_validations}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_validations = int(state_dict.get("n_validations", 0))
