@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,8 +132,8 @@ def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: 
     valid = torch.cat([c.valid for c in chunks]).to(torch.bool)
     n, T, d = acts.shape
     stored = to_storage(acts, dtype)
-    # statistics of the stored values (what training will read), over valid tokens, in float64
-    x = from_storage(stored, dtype).double()[valid]  # [n_valid, d]
+    # statistics of the stored values (what training will read), over valid tokens, float64 sums
+    x = from_storage(stored, dtype).float()[valid]  # [n_valid, d]
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", track_order=False) as h5:
         ds = h5.create_dataset("acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False)
@@ -151,8 +152,8 @@ def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: 
         "file": path.name,
         "n_sequences": n,
         "n_valid_tokens": int(x.shape[0]),
-        "sum_sq_norm": float((x**2).sum()),
-        "sum": x.sum(0).tolist(),
+        "sum_sq_norm": float(x.pow(2).sum(dtype=torch.float64)),
+        "sum": x.sum(0, dtype=torch.float64).tolist(),
     }
 
 
@@ -193,7 +194,12 @@ def build_cache(
 
 
 def _build_locked(
-    source: ActivationSource, root: Path, inputs: dict, spec: CacheSpec, source_batch_size: int, progress: bool
+    source: ActivationSource,
+    root: Path,
+    inputs: dict,
+    spec: CacheSpec,
+    source_batch_size: int,
+    progress: bool,
 ) -> Path:
     mpath = root / "manifest.json"
     plan = spec.shard_plan()
@@ -231,19 +237,39 @@ def _build_locked(
     static_gt = source.static_ground_truth()
     n_rows = sum(b - a for _, a, b in todo)
     bar = tqdm(total=n_rows, unit="seq", desc="caching activations", disable=not progress, dynamic_ncols=True)
+
+    def record(write: Future, i: int, split: str) -> None:
+        entry = write.result()
+        entry["split"] = split
+        manifest["shards"].append(entry)
+        manifest["stats"] = _stats(manifest["shards"])
+        manifest["complete"] = i == len(plan) - 1
+        _write_json_atomic(mpath, manifest)
+
+    # shard i is written by a background thread while shard i + 1 is generated (the source's forward
+    # pass releases the GIL); the manifest is updated in order as each write finishes
+    pending: tuple[Future, int, str] | None = None
     try:
-        for i, (split, a, b) in enumerate(todo, start=len(done)):
-            chunks = []
-            for chunk in source.generate(a, b, source_batch_size):
-                chunks.append(chunk)
-                bar.update(len(chunk))
-            entry = _write_shard(root / _shard_name(i), chunks, static_gt, spec.dtype)
-            entry["split"] = split
-            manifest["shards"].append(entry)
-            manifest["stats"] = _stats(manifest["shards"])
-            manifest["complete"] = i == len(plan) - 1
-            _write_json_atomic(mpath, manifest)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
+            for i, (split, a, b) in enumerate(todo, start=len(done)):
+                chunks = []
+                for chunk in source.generate(a, b, source_batch_size):
+                    chunks.append(chunk)
+                    bar.update(len(chunk))
+                if pending is not None:
+                    record(*pending)
+                    pending = None
+                pending = (
+                    writer.submit(_write_shard, root / _shard_name(i), chunks, static_gt, spec.dtype),
+                    i,
+                    split,
+                )
+            if pending is not None:
+                record(*pending)
+                pending = None
     finally:
+        if pending is not None and pending[0].exception() is None:
+            record(*pending)  # an interrupted build keeps the last shard that was fully written
         bar.close()
         source.close()
     if not plan[len(done) :] and not manifest["complete"]:  # every shard was already there

@@ -42,3 +42,14 @@ class WarmupDecayLR(LambdaLR):
             if step >= decay_start:
                 factor *= max(0.0, (self.total_steps - step) / (self.total_steps - decay_start))
         return factor
+
+    def state_dict(self) -> dict:
+        # total_steps is derived from the current run (a resumed run may train longer): never restored
+        state = super().state_dict()
+        state.pop("total_steps", None)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        state_dict.pop("total_steps", None)
+        super().load_state_dict(state_dict)

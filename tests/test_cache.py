@@ -79,8 +79,8 @@ def test_manifest_contents(tmp_path: Path) -> None:
     ]
     x = next(src.generate(0, 9, 9))
     xv = x.acts[x.valid].double()
-    assert m["stats"]["mean_sq_norm"] == pytest.approx(xv.pow(2).sum(-1).mean().item(), rel=1e-9)
-    np.testing.assert_allclose(m["stats"]["mean"], xv.mean(0).numpy(), rtol=1e-9, atol=1e-12)
+    assert m["stats"]["mean_sq_norm"] == pytest.approx(xv.pow(2).sum(-1).mean().item(), rel=1e-6)
+    np.testing.assert_allclose(m["stats"]["mean"], xv.mean(0).numpy(), rtol=1e-6, atol=1e-9)
     cache = ActivationCache(root)
     assert cache.rows("train").tolist() == list(range(9))
     assert cache.rows("val").tolist() == list(range(9, 13))

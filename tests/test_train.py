@@ -10,7 +10,8 @@ import torch
 from mtsae import SAEModule, load_sae
 from train import cli_main
 
-CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
+# training configs; overlays (configs/baselines) and compare configs have tests of their own
+CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml"))
 
 
 def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
@@ -120,3 +121,19 @@ def test_bad_model_config_fails_before_building_anything(tmp_path: Path) -> None
     with pytest.raises((ValueError, SystemExit)):
         cli_main(["fit", *tiny_args(tmp_path, "--model.dilations", "[]")])  # 'scales' needs dilations
     assert not (tmp_path / "cache").exists()
+
+
+def test_resumed_schedule_uses_the_new_length() -> None:
+    from mtsae.schedulers import WarmupDecayLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = WarmupDecayLR(opt, warmup_steps=0, decay_fraction=0.5, total_steps=100)
+    for _ in range(60):
+        opt.step()
+        old.step()
+    state = old.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    new = WarmupDecayLR(opt2, warmup_steps=0, decay_fraction=0.5, total_steps=1000)
+    new.load_state_dict(state)
+    assert new.total_steps == 1000 and new.last_epoch == 60
+    assert new._factor(150) == 1.0  # the old run would be at lr 0 here
