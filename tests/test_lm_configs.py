@@ -126,9 +126,11 @@ def test_gemma_config_is_the_issue_job() -> None:
     ckpts = [c["init_args"] for c in tr["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     assert any(c.get("save_last") and c.get("every_n_train_steps") for c in ckpts)  # resumable
     paths = class_paths(cfg)
-    assert "callbacks.GroundTruthRecovery" not in paths  # no ground truth for a real LM
+    assert not {"callbacks.GroundTruthRecovery", "callbacks.SyntheticUnlearning"} & set(
+        paths
+    )  # no ground truth
     demo_callbacks = {c["class_path"] for c in load(REPO / "configs/demo.yaml")["trainer"]["callbacks"]}
-    assert demo_callbacks - {"callbacks.GroundTruthRecovery"} <= set(paths)
+    assert demo_callbacks - {"callbacks.GroundTruthRecovery", "callbacks.SyntheticUnlearning"} <= set(paths)
 
 
 # ------------------------------------------------------------------------------ same job, other sizes
