@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-all bench lint tiny-lm clean
+.PHONY: install demo compare test test-all bench lint tiny-lm clean
 
 install: $(STAMP)
 
@@ -17,6 +17,10 @@ $(STAMP): setup.cfg constraints.txt
 
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
+
+# the synthetic comparison of MTSAEs, baselines and ablations (reports/demo/report.md)
+compare: $(STAMP)
+	$(PY) compare.py --config configs/compare/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider

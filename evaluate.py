@@ -322,9 +322,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     module = module.to(device)
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(
-        module.sae, batches, act_scale=float(module.act_scale), ground_truth=truth
-    )
+    res = evaluate_disentanglement(module.sae, batches, act_scale=float(module.act_scale), ground_truth=truth)
     results = {"command": "disentanglement", "checkpoint": str(args.ckpt), **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

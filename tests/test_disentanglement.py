@@ -212,6 +212,8 @@ def test_callback_logs_scalars_and_figures(tmp_path: Path) -> None:
                 "4",
                 "--trainer.limit_val_batches",
                 "2",
+                "--trainer.callbacks",
+                "[]",  # the demo config has one already; this test sets its own options
                 "--trainer.callbacks+=callbacks.disentanglement.Disentanglement",
                 "--trainer.callbacks.max_batches",
                 "1",
