@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from callbacks.periodic import EveryNValidations
 from mtsae.core_eval import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, load_causal_lm
 
 __all__ = ["CoreLMMetrics", "is_lm_source", "shared_lm"]
@@ -42,7 +43,7 @@ def is_lm_source(source: Any) -> bool:
     )
 
 
-class CoreLMMetrics(L.Callback):
+class CoreLMMetrics(EveryNValidations):
     """CE-loss score and KL score (SAEBench core) on held-out validation sequences.
 
     Every ``every_n_val`` validations (the sanity check excluded), the first ``n_sequences`` rows of the
@@ -68,25 +69,14 @@ class CoreLMMetrics(L.Callback):
     def __init__(
         self, every_n_val: int = 1, n_sequences: int = 64, batch_size: int = 8, model_dtype: str | None = None
     ) -> None:
-        if every_n_val < 1:
-            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
         if n_sequences < 1 or batch_size < 1:
             raise ValueError(f"n_sequences and batch_size must be >= 1, got {n_sequences}, {batch_size}")
-        self.every_n_val, self.n_sequences, self.batch_size = every_n_val, n_sequences, batch_size
+        super().__init__(every_n_val)
+        self.n_sequences, self.batch_size = n_sequences, batch_size
         self.model_dtype = model_dtype
-        self.n_validations = 0
         self._model: nn.Module | None = None
         self._tokens: Tensor | None = None  # [n_rank, T] this rank's rows
         self._warned = False
-
-    # ------------------------------------------------------------------ state
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_validations": self.n_validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.n_validations = int(state_dict.get("n_validations", 0))
 
     # ------------------------------------------------------------------ helpers
     def _rows(self, trainer: L.Trainer) -> Tensor:
@@ -108,10 +98,7 @@ class CoreLMMetrics(L.Callback):
     # ------------------------------------------------------------------ hook
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        self.n_validations += 1
-        if self.n_validations % self.every_n_val:
+        if not self.count_validation(trainer):
             return
         source = getattr(trainer.datamodule, "source", None)
         if not is_lm_source(source):

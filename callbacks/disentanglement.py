@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
+from callbacks.periodic import EveryNValidations
 from mtsae.disentanglement import (
     COHERENCE_THRESHOLD,
     DEFAULT_LAGS,
@@ -24,7 +25,7 @@ __all__ = ["Disentanglement"]
 PREFIX = "val/disentanglement/"
 
 
-class Disentanglement(L.Callback):
+class Disentanglement(EveryNValidations):
     """Every ``every_n_val``-th validation, measure how disentangled the SAE's features are.
 
     During validation the codes of the first ``max_batches`` validation batches of each rank are
@@ -65,25 +66,20 @@ class Disentanglement(L.Callback):
         dense_threshold: float = DENSE_THRESHOLD,
         log_figures: bool = True,
     ) -> None:
-        if every_n_val < 1:
-            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
-        self.every_n_val, self.max_batches = every_n_val, max_batches
+        super().__init__(every_n_val)
+        self.max_batches = max_batches
         self.lags = list(DEFAULT_LAGS if lags is None else lags)
         self.coherence_threshold, self.dense_threshold = coherence_threshold, dense_threshold
         self.log_figures = log_figures
-        self.n_validations = 0  # completed (non-sanity) validations
         self._acc: DisentanglementAccumulator | None = None
         self._truth: dict | None = None
-
-    def _active(self, trainer: L.Trainer) -> bool:
-        return not trainer.sanity_checking and self.n_validations % self.every_n_val == 0
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._acc = None
-        if self._active(trainer):
+        if self.is_due(trainer):
             self._acc = DisentanglementAccumulator(pl_module.sae.d_sae, self.lags, device=pl_module.device)
 
     @override
@@ -110,11 +106,8 @@ class Disentanglement(L.Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
         acc, self._acc = self._acc, None
-        self.n_validations += 1
-        if acc is None:
+        if not self.count_validation(trainer) or acc is None:
             return
         for t in acc.state_tensors():  # sum counts over ranks; every rank then holds the same totals
             t.copy_(trainer.strategy.reduce(t, reduce_op="sum"))
@@ -134,11 +127,3 @@ class Disentanglement(L.Callback):
         if self.log_figures and trainer.is_global_zero and isinstance(logger, TensorBoardLogger):
             for name, fig in figures(res).items():
                 logger.experiment.add_figure(f"disentanglement/{name}", fig, trainer.global_step, close=True)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_validations": self.n_validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.n_validations = int(state_dict.get("n_validations", 0))

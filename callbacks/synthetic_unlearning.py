@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from callbacks.periodic import EveryNValidations
 from mtsae.synthetic_unlearning import (
     SyntheticGrid,
     forget_feature_indices,
@@ -22,7 +23,7 @@ __all__ = ["SyntheticUnlearning"]
 PREFIX = "val/synthetic_unlearning/"
 
 
-class SyntheticUnlearning(L.Callback):
+class SyntheticUnlearning(EveryNValidations):
     """Every ``every_n_val``-th validation, score how well the SAE unlearns a group of planted features.
 
     The forget set is the first ``n_forget_features`` true features of ground-truth group ``group``;
@@ -53,8 +54,6 @@ class SyntheticUnlearning(L.Callback):
         n_features: list[int] | None = None,
         multipliers: list[float] | None = None,
     ) -> None:
-        if every_n_val < 1:
-            raise ValueError(f"every_n_val must be >= 1, got {every_n_val}")
         if max_sequences < 2:
             raise ValueError(f"max_sequences must be >= 2 (forget and retain), got {max_sequences}")
         default = SyntheticGrid()
@@ -64,8 +63,8 @@ class SyntheticUnlearning(L.Callback):
             multipliers=multipliers if multipliers is not None else default.multipliers,
         )
         self.group, self.n_forget_features = group, n_forget_features
-        self.max_sequences, self.every_n_val = max_sequences, every_n_val
-        self.n_validations = 0  # completed (non-sanity) validations
+        super().__init__(every_n_val)
+        self.max_sequences = max_sequences
         self.last_results: dict[str, Any] | None = None
         self._data: dict[str, Any] | None = None
 
@@ -121,10 +120,7 @@ class SyntheticUnlearning(L.Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        n, self.n_validations = self.n_validations, self.n_validations + 1
-        if n % self.every_n_val:
+        if not self.count_validation(trainer):
             return
         data = self._load(trainer)
         if not data:
@@ -142,11 +138,3 @@ class SyntheticUnlearning(L.Callback):
         self.last_results = res
         logs = {k: float(res[k]) for k in ("score", "forget_removed", "retain_damage")}
         pl_module.log_dict({PREFIX + k: v for k, v in logs.items()}, sync_dist=False)
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"n_validations": self.n_validations}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.n_validations = int(state_dict.get("n_validations", 0))

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from callbacks.core_metrics import is_lm_source, shared_lm
 from callbacks.export import run_dir
+from callbacks.periodic import EveryNValidations
 from mtsae.core_eval import load_tokenizer
 from mtsae.mcq import MMLU_SOURCE, MMLU_SUBSETS, WMDP_BIO, MCQuestion
 from mtsae.unlearning import GridConfig
@@ -35,7 +36,7 @@ LOGGED_METRICS = {
 }
 
 
-class Unlearning(L.Callback):
+class Unlearning(EveryNValidations):
     """Unlearning score of the SAE being trained (SAEBench; see :mod:`mtsae.unlearning_eval`).
 
     It is expensive (two corpora through the LM, then every grid point scores every question), so by
@@ -105,9 +106,8 @@ class Unlearning(L.Callback):
         question_cache_dir: str | None = None,
         seed: int = 42,
     ) -> None:
-        if every_n_val < 0:
-            raise ValueError(f"every_n_val must be >= 0 (0: only at train end), got {every_n_val}")
-        self.every_n_val, self.at_train_end = every_n_val, at_train_end
+        super().__init__(every_n_val)
+        self.at_train_end = at_train_end
         self.model_name, self.revision, self.model_dtype = model_name, revision, model_dtype
         self.question_cache_dir = question_cache_dir
         self.config = UnlearningConfig(  # validates
@@ -127,7 +127,6 @@ class Unlearning(L.Callback):
             mcq_batch_size=mcq_batch_size,
             seed=seed,
         )
-        self.n_validations = 0
         self.last_step: int | None = None  # global step of the last evaluation
         self.last_results: dict[str, Any] | None = None  # on rank 0
         self.last_path: Path | None = None
@@ -140,11 +139,11 @@ class Unlearning(L.Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"n_validations": self.n_validations, "last_step": self.last_step}
+        return {**super().state_dict(), "last_step": self.last_step}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.n_validations = int(state_dict.get("n_validations", 0))
+        super().load_state_dict(state_dict)
         self.last_step = state_dict.get("last_step")
 
     # ------------------------------------------------------------------ the model
@@ -174,10 +173,7 @@ class Unlearning(L.Callback):
     # ------------------------------------------------------------------ hooks
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or not self._enabled or self.every_n_val == 0:
-            return
-        self.n_validations += 1
-        if self.n_validations % self.every_n_val:
+        if not self.count_validation(trainer) or not self._enabled:
             return
         summary = self._run(trainer, pl_module)
         pl_module.log_dict(summary, sync_dist=False)  # broadcast: identical on every rank

@@ -44,6 +44,8 @@ class SAEModule(L.LightningModule):
         dilations: dilations of the causal depth-wise conv branches; ``[]`` = per-token SAE.
         activation: ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``.
         activation_kwargs: options of the activation (``k: 32`` for top-k variants, ...).
+        freeze_conv: keep the convolutions at their identity initialisation (a control: the MTSAE's
+            encoder parameterisation without temporal context).
         cascade: stack the conv branches (receptive field ``1 + 2·sum(dilations)``) instead of running
             them side by side on the input (``1 + 2·max(dilations)``); see :class:`mtsae.MTSAE`.
         sparsity_coeff: weight of the sparsity penalty: L1 of the codes for ``relu``, the (straight-through)
@@ -70,6 +72,7 @@ class SAEModule(L.LightningModule):
         activation: str = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         cascade: bool = False,
+        freeze_conv: bool = False,
         sparsity_coeff: float = 5.0,
         sparsity_warmup_steps: int = 0,
         separation: str = "scales",
@@ -111,6 +114,7 @@ class SAEModule(L.LightningModule):
             activation_kwargs=activation_kwargs,
             cascade=cascade,
         )
+        self.sae.conv_weight.requires_grad_(not freeze_conv)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.dead_tracker = DeadLatentTracker(d_sae)
         self.auxk_k = auxk_k if auxk_k is not None else max(1, d_in // 2)
@@ -214,7 +218,7 @@ class SAEModule(L.LightningModule):
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -31,15 +31,6 @@ from tests.test_train import tiny_args
 from train import cli_main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads fight over the shared CPU cores; one thread is ~8x faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------- coherence
 def test_coherence_of_orthonormal_rows_is_zero() -> None:
     c = decoder_coherence(torch.eye(8) * 3.0)  # row norms do not matter

@@ -29,15 +29,6 @@ GROUPS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Intra-op threads fight over the shared CPU cores; one thread is ~8x faster there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_forget_indices_and_split() -> None:
     idx = forget_feature_indices(torch.tensor([0, 0, 1, 1, 1]), [b"local", b"slow"], "slow", 2)
     assert idx.tolist() == [2, 3]

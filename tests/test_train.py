@@ -137,3 +137,10 @@ def test_resumed_schedule_uses_the_new_length() -> None:
     new.load_state_dict(state)
     assert new.total_steps == 1000 and new.last_epoch == 60
     assert new._factor(150) == 1.0  # the old run would be at lr 0 here
+
+
+def test_freeze_conv_keeps_the_identity(tmp_path: Path) -> None:
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "5", "--model.freeze_conv", "true")])
+    w = cli.model.sae.conv_weight
+    assert not w.requires_grad
+    assert torch.equal(w[:, :, -1], torch.ones_like(w[:, :, -1])) and not w[:, :, :-1].any()
