@@ -34,6 +34,7 @@ class RunSummary(L.Callback):
         }
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        width = max((len(k) for k in metrics), default=0)
         lines = [
             "",
             "run finished",
@@ -42,6 +43,6 @@ class RunSummary(L.Callback):
             f"  SAE:         {summary['exported_sae']}",
             f"  summary:     {out / 'summary.json'}",
             "  final validation metrics:",
-            *[f"    {k:<28} {v:.4f}" for k, v in metrics.items()],
+            *[f"    {k:<{width}} {v:.4f}" for k, v in metrics.items()],
         ]
         rank_zero_info("\n".join(lines))
