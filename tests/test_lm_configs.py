@@ -36,6 +36,7 @@ SIZES = {
     "num_workers",
     "log_every_n_steps",
     "every_n_train_steps",
+    "max_epochs",
     "warmup_steps",
     "sparsity_warmup_steps",
 }
