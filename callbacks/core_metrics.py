@@ -95,7 +95,14 @@ class CoreLMMetrics(EveryNValidations):
             self._model = shared_lm(source.model_name, source.revision, dtype, device, trust)
         return self._model
 
-    # ------------------------------------------------------------------ hook
+    # ------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # an unreachable model must fail now, not at the first validation hours into training
+        source = getattr(trainer.datamodule, "source", None)
+        if stage == "fit" and is_lm_source(source):
+            source.check()
+
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.count_validation(trainer):

@@ -182,7 +182,14 @@ class Unlearning(EveryNValidations):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._enabled or not self.at_train_end or self.last_step == trainer.global_step:
             return
-        summary = self._run(trainer, pl_module)
+        try:
+            summary = self._run(trainer, pl_module)
+        except Exception as e:  # training is over: report loudly, but let the SAE be exported
+            rank_zero_warn(
+                f"Unlearning: the evaluation at the end of training failed ({e!r}); the SAE is still "
+                "exported: rerun the evaluation with `mtsae eval unlearning` on the checkpoint"
+            )
+            return
         # logging through the module is not allowed here: write to the loggers and the callback metrics
         for logger in trainer.loggers:
             logger.log_metrics(summary, step=trainer.global_step)
@@ -191,10 +198,17 @@ class Unlearning(EveryNValidations):
     # ------------------------------------------------------------------ evaluation
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         summary: dict[str, float] | None = None
+        error: str | None = None
         if trainer.is_global_zero:
             # validation runs under inference mode; the exported SAE copy must be an ordinary tensor
-            with torch.inference_mode(False), torch.no_grad():
-                results = self._evaluate(trainer, pl_module)
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    results = self._evaluate(trainer, pl_module)
+            except Exception as e:
+                error = repr(e)
+                # the other ranks wait in the broadcast below: tell them before raising here
+                trainer.strategy.broadcast((None, error), src=0)
+                raise
             self.last_results = results
             self.last_path = save_results(
                 results, run_dir(trainer) / "unlearning" / f"step{trainer.global_step}.json"
@@ -204,7 +218,9 @@ class Unlearning(EveryNValidations):
                 f"unlearning score {summary['val/unlearning_score']:.4f} at step {trainer.global_step} "
                 f"(details: {self.last_path})"
             )
-        summary = trainer.strategy.broadcast(summary, src=0)
+        summary, error = trainer.strategy.broadcast((summary, error), src=0)
+        if error is not None:
+            raise RuntimeError(f"the unlearning evaluation failed on rank 0: {error}")
         self.last_step = trainer.global_step
         return summary
 

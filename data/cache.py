@@ -240,6 +240,8 @@ def _build_locked(
 
     def record(write: Future, i: int, split: str) -> None:
         entry = write.result()
+        if any(s["file"] == entry["file"] for s in manifest["shards"]):
+            return  # already recorded (an interrupt landed while the manifest was being written)
         entry["split"] = split
         manifest["shards"].append(entry)
         manifest["stats"] = _stats(manifest["shards"])

@@ -183,6 +183,11 @@ class ActivationDataModule(L.LightningDataModule):
             self.setup()
         rows = self.cache.rows(split)
         rank, world = self._world()
+        if len(rows) < world:  # a rank without rows would skip DDP's collectives and hang the others
+            raise ValueError(
+                f"{split}: {len(rows)} sequences for {world} devices; every device needs at least one "
+                f"(raise data.{'val_sequences' if split == 'val' else 'n_sequences'})"
+            )
         sampler = ShardedRowSampler(len(rows), shuffle, self.seed, rank, world, drop_last)
         if drop_last and len(sampler) < batch_size:
             raise ValueError(

@@ -77,7 +77,8 @@ class MTSAE(nn.Module):
         # itself), k = KERNEL_SIZE-2 is offset -r, ... Identity initialisation: tap at offset 0 = 1.
         conv = torch.zeros(len(dilations), d_in, KERNEL_SIZE)
         conv[:, :, -1] = 1.0
-        self.conv_weight = nn.Parameter(conv)
+        # a per-token SAE has no conv branch: an empty, frozen parameter (an unused trainable one breaks DDP)
+        self.conv_weight = nn.Parameter(conv, requires_grad=bool(dilations))
 
         W_dec = torch.randn(d_sae, d_in)
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)

@@ -114,7 +114,7 @@ class SAEModule(L.LightningModule):
             activation_kwargs=activation_kwargs,
             cascade=cascade,
         )
-        self.sae.conv_weight.requires_grad_(not freeze_conv)
+        self.sae.conv_weight.requires_grad_(bool(self.sae.dilations) and not freeze_conv)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.dead_tracker = DeadLatentTracker(d_sae)
         self.auxk_k = auxk_k if auxk_k is not None else max(1, d_in // 2)

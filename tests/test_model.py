@@ -156,3 +156,13 @@ def test_fold_input_scale_gives_an_sae_on_raw_activations(dilations: list[int]) 
     torch.testing.assert_close(out.x_hat, scaled.x_hat / c, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out.f, scaled.f / c, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(raw.W_dec.norm(dim=1), torch.ones(64))
+
+
+@pytest.mark.parametrize("dilations", [[], [1, 2]])
+def test_every_trainable_parameter_gets_a_gradient(dilations: list[int]) -> None:
+    """DDP (find_unused_parameters=False) fails on a trainable parameter that never gets a gradient."""
+    sae = tiny_sae(dilations)
+    out = sae(torch.randn(2, 8, 32))
+    ((out.x_hat - 1).pow(2).sum() + out.f.sum()).backward()
+    missing = [n for n, p in sae.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
