@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -28,7 +30,7 @@ from data.cache import (
 )
 from data.sources import ActivationSource
 
-__all__ = ["ActivationDataModule", "RowDataset", "ShardedRowSampler"]
+__all__ = ["ActivationDataModule", "ResumableDataLoader", "RowDataset", "ShardedRowSampler"]
 
 
 class RowDataset(Dataset):
@@ -69,9 +71,14 @@ class ShardedRowSampler(DistributedSampler):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self.epoch = 0
+        self._skip = 0  # indices to skip once, at the next iteration (a mid-epoch resume)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_once(self, n: int) -> None:
+        """Start the next iteration ``n`` indices into this epoch's order (then go back to normal)."""
+        self._skip = n
 
     def _indices(self) -> np.ndarray:
         if self.shuffle:
@@ -83,12 +90,35 @@ class ShardedRowSampler(DistributedSampler):
         return idx[self.rank :: self.world_size]
 
     def __iter__(self):
-        return iter(self._indices().tolist())
+        skip, self._skip = self._skip, 0
+        return iter(self._indices()[skip:].tolist())
 
     def __len__(self) -> int:
         if self.drop_last:
             return self.n // self.world_size
         return len(range(self.rank, self.n, self.world_size))
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position inside an epoch is saved in checkpoints.
+
+    Lightning stores ``state_dict()`` with every checkpoint and hands it back to ``load_state_dict()``
+    before iterating again, so a run resumed mid-epoch continues with the rows the interrupted run had
+    not yet trained on, in the same order, instead of starting the epoch over. ``batches_done`` returns
+    the number of batches of the current epoch already trained on (Lightning's own count, which does
+    not include batches prefetched but not yet used).
+    """
+
+    def __init__(self, *args: Any, batches_done: Callable[[], int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.set_epoch(state["epoch"])
+        self.sampler.skip_once(state["batches_done"] * self.batch_size)
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -194,7 +224,10 @@ class ActivationDataModule(L.LightningDataModule):
                 f"{split}: {len(sampler)} sequences per device is less than one batch of {batch_size}; "
                 "cache more sequences or lower data.batch_size"
             )
-        return DataLoader(
+        loader_cls, extra = DataLoader, {}
+        if split == "train":
+            loader_cls, extra = ResumableDataLoader, {"batches_done": self._train_batches_done}
+        return loader_cls(
             RowDataset(self.cache, rows),
             sampler=sampler,
             batch_size=batch_size,
@@ -203,7 +236,13 @@ class ActivationDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **extra,
         )
+
+    def _train_batches_done(self) -> int:
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True, batch_size=self.batch_size, drop_last=True)

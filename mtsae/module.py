@@ -222,9 +222,15 @@ class SAEModule(L.LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupDecayLR) and scheduler.total_steps is None:
-            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # the schedule's length is known once the data is set up. Not in configure_optimizers: asking
+        # for estimated_stepping_batches there builds the train loader before a checkpoint's loop state
+        # is restored, which would lose the loader's mid-epoch position on resume.
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, WarmupDecayLR) and config.scheduler.total_steps is None:
+                config.scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
 
     # ------------------------------------------------------------------ export
     def export_sae(self) -> MTSAE:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -78,6 +79,8 @@ def test_training_lowers_val_fvu(tmp_path: Path) -> None:
     (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = cli.trainer.callback_metrics
+    schedule = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.total_steps == cli.trainer.global_step == 3 * 32  # filled in from the data
     assert after["val/fvu"] < 0.5 * before["val/fvu"], (before["val/fvu"], after["val/fvu"])
     assert 0 < after["val/l0"] < 64
     for key in ("val/mmcs", "val/recovered", "val/recovered/local", "val/mmcs/slow", "val/dead_fraction"):
@@ -144,3 +147,51 @@ def test_freeze_conv_keeps_the_identity(tmp_path: Path) -> None:
     w = cli.model.sae.conv_weight
     assert not w.requires_grad
     assert torch.equal(w[:, :, -1], torch.ones_like(w[:, :, -1])) and not w[:, :, :-1].any()
+
+
+def _fingerprints(path: Path) -> dict[int, float]:
+    return {step: fp for step, fp in (json.loads(line) for line in path.read_text().splitlines())}
+
+
+def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None:
+    """Interrupted mid-epoch and resumed, training sees exactly the batches of an uninterrupted run."""
+    probe = "--trainer.callbacks+=tests.batch_probe.BatchProbe"
+    every = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
+    full = tmp_path / "full.jsonl"
+    cli_main(
+        [
+            "fit",
+            *tiny_args(
+                tmp_path / "a", "--trainer.max_steps", "40", probe, "--trainer.callbacks.path", str(full)
+            ),
+        ]
+    )
+
+    part = tmp_path / "part.jsonl"
+    ckpt_dir = tmp_path / "ckpt"
+    first = [
+        "--trainer.max_steps",
+        "11",  # 32 batches per epoch: stops mid-epoch, off the validation points
+        probe,
+        "--trainer.callbacks.path",
+        str(part),
+        every,
+        "--trainer.callbacks.dirpath",
+        str(ckpt_dir),
+        "--trainer.callbacks.every_n_train_steps",
+        "11",
+        "--trainer.callbacks.filename",
+        "mid",
+    ]
+    cli_main(["fit", *tiny_args(tmp_path / "b", *first)])
+    second = [
+        "--trainer.max_steps",
+        "40",
+        probe,
+        "--trainer.callbacks.path",
+        str(part),
+        "--ckpt_path",
+        str(ckpt_dir / "mid.ckpt"),
+    ]
+    cli_main(["fit", *tiny_args(tmp_path / "b", *second)])
+    assert _fingerprints(part) == _fingerprints(full)
