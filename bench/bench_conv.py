@@ -10,18 +10,8 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
-from mtsae.model import KERNEL_SIZE, MTSAE
-
-
-def conv1d_reference(sae: MTSAE, u_BTD: torch.Tensor) -> torch.Tensor:
-    u_BDT = u_BTD.transpose(1, 2)
-    outs = []
-    for s, r in enumerate(sae.dilations):
-        padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))
-        outs.append(F.conv1d(padded, sae.conv_weight[s].unsqueeze(1), dilation=r, groups=sae.d_in))
-    return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)
+from mtsae.model import MTSAE, conv1d_scale_branches
 
 
 def main() -> None:
@@ -37,7 +27,7 @@ def main() -> None:
     with torch.no_grad():
         sae.conv_weight.normal_()
     u = torch.randn(a.batch, a.ctx, a.d_in, device=a.device, requires_grad=True)
-    impls = {"shift (model)": sae.scale_branches, "F.conv1d": lambda t: conv1d_reference(sae, t)}
+    impls = {"shift (model)": sae.scale_branches, "F.conv1d": lambda t: conv1d_scale_branches(sae, t)}
     assert torch.allclose(impls["shift (model)"](u), impls["F.conv1d"](u), atol=1e-5)
     times = {k: [] for k in impls}
     for _ in range(3):  # warm-up

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from mtsae.activations import Activation, make_activation
 
-__all__ = ["MTSAE", "ForwardOutput", "KERNEL_SIZE"]
+__all__ = ["MTSAE", "ForwardOutput", "KERNEL_SIZE", "conv1d_scale_branches"]
 
 KERNEL_SIZE = 3
 
@@ -200,3 +200,18 @@ class MTSAE(nn.Module):
             "activation_kwargs": dict(self.activation_kwargs),
             "cascade": self.cascade,
         }
+
+
+def conv1d_scale_branches(sae: MTSAE, u_BTD: Tensor) -> Tensor:
+    """Reference for :meth:`MTSAE.scale_branches` (side-by-side branches) written with ``F.conv1d``.
+
+    Used by the tests and ``bench/bench_conv.py`` to check and time the shifted multiply-adds.
+    """
+    if sae.cascade:
+        raise ValueError("the conv1d reference covers side-by-side branches only (cascade=False)")
+    u_BDT = u_BTD.transpose(1, 2)
+    outs = []
+    for s, r in enumerate(sae.dilations):
+        padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))  # left padding only: causal
+        outs.append(F.conv1d(padded, sae.conv_weight[s].unsqueeze(1), dilation=r, groups=sae.d_in))
+    return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)  # [B, T, S, d_in]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from mtsae.tiny_lm import build_tiny_lm
 
-__all__ = ["tiny_lm_dir", "offline_hub", "one_thread"]
+__all__ = ["tiny_lm_dir", "offline_hub"]
 
 _BUILT: dict[tuple[int, str], Path] = {}
 
@@ -34,14 +32,3 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-
-
-def one_thread() -> Iterator[None]:
-    """Generator for a fixture: run torch on one thread (tiny matmuls on a shared 2-core machine are
-    several times faster without thread contention), then restore the previous setting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

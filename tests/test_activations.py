@@ -14,11 +14,6 @@ from mtsae.model import MTSAE
 D_IN, D_SAE, K = 16, 32, 4
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
-
-
 def _valid(B: int = 3, T: int = 5) -> torch.Tensor:
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[:, 0] = False  # BOS

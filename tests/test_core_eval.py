@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,9 @@ from mtsae.core_eval import (
     load_causal_lm,
 )
 from mtsae.model import MTSAE
-from tests.lm_helpers import offline_hub, one_thread, tiny_lm_dir
+from tests.lm_helpers import offline_hub, tiny_lm_dir
 
 D = 64  # residual width of the tiny LM
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,16 +10,11 @@ import torch
 import yaml
 
 import mtsae_cli
-from tests.lm_helpers import offline_hub, one_thread
+from tests.lm_helpers import offline_hub
 from tests.test_unlearning_eval import build_mcq_lm, write_unlearning_files
 from train import cli_main
 
 TINY_GRID = {"retain_thresholds": [0.01, 1.0], "n_features": [2, 4], "multipliers": [10.0, 100.0]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    yield from one_thread()
 
 
 def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:

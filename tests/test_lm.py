@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,19 +10,9 @@ from torch import nn
 
 from mtsae.lm import capture_resid_post, decoder_layers, lm_hidden_size, n_layers, splice_resid_post
 from mtsae.tiny_lm import build_tiny_lm, main
-from tests.lm_helpers import one_thread, tiny_lm_dir
+from tests.lm_helpers import tiny_lm_dir
 
 ARCHS = ["gemma2", "llama", "gpt2", "gpt_neox"]
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    yield from one_thread()
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from data.cache import ActivationCache, from_storage
-from tests.lm_helpers import offline_hub, one_thread, tiny_lm_dir
+from tests.lm_helpers import offline_hub, tiny_lm_dir
 from train import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,11 +41,6 @@ SIZES = {
 }
 DEVICES = {"accelerator", "devices", "strategy", "precision", "model_dtype"}
 MAY_DIFFER = NAMES | SIZES | DEVICES
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    yield from one_thread()
 
 
 def config_differences(a: object, b: object, path: tuple = ()) -> list[str]:

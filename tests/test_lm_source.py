@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import pickle
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,9 @@ import torch
 
 from data.lm_source import LMSource, SourceUnavailableError, pack_documents
 from mtsae.lm import capture_resid_post
-from tests.lm_helpers import offline_hub, one_thread, tiny_lm_dir
+from tests.lm_helpers import offline_hub, tiny_lm_dir
 
 BOS, EOS = 1, 2
-
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    yield from one_thread()
 
 
 @pytest.fixture(scope="module")

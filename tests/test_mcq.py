@@ -27,12 +27,6 @@ from mtsae.mcq import (
     subject_of,
 )
 
-
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
 # Gemma's chat template, reduced to what a user turn needs (same output as the real one)
 GEMMA_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + message['role'] + '\n' "

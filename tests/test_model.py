@@ -6,9 +6,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mtsae.model import KERNEL_SIZE, MTSAE
+from mtsae.model import MTSAE, conv1d_scale_branches
 from tests.conftest import tiny_sae
 
 
@@ -20,19 +19,10 @@ def _randomise(sae: MTSAE) -> MTSAE:
     return sae
 
 
-def conv1d_reference(sae: MTSAE, u_BTD: torch.Tensor) -> torch.Tensor:
-    u_BDT = u_BTD.transpose(1, 2)
-    outs = []
-    for s, r in enumerate(sae.dilations):
-        padded = F.pad(u_BDT, ((KERNEL_SIZE - 1) * r, 0))
-        outs.append(F.conv1d(padded, sae.conv_weight[s].unsqueeze(1), dilation=r, groups=sae.d_in))
-    return torch.stack(outs, dim=-1).permute(0, 2, 3, 1)
-
-
 def test_branches_equal_causal_depthwise_conv1d() -> None:
     sae = _randomise(tiny_sae())
     u = torch.randn(3, 40, 32)
-    torch.testing.assert_close(sae.scale_branches(u), conv1d_reference(sae, u), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sae.scale_branches(u), conv1d_scale_branches(sae, u), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cascade", [False, True])

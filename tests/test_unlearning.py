@@ -29,11 +29,6 @@ from mtsae.unlearning import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _seed() -> None:
-    torch.manual_seed(0)
-
-
 # ---------------------------------------------------------------------------------------------- sparsity
 def test_feature_sparsity_hand_worked() -> None:
     f = torch.tensor([[[1.0, 0.0, 2.0], [5.0, 5.0, 5.0], [0.0, 0.0, 0.3]]])  # [1, 3, 3]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,15 +24,10 @@ from mtsae.unlearning_eval import (
     save_results,
     summary_markdown,
 )
-from tests.lm_helpers import offline_hub, one_thread
+from tests.lm_helpers import offline_hub
 
 MMLU = ("high_school_us_history", "college_computer_science", "high_school_geography", "human_aging")
 BIO_WORDS = ("cell", "virus", "protein", "gene", "enzyme")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    yield from one_thread()
 
 
 # ---------------------------------------------------------------------------------------- helpers
