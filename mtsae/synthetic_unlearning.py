@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtsae.unlearning import SparsityAccumulator, clamp_intervention, select_features
+from mtsae.unlearning import SparsityAccumulator, check_grid, clamp_intervention, select_features
 
 __all__ = [
     "SyntheticGrid",
@@ -71,14 +71,7 @@ class SyntheticGrid:
     """clamp value is ``-multiplier`` (raw activation units)"""
 
     def __post_init__(self) -> None:
-        if not self.retain_thresholds or not self.n_features or not self.multipliers:
-            raise ValueError("retain_thresholds, n_features and multipliers must be non-empty")
-        if any(not 0 < t <= 1 for t in self.retain_thresholds):
-            raise ValueError(f"retain_thresholds must lie in (0, 1], got {self.retain_thresholds}")
-        if any(int(n) != n or n <= 0 for n in self.n_features):
-            raise ValueError(f"n_features must be positive integers, got {self.n_features}")
-        if any(m < 0 for m in self.multipliers):
-            raise ValueError(f"multipliers must be >= 0 (the clamp value is -m), got {self.multipliers}")
+        check_grid(self.retain_thresholds, self.n_features, self.multipliers, allow_zero_multiplier=True)
 
     def points(self) -> list[tuple[float, int, float]]:
         """``(retain_threshold, n_features, multiplier)`` in SAEBench's order."""

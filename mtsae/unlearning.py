@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from mtsae.lm import splice_resid_post
 
 __all__ = [
+    "check_grid",
     "feature_sparsity",
     "SparsityAccumulator",
     "select_features",
@@ -251,6 +252,25 @@ class GridPoint(NamedTuple):
     multiplier: float
 
 
+def check_grid(
+    retain_thresholds: Sequence[float],
+    n_features: Sequence[int],
+    multipliers: Sequence[float],
+    allow_zero_multiplier: bool = False,
+) -> None:
+    """Validate the axes of an unlearning grid (shared by the LM and the synthetic evaluations)."""
+    if not retain_thresholds or not n_features or not multipliers:
+        raise ValueError("retain_thresholds, n_features and multipliers must be non-empty")
+    if any(not 0 < t <= 1 for t in retain_thresholds):
+        raise ValueError(f"retain_thresholds must lie in (0, 1], got {list(retain_thresholds)}")
+    if any(int(n) != n or n <= 0 for n in n_features):
+        raise ValueError(f"n_features must be positive integers, got {list(n_features)}")
+    if allow_zero_multiplier and any(m < 0 for m in multipliers):
+        raise ValueError(f"multipliers must be >= 0 (the clamp value is -m), got {list(multipliers)}")
+    if not allow_zero_multiplier and any(m <= 0 for m in multipliers):
+        raise ValueError(f"multipliers must be positive (the clamp value is -m), got {list(multipliers)}")
+
+
 @dataclass
 class GridConfig:
     """The unlearning sweep (SAEBench ``UnlearningEvalConfig`` defaults: 2 x 2 x 4 = 16 points)."""
@@ -265,14 +285,7 @@ class GridConfig:
     """a grid point counts only if its pooled MMLU accuracy is >= this"""
 
     def __post_init__(self) -> None:
-        if not self.retain_thresholds or not self.n_features or not self.multipliers:
-            raise ValueError("retain_thresholds, n_features and multipliers must be non-empty")
-        if any(not 0 < t <= 1 for t in self.retain_thresholds):
-            raise ValueError(f"retain_thresholds must lie in (0, 1], got {self.retain_thresholds}")
-        if any(int(n) != n or n <= 0 for n in self.n_features):
-            raise ValueError(f"n_features must be positive integers, got {self.n_features}")
-        if any(m <= 0 for m in self.multipliers):
-            raise ValueError(f"multipliers must be positive (the clamp value is -m), got {self.multipliers}")
+        check_grid(self.retain_thresholds, self.n_features, self.multipliers)
         if not 0 <= self.min_mmlu_accuracy <= 1:
             raise ValueError(f"min_mmlu_accuracy must lie in [0, 1], got {self.min_mmlu_accuracy}")
 

@@ -8,7 +8,7 @@ import pytest
 
 from mtsae.tiny_lm import build_tiny_lm
 
-__all__ = ["tiny_lm_dir", "offline_hub"]
+__all__ = ["tiny_lm_dir", "offline_hub", "tiny_lm_args"]
 
 _BUILT: dict[tuple[int, str], Path] = {}
 
@@ -32,3 +32,21 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def tiny_lm_args(lm: Path, cache_dir: Path, runs: Path, steps: int) -> list[str]:
+    """``configs/tiny_lm.yaml`` pointed at the tiny LM in ``lm``, with caches and logs under tmp folders."""
+    return [
+        "--config", str(Path(__file__).resolve().parents[1] / "configs/tiny_lm.yaml"),
+        "--data.source.init_args.model_name", str(lm),
+        "--data.source.init_args.dataset", str(lm / "corpus.jsonl"),
+        "--data.source.init_args.progress", "false",
+        "--data.progress", "false",
+        "--data.num_workers", "0",
+        "--data.cache_dir", str(cache_dir),
+        "--trainer.default_root_dir", str(runs),
+        "--trainer.logger.init_args.save_dir", str(runs),
+        "--trainer.max_steps", str(steps),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip

@@ -137,3 +137,20 @@ def test_unreachable_model_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
         load_causal_lm(str(tmp_path / "no" / "model"))
     with pytest.raises(LMUnavailableError, match="huggingface-cli download google/gemma-2-2b"):
         load_causal_lm("google/gemma-2-2b")
+
+
+def test_callback_checks_the_lm_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unreachable model fails at setup, not at the first validation hours into training."""
+    from types import SimpleNamespace
+
+    from callbacks.core_metrics import CoreLMMetrics
+    from data.lm_source import LMSource
+
+    offline_hub(monkeypatch)
+    (tmp_path / "corpus.jsonl").write_text('{"text": "hello"}\n')
+    source = LMSource(
+        model_name=str(tmp_path / "no-such-model"), layer=0, dataset=str(tmp_path / "corpus.jsonl")
+    )
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(source=source))
+    with pytest.raises(Exception, match="no-such-model"):
+        CoreLMMetrics().setup(trainer, None, "fit")

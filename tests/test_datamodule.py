@@ -66,3 +66,11 @@ def test_workers_read_the_same_rows(tmp_path: Path) -> None:
     a = torch.cat([b["acts"] for b in dm0.train_dataloader()])
     b = torch.cat([b["acts"] for b in dm2.train_dataloader()])
     assert torch.equal(a, b)
+
+
+def test_every_device_needs_a_validation_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dm = _dm(tmp_path)  # 6 validation rows
+    dm.prepare_data()
+    monkeypatch.setattr(dm, "_world", lambda: (0, 8))
+    with pytest.raises(ValueError, match="6 sequences for 8 devices"):
+        dm.val_dataloader()

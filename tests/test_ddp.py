@@ -22,7 +22,7 @@ import pytest
 
 from data.cache import ActivationCache
 from tests.ddp_probe import row_hashes
-from tests.lm_helpers import tiny_lm_dir
+from tests.lm_helpers import tiny_lm_args, tiny_lm_dir
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -39,37 +39,14 @@ def test_ddp_on_cpu_builds_once_reads_disjoint_rows_and_syncs_params(
         sys.executable,
         str(REPO / "train.py"),
         "fit",
-        "--config",
-        str(REPO / "configs/tiny_lm.yaml"),
+        *tiny_lm_args(lm, cache_dir, runs, steps),
         "--trainer.strategy",
         "ddp",
         "--trainer.devices",
         str(WORLD),
         "--trainer.accelerator",
         "cpu",
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
         f"--trainer.callbacks+={probe}",
-        "--data.source.init_args.model_name",
-        str(lm),
-        "--data.source.init_args.dataset",
-        str(lm / "corpus.jsonl"),
-        "--data.source.init_args.progress",
-        "false",
-        "--data.progress",
-        "false",
-        "--data.num_workers",
-        "0",
-        "--data.cache_dir",
-        str(cache_dir),
-        "--trainer.default_root_dir",
-        str(runs),
-        "--trainer.logger.init_args.save_dir",
-        str(runs),
     ]
     env = {
         **os.environ,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from data.cache import ActivationCache, from_storage
-from tests.lm_helpers import offline_hub, tiny_lm_dir
+from tests.lm_helpers import offline_hub, tiny_lm_args, tiny_lm_dir
 from train import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,35 +165,7 @@ def test_tiny_lm_config_builds_cache_and_trains(
     monkeypatch.chdir(tmp_path)  # relative paths of the config (checkpoint dirpath) land in tmp_path
     lm = tiny_lm_dir(tmp_path_factory)
     steps = 6
-    cli = cli_main(
-        [
-            "fit",
-            "--config",
-            str(TINY),
-            "--data.source.init_args.model_name",
-            str(lm),
-            "--data.source.init_args.dataset",
-            str(lm / "corpus.jsonl"),
-            "--data.source.init_args.progress",
-            "false",
-            "--data.progress",
-            "false",
-            "--data.num_workers",
-            "0",
-            "--data.cache_dir",
-            str(tmp_path / "cache"),
-            "--trainer.default_root_dir",
-            str(tmp_path / "runs"),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
-            "--trainer.max_steps",
-            str(steps),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-        ]
-    )
+    cli = cli_main(["fit", *tiny_lm_args(lm, tmp_path / "cache", tmp_path / "runs", steps)])
     tiny = load(TINY)
     hidden = json.loads((lm / "config.json").read_text())["hidden_size"]
 
