@@ -15,7 +15,9 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ __all__ = [
     "to_storage",
     "from_storage",
     "CacheMismatchError",
+    "CacheReadError",
+    "read_context",
 ]
 
 log = logging.getLogger(__name__)
@@ -46,6 +50,39 @@ _SPLITS = ("train", "val")
 
 class CacheMismatchError(ValueError):
     """The cache on disk was built for another configuration."""
+
+
+class CacheReadError(OSError):
+    """A shard could not be read; the message names the file, the dataset and the rows."""
+
+
+def _row_range(rows: np.ndarray | slice | tuple[int, int]) -> str:
+    if isinstance(rows, slice):
+        return f"{rows.start}..{rows.stop - 1}"
+    if isinstance(rows, tuple):
+        return f"{rows[0]}..{rows[1] - 1}"
+    rows = np.asarray(rows)
+    return f"{rows.min()}..{rows.max()}" if rows.size else "(none)"
+
+
+@contextmanager
+def read_context(
+    path: str | os.PathLike, dataset: str, rows: np.ndarray | slice | tuple[int, int]
+) -> Iterator[None]:
+    """Turn an h5py read failure into a :class:`CacheReadError` naming file, dataset and local rows.
+
+    Every read of a shard goes through this, so a checksum failure or a truncated file says where it is.
+    """
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, CacheReadError):
+            raise
+        raise CacheReadError(
+            f"cannot read {Path(path)}: dataset {dataset!r}, rows {_row_range(rows)} (shard-local): {err}. "
+            f"The shard is corrupted or truncated; `mtsae cache verify {Path(path).parent} --repair` "
+            f"deletes bad shards so that the next build regenerates them"
+        ) from err
 
 
 def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
@@ -354,10 +391,13 @@ class ActivationCache:
         for i in np.unique(shard_of):
             local = sorted_rows[shard_of == i] - self._shard_start[i]
             uniq, inverse = np.unique(local, return_inverse=True)  # h5py needs increasing indices
-            h5 = self._file(int(i))
-            torch_dtype = h5["acts"].attrs["torch_dtype"]
+            path = self.root / self.manifest["shards"][int(i)]["file"]
+            with read_context(path, "(file)", uniq):
+                h5 = self._file(int(i))
+                torch_dtype = h5["acts"].attrs["torch_dtype"]
             for k in parts:
-                parts[k].append(h5[k][uniq][inverse])
+                with read_context(path, k, uniq):
+                    parts[k].append(h5[k][uniq][inverse])
         back = np.argsort(order, kind="stable")
         acts = np.concatenate(parts["acts"])[back]
         return {
