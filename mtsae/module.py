@@ -48,6 +48,8 @@ class SAEModule(L.LightningModule):
             encoder parameterisation without temporal context).
         cascade: stack the conv branches (receptive field ``1 + 2·sum(dilations)``) instead of running
             them side by side on the input (``1 + 2·max(dilations)``); see :class:`mtsae.MTSAE`.
+        encoder: ``concat`` (the branches side by side before ``W_enc``) or ``mix`` (their mean, one
+            causal kernel, before a ``d_in x d_sae`` ``W_enc``: a step costs about a per-token SAE's).
         sparsity_coeff: weight of the sparsity penalty: L1 of the codes for ``relu``, the (straight-through)
             L0 for ``jumprelu``; unused by ``topk`` / ``batchtopk``, whose sparsity is fixed by ``k``.
         sparsity_warmup_steps: steps of linear warm-up of ``sparsity_coeff`` from 0.
@@ -72,6 +74,7 @@ class SAEModule(L.LightningModule):
         activation: str = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         cascade: bool = False,
+        encoder: str = "concat",
         freeze_conv: bool = False,
         sparsity_coeff: float = 5.0,
         sparsity_warmup_steps: int = 0,
@@ -113,6 +116,7 @@ class SAEModule(L.LightningModule):
             activation=activation,
             activation_kwargs=activation_kwargs,
             cascade=cascade,
+            encoder=encoder,
         )
         self.sae.conv_weight.requires_grad_(bool(self.sae.dilations) and not freeze_conv)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
