@@ -30,6 +30,7 @@ import torch
 
 from data.sources import ActivationSource, SourceChunk
 from mtsae.lm import capture_resid_post, decoder_layers, hf_dtype_kwargs, lm_hidden_size, n_layers
+from mtsae.progress import progress_bar
 
 __all__ = ["LMSource", "SourceUnavailableError", "pack_documents", "MODEL_DTYPES", "LOCAL_DATA_BUILDERS"]
 
@@ -429,8 +430,6 @@ class LMSource(ActivationSource):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if start == stop:
             return
-        from tqdm.auto import tqdm
-
         model = self._load_model()
         device = next(model.parameters()).device
         special = torch.tensor([t for t in self.special_ids if t is not None], dtype=torch.int32)
@@ -443,7 +442,7 @@ class LMSource(ActivationSource):
             raise self._exhausted(stop)
 
         T = self.ctx_len
-        bar = tqdm(
+        bar = progress_bar(
             total=(stop - start) * T,
             unit="tok",
             unit_scale=True,
