@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from data import ActivationDataModule
 from mtsae import SAEModule
 
 __all__ = ["ConfigError", "MTSAECLI", "cli_main", "main"]
+
+
+#: what to add to a GPU config (configs/gemma_l19.yaml) to run it on a machine without a GPU
+CPU_OVERRIDES = (
+    "--trainer.accelerator cpu --trainer.devices 1 --trainer.strategy auto --trainer.precision 32-true"
+)
+CPU_OVERRIDES_HINT = f"to run this config on the CPU (slowly), add: {CPU_OVERRIDES}"
 
 
 class ConfigError(ValueError):
@@ -31,7 +39,11 @@ class MTSAECLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as err:  # raised by a class's own argument checks
+        except MisconfigurationException as err:
+            if "gpu" in str(err).lower() and not torch.cuda.is_available():
+                raise ConfigError(f"{err} This machine has no GPU; {CPU_OVERRIDES_HINT}") from err
+            raise ConfigError(str(err)) from err
+        except ValueError as err:  # raised by a class's own argument checks
             raise ConfigError(str(err)) from err
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 from tqdm.std import tqdm
 
-__all__ = ["progress_bar", "LineStream"]
+__all__ = ["progress_bar", "LineStream", "no_library_bars"]
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 _open_bars = 0
@@ -91,3 +93,19 @@ def progress_bar(
         maxinterval=log_interval,
         **common,
     )
+
+
+@contextmanager
+def no_library_bars() -> Iterator[None]:
+    """Silence ``transformers``' own bars (loading weights) when stderr is not a terminal or a bar is open."""
+    from transformers.utils import logging as hf_logging
+
+    quiet = _open_bars > 0 or not getattr(sys.stderr, "isatty", lambda: False)()
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if quiet and was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and was_enabled:
+            hf_logging.enable_progress_bar()
