@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -13,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import mtsae_cli
 import train
 from callbacks.checkpoint import CheckpointFolderInUseError
 from tests.test_train import tiny_args
@@ -71,15 +74,49 @@ def test_disk_full_exits_with_status_1_and_a_message(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_last_checkpoint_is_the_final_step(tmp_path: Path) -> None:
+def test_last_checkpoint_is_the_final_step_and_eval_names_it(tmp_path: Path, capsys) -> None:
     # validation (and so the monitored checkpoint) at steps 16 and 32 only; the run ends at step 40
-    cli = cli_main(
-        ["fit", *tiny_args(tmp_path, "--trainer.max_steps", "40", "--trainer.val_check_interval", "16")]
-    )
+    args = tiny_args(tmp_path, "--trainer.max_steps", "40", "--trainer.val_check_interval", "16")
+    cli = cli_main(["fit", *args])
     ckpt = cli.trainer.checkpoint_callback
     assert Path(ckpt.last_model_path).name == "last.ckpt"
     assert _step(ckpt.last_model_path) == 40 == cli.trainer.global_step
     assert _step(ckpt.best_model_path) in (16, 32)
+    summary = json.loads((Path(cli.trainer.log_dir) / "summary.json").read_text())
+    assert summary["checkpoint"] == ckpt.last_model_path and summary["checkpoint_step"] == 40
+
+    out = tmp_path / "eval"
+    argv = ["eval", "core", "--no-lm", "--no-progress", "--ckpt", ckpt.last_model_path]
+    config = str(Path(cli.trainer.log_dir) / "config.yaml")
+    assert mtsae_cli.main([*argv, "--config", config, "--out", str(out)]) == 0
+    assert f"(checkpoint {ckpt.last_model_path} at step 40)" in capsys.readouterr().out
+    assert f"- checkpoint: `{ckpt.last_model_path}` (step 40)" in (out / "summary.md").read_text()
+
+
+def test_checkpoint_loads_never_run_pickled_code(tmp_path: Path, monkeypatch) -> None:
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "2")])
+    state = torch.load(cli.trainer.checkpoint_callback.last_model_path, map_location="cpu", weights_only=True)
+    planted = tmp_path / "planted.ckpt"
+    state["payload"] = _Payload(tmp_path / "ran")
+    torch.save(state, planted)
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # would make an unspecified load unsafe
+    from evaluate import load_module
+    from mtsae.export import load_sae_from_checkpoint
+
+    for load in (load_module, load_sae_from_checkpoint):
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            load(str(planted))
+    assert not (tmp_path / "ran").exists()
+
+
+class _Payload:
+    """Pickles to a call that creates a file: proof that unpickling ran code."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
 
 
 def test_ckpt_path_last_resumes_from_the_newest_version_folder(tmp_path: Path) -> None:
