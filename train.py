@@ -9,6 +9,7 @@ exit status 1; SIGTERM saves ``last.ckpt`` and ends with exit status 143 (resume
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from lightning.pytorch.cli import LightningCLI
@@ -45,6 +46,14 @@ class MTSAECLI(LightningCLI):
             raise ConfigError(str(err)) from err
         except ValueError as err:  # raised by a class's own argument checks
             raise ConfigError(str(err)) from err
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None and kwargs.get("weights_only") is None:
+            kwargs["weights_only"] = (
+                True  # a resumed checkpoint is data, never code (--weights_only false opts out)
+            )
+        return kwargs
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MTSAECLI:
