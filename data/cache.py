@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -190,11 +191,17 @@ def static_ground_truth_sha256(arrays: dict[str, np.ndarray]) -> str:
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError(
+            err.errno, f"cannot write {path}: {err.strerror or err}. Free space on that disk and run again"
+        ) from None
 
 
 def _shard_name(i: int) -> str:
@@ -217,22 +224,26 @@ def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: 
     x = from_storage(stored, dtype).float()[valid]  # [n_valid, d]
     tmp = path.with_name(path.name + ".tmp")
     gt_rows = {k: np.concatenate([c.ground_truth[k] for c in chunks]) for k in chunks[0].ground_truth}
+    # HDF5 writes the shard into memory; Python writes the bytes to disk. A full disk then raises an
+    # ordinary OSError here, instead of failing inside HDF5's own writes, where h5py can only report it
+    # while deallocating objects and the process later crashes (segmentation fault)
+    image = io.BytesIO()
+    _write_h5(image, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype)
+    data = image.getbuffer()
     try:
-        _write_h5(tmp, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype)
-        with open(tmp, "rb") as fh:  # on disk before the rename makes it a finished shard
-            os.fsync(fh.fileno())
-        digest = file_sha256(tmp)
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename makes it a finished shard
         os.replace(tmp, path)
     except OSError as err:
-        # the message is built here and raised outside the handler, so no h5py object stays
-        # referenced by a traceback (h5py's teardown of such objects after an OSError can crash)
         reason = f"{os.strerror(err.errno)} (errno {err.errno})" if err.errno else str(err)
         code = err.errno
     else:
         return {
             "file": path.name,
             "n_sequences": n,
-            "sha256": digest,
+            "sha256": hashlib.sha256(data).hexdigest(),
             "n_valid_tokens": int(x.shape[0]),
             "sum_sq_norm": float(x.pow(2).sum(dtype=torch.float64)),
             "sum": x.sum(0, dtype=torch.float64).tolist(),
@@ -246,7 +257,7 @@ def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: 
 
 
 def _write_h5(
-    tmp: Path,
+    target: io.BytesIO,
     stored: np.ndarray,
     tokens: np.ndarray,
     valid: np.ndarray,
@@ -255,7 +266,7 @@ def _write_h5(
     dtype: str,
 ) -> None:
     n, T, d = stored.shape
-    h5 = h5py.File(tmp, "w", track_order=False)
+    h5 = h5py.File(target, "w", track_order=False)
     try:
         ds = h5.create_dataset("acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False)
         ds.attrs["torch_dtype"] = dtype

@@ -171,24 +171,40 @@ def test_verify_reports_a_duplicate_listing_and_repairs_it(tmp_path: Path) -> No
 
 
 def test_disk_full_names_the_shard_and_keeps_finished_ones(tmp_path: Path, monkeypatch) -> None:
-    real = h5py.Group.create_dataset
-    calls = {"n": 0}
+    import data.cache
 
-    def full_disk(self, name, *args, **kwargs):  # the second shard hits a full disk mid-write
-        calls["n"] += 1
-        if calls["n"] > 6 and name == "valid":
+    class FullDisk:
+        """A file that takes 1000 bytes, then fails as a full disk does."""
+
+        def __init__(self, path, mode):
+            self.fh = open(path, mode)
+
+        def write(self, data):
+            self.fh.write(bytes(data)[:1000])
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(self, name, *args, **kwargs)
 
-    monkeypatch.setattr(h5py.Group, "create_dataset", full_disk)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    def second_shard_fails(path, mode="r", *args, **kwargs):
+        if str(path).endswith("shard_00001.h5.tmp"):
+            return FullDisk(path, mode)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data.cache, "open", second_shard_fails, raising=False)
     with pytest.raises(
-        CacheWriteError, match=r"cannot write cache shard .*shard_0000[12]\.h5\.tmp: No space left"
+        CacheWriteError, match=r"cannot write cache shard .*shard_00001\.h5\.tmp: No space left on device"
     ):
         build_cache(tiny_source(), tmp_path, SPEC, source_batch_size=4, progress=False)
     (root,) = tmp_path.iterdir()
-    assert not list(root.glob("*.tmp"))
-    assert (root / "shard_00000.h5").exists()
-    monkeypatch.setattr(h5py.Group, "create_dataset", real)
+    assert not list(root.glob("*.tmp"))  # the partial file is removed (it frees the space it took)
+    assert [e["file"] for e in json.loads((root / "manifest.json").read_text())["shards"]] == [
+        "shard_00000.h5"
+    ]
+    monkeypatch.undo()
     build_cache(tiny_source(), tmp_path, SPEC, source_batch_size=4, progress=False)  # resumes
     assert verify_cache(root, progress=False) == []
     ActivationCache(root).close()

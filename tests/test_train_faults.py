@@ -53,15 +53,13 @@ def test_abbreviated_option_names_are_refused(tmp_path: Path, capsys) -> None:
 
 
 def test_disk_full_exits_with_status_1_and_a_message(tmp_path: Path) -> None:
-    args = tiny_args(tmp_path, "--trainer.max_steps", "2")
+    """A real write failure from the OS (a file-size limit below one shard), not a mocked one: HDF5 used
+    to report it while deallocating objects and the process then died with a segmentation fault."""
+    args = tiny_args(tmp_path, "--trainer.max_steps", "2")  # shards of 256 x 16 x 16 float32: > 256 KB
     script = (
-        "import errno, sys, h5py\n"
-        "real = h5py.Group.create_dataset\n"
-        "def full(self, name, *a, **k):\n"
-        "    if name == 'valid':\n"
-        "        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-        "    return real(self, name, *a, **k)\n"
-        "h5py.Group.create_dataset = full\n"
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # a write past the limit fails with EFBIG
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
         "import train\n"
         f"sys.exit(train.main(['fit', *{args!r}]))\n"
     )
@@ -69,8 +67,8 @@ def test_disk_full_exits_with_status_1_and_a_message(tmp_path: Path) -> None:
         [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "CacheWriteError: cannot write cache shard" in proc.stderr
-    assert "No space left on device (errno 28)" in proc.stderr and "Free space" in proc.stderr
+    assert "train.py: CacheWriteError: cannot write cache shard" in proc.stderr
+    assert "shard_00000.h5.tmp: File too large (errno 27)" in proc.stderr and "Free space" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
