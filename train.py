@@ -47,6 +47,21 @@ class MTSAECLI(LightningCLI):
         except ValueError as err:  # raised by a class's own argument checks
             raise ConfigError(str(err)) from err
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from callbacks.progress import LogProgressBar
+
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in configured
+        ):
+            callbacks = [
+                *callbacks,
+                LogProgressBar(),
+            ]  # readable in log files (SLURM), not only on a terminal
+        return super()._instantiate_trainer(config, callbacks)
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") is not None and kwargs.get("weights_only") is None:

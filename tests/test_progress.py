@@ -64,3 +64,19 @@ def test_lm_cache_build_shows_one_bar_without_cursor_codes(
     assert not CURSOR.search(err)
     bar_lines = [line for line in err.splitlines() if "/" in line and ("seq" in line or "tok" in line)]
     assert bar_lines and all(line.startswith("caching activations") for line in bar_lines)
+
+
+def test_training_bar_in_a_log_file_is_plain_lines_without_a_validation_bar(tmp_path: Path, capsys) -> None:
+    from callbacks.progress import LogProgressBar
+    from tests.test_train import tiny_args
+    from train import cli_main
+
+    args = tiny_args(tmp_path, "--trainer.max_steps", "40", "--trainer.enable_progress_bar", "true")
+    cli = cli_main(["fit", *args])  # stdout is captured: not a terminal
+    assert any(isinstance(cb, LogProgressBar) for cb in cli.trainer.callbacks)
+    out = capsys.readouterr().out
+    assert not CURSOR.search(out)
+    epochs = [line for line in out.splitlines() if line.startswith("Epoch ")]
+    assert epochs and epochs[-1].startswith("Epoch 1:")  # 32 batches per epoch, 40 steps
+    assert len(epochs) <= 8  # a line per interval and one at each epoch's end, not one per batch (40)
+    assert "Validation" not in out and "Sanity" not in out
