@@ -37,6 +37,9 @@ class ModelCheckpoint(LightningModelCheckpoint):
         kwargs: see ``lightning.pytorch.callbacks.ModelCheckpoint``.
     """
 
+    #: with several ranks, how often they agree on whether one of them received SIGTERM (a collective)
+    DDP_SIGTERM_CHECK_EVERY_N_STEPS = 10
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_step_saved: int | None = None
@@ -70,7 +73,14 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any, **kwargs: Any
     ) -> None:
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        if trainer.received_sigterm and self.save_last:
+        if not self.save_last:
+            return
+        stop = trainer.received_sigterm
+        if trainer.world_size > 1:  # every rank stops at the same step (saving is collective)
+            if trainer.global_step % self.DDP_SIGTERM_CHECK_EVERY_N_STEPS:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             self._save_last_now(trainer)
             rank_zero_info(f"SIGTERM: saved {self.last_model_path} at step {trainer.global_step}; stopping")
             raise SIGTERMException
