@@ -145,7 +145,8 @@ def test_verify_names_every_bad_shard_and_repair_rebuilds_exactly_those(tmp_path
     untouched = (root / "shard_00000.h5").stat().st_mtime_ns
     assert mtsae_cli.main(["cache", "verify", str(root), "--no-progress"]) == 1
     err = capsys.readouterr().err
-    assert f"bad shard {root / 'shard_00001.h5'}" in err and f"bad shard {root / 'shard_00002.h5'}" in err
+    assert f"bad shard {root / 'shard_00001.h5'}: dataset 'acts', rows 1..1:" in err  # the flipped chunk
+    assert f"bad shard {root / 'shard_00002.h5'}: cannot open or read:" in err  # truncated
     assert "shard_00000.h5" not in err and "--repair" in err
 
     assert mtsae_cli.main(["cache", "verify", str(root), "--repair", "--no-progress"]) == 0
