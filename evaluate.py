@@ -53,7 +53,10 @@ def load_module(ckpt: str) -> Any:
             f"checkpoint {str(path)!r} does not exist: pass --ckpt with a Lightning checkpoint of a training "
             "run (e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)"
         )
-    module = SAEModule.load_from_checkpoint(str(path), map_location="cpu")
+    # weights_only: a checkpoint is data, never code (explicit, whatever torch's default is)
+    module = SAEModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    module.checkpoint_step = None if step is None else int(step)  # printed in every summary
     return module.eval()
 
 
@@ -165,7 +168,9 @@ def _write(out: Path, results: dict[str, Any], summary: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     (out / "summary.md").write_text(summary)
-    print(f"wrote {out / 'results.json'} and {out / 'summary.md'}")
+    step = results.get("checkpoint_step")
+    at = f" (checkpoint {results.get('checkpoint')} at step {step})" if step is not None else ""
+    print(f"wrote {out / 'results.json'} and {out / 'summary.md'}{at}")
 
 
 def _fmt(v: Any) -> str:
@@ -202,6 +207,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "command": "core",
         "checkpoint": str(args.ckpt),
+        "checkpoint_step": module.checkpoint_step,
         "config": str(args.config),
         "reconstruction": {k: float(v) for k, v in metrics.compute().items()},
     }
@@ -229,7 +235,14 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
         results["lm"] = finalize_core_metrics(sums)
         results["model_name"], results["layer"] = source.model_name, source.layer
         results["n_sequences"] = int(tokens.shape[0])
-    lines = ["# Core metrics", "", f"- checkpoint: `{args.ckpt}`", "", "| metric | value |", "|---|---|"]
+    lines = [
+        "# Core metrics",
+        "",
+        f"- checkpoint: `{args.ckpt}` (step {module.checkpoint_step})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in results["reconstruction"].items()]
     if "lm" in results:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in results["lm"].items()]
@@ -305,7 +318,13 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     results = evaluate_unlearning(
         model, tokenizer, sae, source.layer, data, filtered, cfg, progress=args.progress
     )
-    results = {"command": "unlearning", "checkpoint": str(args.ckpt), "model": model_id, **results}
+    results = {
+        "command": "unlearning",
+        "checkpoint": str(args.ckpt),
+        "checkpoint_step": module.checkpoint_step,
+        "model": model_id,
+        **results,
+    }
     _write(Path(args.out), results, summary_markdown(results))
     return results
 
@@ -323,14 +342,26 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
     res = evaluate_disentanglement(module.sae, batches, act_scale=float(module.act_scale), ground_truth=truth)
-    results = {"command": "disentanglement", "checkpoint": str(args.ckpt), **results_to_json(res)}
+    results = {
+        "command": "disentanglement",
+        "checkpoint": str(args.ckpt),
+        "checkpoint_step": module.checkpoint_step,
+        **results_to_json(res),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(res)
     for name, fig in figs.items():
         fig.savefig(out / f"{name}.png", dpi=120)
     scalars = results["scalars"]
-    lines = ["# Disentanglement", "", f"- checkpoint: `{args.ckpt}`", "", "| metric | value |", "|---|---|"]
+    lines = [
+        "# Disentanglement",
+        "",
+        f"- checkpoint: `{args.ckpt}` (step {module.checkpoint_step})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
     lines += ["", *[f"![{n}]({n}.png)" for n in figs]]
     _write(out, results, "\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`) and ``mtsae compare ...`` (see ``compare``).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`), ``mtsae compare ...`` (see ``compare``)
+and ``mtsae cache verify ...`` (see :mod:`data.verify`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -17,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a checkpoint: mtsae eval {core,unlearning,disentanglement} --ckpt CKPT --config YAML --out DIR",
     ),
     "compare": ("compare", "compare evaluated runs: mtsae compare ... (see mtsae compare --help)"),
+    "cache": ("data.verify", "check an activation cache: mtsae cache verify PATH [--repair]"),
 }
 
 

@@ -385,6 +385,6 @@ def load_mcq(
                 f"could not load MCQ dataset {name} ({type(err).__name__}: {err}). Without access to the "
                 f"Hugging Face hub, point `source` to a local copy: a .jsonl/.json/.parquet file with fields "
                 f"question (str), choices (list of str), answer (int), or a folder with a snapshot of the "
-                f"repository (`huggingface-cli download {source} --repo-type dataset --local-dir DIR`)."
+                f"repository (`hf download --repo-type dataset {source} --local-dir DIR`)."
             ) from err
     return _rows_to_questions(rows, subject, name)

@@ -214,8 +214,8 @@ def load_texts(
             cfg = f" {config}" if config else ""
             raise UnlearningDataError(
                 f"cannot load dataset {source!r}{cfg} split {split!r} ({type(err).__name__}: {err}). Without "
-                f"access to the Hugging Face hub, download it once elsewhere (`huggingface-cli download "
-                f"{source} --repo-type dataset --local-dir DIR`) and pass the folder, or pass a local "
+                f"access to the Hugging Face hub, download it once elsewhere (`hf download --repo-type "
+                f"dataset {source} --local-dir DIR`) and pass the folder, or pass a local "
                 f".jsonl/.txt/.parquet file with a {text_column!r} column."
             ) from err
     texts = _texts_of(rows, text_column, min_chars, source)
