@@ -1,4 +1,5 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`) and ``mtsae compare ...`` (see ``compare``).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`), ``mtsae compare ...`` (see ``compare``) and
+``mtsae unlearn ...`` (see :mod:`unlearn`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -17,6 +18,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a checkpoint: mtsae eval {core,unlearning,disentanglement} --ckpt CKPT --config YAML --out DIR",
     ),
     "compare": ("compare", "compare evaluated runs: mtsae compare ... (see mtsae compare --help)"),
+    "unlearn": (
+        "unlearn",
+        "apply an unlearning recipe: mtsae unlearn generate --recipe RECIPE --prompt TEXT [--compare]",
+    ),
 }
 
 

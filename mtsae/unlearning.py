@@ -39,6 +39,7 @@ __all__ = [
     "check_grid",
     "feature_sparsity",
     "SparsityAccumulator",
+    "round_sparsity",
     "select_features",
     "clamp_intervention",
     "valid_token_mask",
@@ -117,12 +118,29 @@ class SparsityAccumulator:
         self.active_counts += active.reshape(-1, self.d_sae).sum(0).to(self.active_counts.device)
         self.n_tokens += valid.sum().to(self.n_tokens.device)
 
-    def compute(self) -> Tensor:
-        """Sparsity ``[d_sae]`` (float32): active count / number of valid tokens."""
+    def compute(self, saebench: bool = False) -> Tensor:
+        """Sparsity ``[d_sae]`` (float32): active count / number of valid tokens.
+
+        ``saebench``: as SAEBench computes it (a float32 division, then :func:`round_sparsity` to 6
+        decimals; float64 result). Otherwise the division is exact in float64, then cast to float32.
+        """
         n = int(self.n_tokens)
         if n == 0:
             raise ValueError("feature sparsity is undefined: no valid token was seen")
+        if saebench:
+            return round_sparsity(self.active_counts.float() / n)
         return (self.active_counts.double() / n).float()
+
+
+def round_sparsity(sparsity: Tensor, decimals: int = 6) -> Tensor:
+    """Sparsities rounded as SAEBench's files round them (``np.savetxt(fmt="%f")``, 6 decimals, then read
+    back): the decimal rounding of each value, returned as float64 ``[d_sae]``.
+
+    SAEBench selects features from the values read back, so features that differ below the 6th decimal
+    tie (then lower index first here) and a retain sparsity just under a threshold can round onto it.
+    """
+    values = [float(f"{v:.{decimals}f}") for v in sparsity.detach().double().cpu().tolist()]
+    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------- selection
