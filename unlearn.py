@@ -109,6 +109,8 @@ def run_generate(args: argparse.Namespace) -> list[dict[str, str]]:
     from mtsae.unlearning_recipe import UnlearningRecipe
 
     recipe = UnlearningRecipe.load(args.recipe)
+    if args.multiplier is not None:
+        recipe.multiplier = args.multiplier
     prompts = read_prompts(args.prompt, args.prompts_file)
     name = args.model_name or recipe.model.get("name")
     if not name:
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--recipe", required=True, help="recipe.json written by mtsae eval unlearning")
     gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gen.add_argument("--prompts-file", default=None, help="one prompt per line (.jsonl: 'prompt' field)")
+    gen.add_argument("--multiplier", type=float, default=None, help="override the recipe's multiplier")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--batch-size", type=int, default=8)
     gen.add_argument("--compare", action="store_true", help="also generate without the clamp")
