@@ -38,7 +38,7 @@ lint: $(STAMP)
 tiny-lm: $(STAMP)
 	$(PY) -m mtsae.tiny_lm --out artifacts/tiny_lm
 
-# `mtsae eval unlearning` and `mtsae unlearn generate` end to end on the tiny LM, offline (about 2 minutes on
+# `mtsae eval unlearning` and `mtsae unlearn generate` end to end on the tiny LM, offline (under a minute on
 # a 2-core CPU): example corpora and questions, a TopK MTSAE trained with configs/tiny_lm.yaml, the
 # evaluation (this project's conventions: the tiny LM is not an instruct model) and generation with its recipe
 EX := artifacts/tiny_unlearning
