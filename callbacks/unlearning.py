@@ -215,6 +215,8 @@ class Unlearning(EveryNValidations):
                 trainer.strategy.broadcast((None, error), src=0)
                 raise
             self.last_results = results
+            for w in results.get("warnings", []):
+                rank_zero_warn(f"Unlearning at step {trainer.global_step}: {w}")
             self.last_path = save_results(
                 results, run_dir(trainer) / "unlearning" / f"step{trainer.global_step}.json"
             )

@@ -32,9 +32,9 @@ def prompts(tok) -> dict[str, torch.Tensor]:
     return tok(texts, return_tensors="pt", padding=True)
 
 
-def sae_and_features(model, batch, dilations: list[int]) -> tuple[MTSAE, list[int]]:
+def sae_and_features(model, batch, dilations: list[int], cascade: bool = False) -> tuple[MTSAE, list[int]]:
     """An SAE with non-identity convolutions and the 6 features that fire most on the prompts."""
-    sae = MTSAE(64, 128, dilations=dilations).eval()
+    sae = MTSAE(64, 128, dilations=dilations, cascade=cascade).eval()
     with torch.no_grad():
         if dilations:
             sae.conv_weight.copy_(torch.randn_like(sae.conv_weight) * 0.5)
@@ -57,12 +57,14 @@ def generate(model, batch, tok, use_cache: bool, n: int = 8):
     return out.sequences, torch.stack(out.logits, dim=1)  # [B, T0 + n], [B, n, V]
 
 
-@pytest.mark.parametrize("dilations", [[1, 2, 4], [3, 5], []])
+@pytest.mark.parametrize(
+    ("dilations", "cascade"), [([1, 2, 4], False), ([3, 5], False), ([1, 2], True), ([], False)]
+)
 @pytest.mark.parametrize("rule", ["saebench", "special_tokens"])
-def test_cached_and_uncached_generation_agree(lm, dilations: list[int], rule: str) -> None:
+def test_cached_and_uncached_generation_agree(lm, dilations: list[int], cascade: bool, rule: str) -> None:
     model, tok = lm
     batch = prompts(tok)
-    sae, feats = sae_and_features(model, batch, dilations)
+    sae, feats = sae_and_features(model, batch, dilations, cascade)
     special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
     plain_seq, plain_logits = generate(model, batch, tok, use_cache=True)
     clamp = GenerationClamp(model, LAYER, sae, feats, 20.0, rule, special)

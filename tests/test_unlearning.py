@@ -19,6 +19,7 @@ from mtsae.unlearning import (
     ce_loss_score,
     clamp_intervention,
     feature_sparsity,
+    intervention_mask,
     kl_div_score,
     kl_per_token,
     next_token_ce,
@@ -142,6 +143,33 @@ def test_valid_token_mask() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- grid + score
+def test_intervention_mask_rules() -> None:
+    ids = torch.tensor([[0, 0, 1, 7, 2, 8], [1, 5, 6, 2, 7, 9]])  # pad 0, BOS 1, EOS 2; row 0 left-padded
+    mask = (ids != 0).long()
+    special = [0, 1, 2]
+    # SAEBench: everything attended but the first attended position, whatever its token (EOS is clamped)
+    assert intervention_mask(ids, mask, "saebench", special).tolist() == [
+        [False, False, False, True, True, True],
+        [False, True, True, True, True, True],
+    ]
+    # this project's rule: special tokens by id
+    assert intervention_mask(ids, mask, "special_tokens", special).tolist() == [
+        [False, False, False, True, False, True],
+        [False, True, True, False, True, True],
+    ]
+    # a decode step: one new position after 6 cached ones; the first position lies in the past
+    step = torch.tensor([[2], [4]])
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert intervention_mask(step, full, "saebench", special, n_past=6).tolist() == [[True], [True]]
+    assert intervention_mask(step, full, "special_tokens", special, n_past=6).tolist() == [[False], [True]]
+    # a prompt whose first token is not BOS (a tokenizer without one): SAEBench still skips position 0
+    assert intervention_mask(torch.tensor([[5, 6]]), None, "saebench").tolist() == [[False, True]]
+    with pytest.raises(ValueError, match="does not cover"):
+        intervention_mask(step, mask, "saebench", special, n_past=6)
+    with pytest.raises(ValueError, match="unknown position rule"):
+        intervention_mask(ids, mask, "first", special)
+
+
 def test_grid_config() -> None:
     grid = GridConfig()
     pts = grid.points()
