@@ -750,6 +750,7 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     best = results.get("best")
     exact = results.get("conventions", {}).get("saebench_exact")
     title = {True: "SAEBench-exact", False: "this project's conventions", None: "SAEBench"}[exact]
+    which = "unmodified model" if best is None else "best"
     lines = [
         f"# Unlearning ({title})",
         "",
@@ -762,8 +763,8 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
             else f"threshold {best['retain_threshold']}, n {best['n_features']}, multiplier {best['multiplier']}, "
             f"features {best['features']}"
         ),
-        f"- WMDP-bio accuracy (best): {results['wmdp_acc_best']:.4f}",
-        f"- MMLU accuracy (best, pooled): {results['mmlu_acc_best']:.4f}",
+        f"- WMDP-bio accuracy ({which}): {results['wmdp_acc_best']:.4f}",
+        f"- MMLU accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
         "- questions kept / loaded: "
         + ", ".join(f"{n} {v['kept']}/{v['loaded']}" for n, v in results["n_questions"].items()),
         "",
