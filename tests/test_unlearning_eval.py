@@ -273,3 +273,27 @@ def test_no_eligible_feature_is_a_warning_not_a_best_config(lm, files) -> None:
     text = summary_markdown(res)
     assert "Warning" in text and "best config: none" in text and "multiplier 25.0" not in text
     assert best_recipe(res, "unused") is None
+
+
+def test_offline_example_runs_on_the_stock_tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The files of `make unlearning-example` and this project's conventions work with the stock tiny
+    tokenizer, whose " B" is not a single token (the letters are scored by their single-token variant)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtsae.tiny_unlearning import PROMPTS, build_unlearning_example
+
+    lm_dir = tiny_lm_dir(tmp_path_factory)
+    out = tmp_path_factory.mktemp("example")
+    files = build_unlearning_example(lm_dir, out)
+    assert (out / "prompts.txt").read_text().splitlines() == list(PROMPTS)
+    assert json.loads((out / "files.json").read_text()) == files
+    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), AutoTokenizer.from_pretrained(lm_dir)
+    grid = GridConfig(retain_thresholds=[1.0], n_features=[2], multipliers=[5.0], min_mmlu_accuracy=0.0)
+    cfg = _cfg(files, grid=grid)
+    data = load_unlearning_data(tok, cfg)
+    kept = filter_questions(model, tok, data.questions, all_perms=False, strict_letters=False)
+    assert kept["wmdp-bio"]
+    sae = MTSAE(64, 128, dilations=[1, 2], activation="topk", activation_kwargs={"k": 4}).eval()
+    res = evaluate_unlearning(model, tok, sae, 1, data, kept, cfg)
+    assert res["best"] is not None and len(res["best"]["features"]) == 2
+    assert not res["conventions"]["strict_letters"]
