@@ -12,7 +12,8 @@ A per-token SAE (``dilations=[]``, ``R = 1``) keeps no state: its codes pass str
 
 The state is written against the model's public pieces (:meth:`mtsae.MTSAE.encoder_input`,
 :meth:`~mtsae.MTSAE.scale_branches`, :meth:`~mtsae.MTSAE.codes_from_branches`), so any encoder that
-computes per-position branch outputs from a causal window streams the same way.
+computes per-position branch outputs from a causal window streams the same way; the state checks this
+once when it is made (a few positions encoded both ways) and refuses an encoder that does not.
 """
 
 from __future__ import annotations
@@ -41,6 +42,27 @@ class StreamingEncoder:
         self.buffer: Tensor | None = None  # [B, context, d_in]: the last encoder inputs u
         self.n_seen = 0
         """positions encoded since the last :meth:`reset`"""
+        if self.streams:
+            self._check_against_full_encoding()
+
+    @torch.no_grad()
+    def _check_against_full_encoding(self) -> None:
+        """Fail at once if this encoder's codes are not per-position functions of its branch outputs
+        (an encoder variant whose :meth:`~mtsae.MTSAE.codes_from_branches` does not cover it)."""
+        p = next(self.sae.parameters())
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 2 * self.context + 3, self.sae.d_in, generator=g).to(p.device, p.dtype)
+        full = self.sae.encode(x)
+        cut = self.context + 1
+        streamed = torch.cat([self.step(x[:, :cut]), self.step(x[:, cut:])], dim=1)
+        self.reset()
+        tol = 1e-3 if p.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        if not torch.allclose(streamed, full, atol=tol * (1 + float(full.abs().max())), rtol=tol):
+            raise RuntimeError(
+                f"{type(self.sae).__name__}: streaming codes differ from the full-sequence encoding: its "
+                "encoder must compute the codes per position from scale_branches() outputs through "
+                "codes_from_branches(), and a BatchTopK SAE must be in eval mode"
+            )
 
     def reset(self) -> None:
         """Forget every sequence (the next :meth:`step` starts new ones)."""

@@ -118,3 +118,13 @@ def test_streaming_checks_shapes_and_resets() -> None:
         assert stream.n_seen == 0 and stream.buffer is None
         x = torch.randn(3, 5, 16)
         torch.testing.assert_close(stream.step(x), sae.encode(x))
+
+
+def test_an_encoder_that_does_not_stream_is_refused() -> None:
+    class Pooled(MTSAE):  # codes that depend on the whole sequence: no streaming state can match them
+        def codes_from_branches(self, z, valid=None):
+            f, pre = super().codes_from_branches(z, valid)
+            return f + f.mean(dim=1, keepdim=True), pre
+
+    with pytest.raises(RuntimeError, match="streaming codes differ"):
+        StreamingEncoder(Pooled(16, 32, dilations=[1, 2]).eval())
