@@ -122,6 +122,25 @@ def test_clamp_matches_formula_and_error_term(dilations: list[int]) -> None:
     assert torch.equal(out[untouched], x[untouched])
 
 
+def test_saebench_rule_matches_saebench_clamp_for_a_per_token_sae() -> None:
+    """SAEBench's hook: encode unmasked, zero the codes at position 0, clamp, add the error term back.
+    An EOS inside the row is clamped like any token under that rule."""
+    sae = _random_sae([])
+    ids = torch.tensor([[1, 5, 2, 6, 7, 8, 9], [1, 4, 4, 2, 2, 3, 5]])  # BOS 1, EOS 2 inside the rows
+    x = torch.randn(2, 7, 6)
+    feats, m = [0, 3, 5], 4.0
+    f = sae.encode(x).detach()
+    f[:, 0, :] = 0.0
+    error = x - sae.decode(f)
+    sel = f[..., feats]
+    assert ((sel > 0) & (ids == 2)[..., None]).any()  # a selected feature fires at an EOS
+    f[..., feats] = torch.where(sel > 0, torch.full_like(sel, -m), sel)
+    reference = (error + sae.decode(f)).detach()
+    ours = clamp_intervention(x, sae, feats, m, intervention_mask(ids, None, "saebench"))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[:, 0], x[:, 0])
+
+
 def test_clamp_edge_cases() -> None:
     sae = _random_sae([])
     x = torch.randn(5, 6)  # [T, d_in]
