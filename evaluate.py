@@ -313,7 +313,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     results = {"command": "unlearning", "checkpoint": str(args.ckpt), "model": model_id, **results}
     out = Path(args.out)
     # the recipe names the SAE it was chosen with: the exported raw-activation SAE, beside the results
-    recipe = best_recipe(results, save_sae(sae.cpu(), out / "sae", {"checkpoint": str(args.ckpt)}), out)
+    recipe = best_recipe(results, save_sae(sae.cpu(), out / "sae"), out)
     if recipe is not None:
         results["recipe"] = str(recipe.save(out / "recipe.json"))
     _write(out, results, summary_markdown(results))
