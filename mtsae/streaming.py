@@ -47,21 +47,21 @@ class StreamingEncoder:
 
     @torch.no_grad()
     def _check_against_full_encoding(self) -> None:
-        """Fail at once if this encoder's codes are not per-position functions of its branch outputs
-        (an encoder variant whose :meth:`~mtsae.MTSAE.codes_from_branches` does not cover it)."""
+        """Fail at once if this encoder's pre-activations are not per-position functions of its branch
+        outputs (an encoder variant whose :meth:`~mtsae.MTSAE.codes_from_branches` does not cover it)."""
         p = next(self.sae.parameters())
         g = torch.Generator().manual_seed(0)
         x = torch.randn(1, 2 * self.context + 3, self.sae.d_in, generator=g).to(p.device, p.dtype)
-        full = self.sae.encode(x)
+        full = self.sae(x).pre  # pre-activations: no top-k ties to flip under round-off
         cut = self.context + 1
-        streamed = torch.cat([self.step(x[:, :cut]), self.step(x[:, cut:])], dim=1)
+        streamed = torch.cat([self._step(x[:, :cut], None)[1], self._step(x[:, cut:], None)[1]], dim=1)
         self.reset()
-        tol = 1e-3 if p.dtype in (torch.float16, torch.bfloat16) else 1e-5
+        tol = 2e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
         if not torch.allclose(streamed, full, atol=tol * (1 + float(full.abs().max())), rtol=tol):
             raise RuntimeError(
-                f"{type(self.sae).__name__}: streaming codes differ from the full-sequence encoding: its "
-                "encoder must compute the codes per position from scale_branches() outputs through "
-                "codes_from_branches(), and a BatchTopK SAE must be in eval mode"
+                f"{type(self.sae).__name__}: the streaming encoding differs from the full-sequence one: its "
+                "encoder must compute the pre-activations per position from scale_branches() outputs "
+                "through codes_from_branches()"
             )
 
     def reset(self) -> None:
@@ -81,6 +81,10 @@ class StreamingEncoder:
             raise ValueError(
                 f"valid mask {tuple(valid_BT.shape)} does not match activations {tuple(x_BTD.shape[:2])}"
             )
+        return self._step(x_BTD, valid_BT)[0]
+
+    def _step(self, x_BTD: Tensor, valid_BT: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``(f, pre)`` of the next positions (``pre`` is ``None`` for a per-token SAE)."""
         B, T = x_BTD.shape[:2]
         if self.buffer is not None and self.buffer.shape[0] != B:
             raise ValueError(
@@ -88,11 +92,11 @@ class StreamingEncoder:
             )
         self.n_seen += T
         if not self.streams:
-            return self.sae.encode(x_BTD, valid_BT)
+            return self.sae.encode(x_BTD, valid_BT), None
         u = self.sae.encoder_input(x_BTD, valid_BT)  # [B, T, d_in]
         if self.buffer is None:
             self.buffer = u.new_zeros(B, self.context, u.shape[-1])  # before the start: zeros
         window = torch.cat([self.buffer.to(u.dtype), u], dim=1)  # [B, context + T, d_in]
         z = self.sae.scale_branches(window)[:, -T:]  # [B, T, S, d_in]: exact, the window covers R
         self.buffer = window[:, window.shape[1] - self.context :]
-        return self.sae.codes_from_branches(z, valid_BT)[0]
+        return self.sae.codes_from_branches(z, valid_BT)

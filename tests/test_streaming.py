@@ -123,8 +123,9 @@ def test_streaming_checks_shapes_and_resets() -> None:
 def test_an_encoder_that_does_not_stream_is_refused() -> None:
     class Pooled(MTSAE):  # codes that depend on the whole sequence: no streaming state can match them
         def codes_from_branches(self, z, valid=None):
-            f, pre = super().codes_from_branches(z, valid)
-            return f + f.mean(dim=1, keepdim=True), pre
+            _, pre = super().codes_from_branches(z, valid)
+            pre = pre + pre.mean(dim=1, keepdim=True)
+            return self.act(pre, valid), pre
 
-    with pytest.raises(RuntimeError, match="streaming codes differ"):
+    with pytest.raises(RuntimeError, match="streaming encoding differs"):
         StreamingEncoder(Pooled(16, 32, dilations=[1, 2]).eval())
