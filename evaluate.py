@@ -257,9 +257,11 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
 def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval unlearning``: SAEBench's unlearning evaluation (full setting by default)."""
     from mtsae.core_eval import load_causal_lm, load_tokenizer
+    from mtsae.export import save_sae
     from mtsae.unlearning import GridConfig
     from mtsae.unlearning_eval import (
         UnlearningConfig,
+        best_recipe,
         evaluate_unlearning,
         filter_questions,
         load_unlearning_data,
@@ -290,6 +292,8 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         llm_batch_size=args.llm_batch_size,
         mcq_batch_size=args.mcq_batch_size,
         seed=args.seed,
+        saebench_exact=args.saebench_exact,
+        position_rule=args.position_rule,
     )
     module = load_module(args.ckpt)
     dm = load_datamodule(args.config, _overrides(args))
@@ -313,6 +317,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=cache_dir,
         model_id=model_id,
         progress=args.progress,
+        strict_letters=cfg.saebench_exact,
     )
     sae = module.export_sae().to(device)  # raw activations: multipliers in raw units
     results = evaluate_unlearning(
@@ -325,7 +330,18 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         "model": model_id,
         **results,
     }
-    _write(Path(args.out), results, summary_markdown(results))
+    out = Path(args.out)
+    # the recipe names the SAE it was chosen with: the exported raw-activation SAE, beside the results
+    recipe = best_recipe(results, save_sae(sae.cpu(), out / "sae"), out)
+    if recipe is not None:
+        results["recipe"] = str(recipe.save(out / "recipe.json"))
+    _write(out, results, summary_markdown(results))
+    for w in results["warnings"]:
+        print(f"mtsae eval unlearning: warning: {w}", file=sys.stderr)
+    if recipe is not None:
+        print(
+            f"wrote {out / 'recipe.json'} (apply it: mtsae unlearn generate --recipe {out / 'recipe.json'} ...)"
+        )
     return results
 
 
@@ -435,6 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--question-cache-dir", default=None, help="cache of filtered questions (default: OUT/question_cache)"
     )
     un.add_argument("--seed", type=int, default=42)
+    un.add_argument(
+        "--saebench-exact",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SAEBench's conventions (default): position 0 left alone, sparsities rounded to 6 decimals, "
+        "SAEBench's row packing, SAE in the model's dtype, instruct model and single-token letters required. "
+        "--no-saebench-exact: this project's choices (docs/saebench_unlearning.md)",
+    )
+    un.add_argument(
+        "--position-rule",
+        choices=["saebench", "special_tokens"],
+        default=None,
+        help="override which positions the clamp may change (default: from --saebench-exact)",
+    )
 
     dis = sub.add_parser("disentanglement", help="decoder coherence, density, persistence, recovery")
     _common(dis)
@@ -451,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtsae.core_eval import LMUnavailableError
     from mtsae.mcq import MCQDatasetError
     from mtsae.unlearning_eval import UnlearningDataError
+    from mtsae.unlearning_recipe import RecipeError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
@@ -462,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         MCQDatasetError,
         UnlearningDataError,
         CacheMismatchError,
+        RecipeError,
     )
     try:
         COMMANDS[args.command](args)

@@ -1,5 +1,5 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`), ``mtsae compare ...`` (see ``compare``)
-and ``mtsae cache verify ...`` (see :mod:`data.verify`).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`), ``mtsae compare ...`` (see ``compare``),
+``mtsae unlearn ...`` (see :mod:`unlearn`) and ``mtsae cache verify ...`` (see :mod:`data.verify`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -19,6 +19,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "compare": ("compare", "compare evaluated runs: mtsae compare ... (see mtsae compare --help)"),
     "cache": ("data.verify", "check an activation cache: mtsae cache verify PATH [--repair]"),
+    "unlearn": (
+        "unlearn",
+        "apply an unlearning recipe: mtsae unlearn generate --recipe RECIPE --prompt TEXT [--compare]",
+    ),
 }
 
 

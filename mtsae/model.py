@@ -151,6 +151,29 @@ class MTSAE(nn.Module):
                 kernel[:, L - 1 - (KERNEL_SIZE - 1 - k) * r] += self.conv_weight[s, :, k]
         return kernel / self.n_scales
 
+    def encoder_input(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``u = x - b_dec``, zero at invalid positions: ``[B, T, d_in]``, the input of the branches."""
+        u = x - self.b_dec.to(x.dtype)
+        if valid is not None:
+            u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
+        return u
+
+    def codes_from_branches(self, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(f, pre)`` from the branch outputs ``z: [B, T, S, d_in]`` (per-token SAE: ``u [B, T, d_in]``).
+
+        Per token: position ``t`` of the output depends on position ``t`` of ``z`` only, so a streaming
+        encoder (:mod:`mtsae.streaming`) can compute the branches over a window and call this on the
+        new positions.
+        """
+        if not self.dilations:
+            flat = z  # per-token SAE: u [B, T, d_in]
+        elif self.encoder == "mix":
+            flat = z.mean(2)  # [B, T, d_in]: one causal depth-wise kernel (mix_kernel)
+        else:
+            flat = z.flatten(2)  # [B, T, S·d_in]
+        pre = flat @ self.W_enc.to(z.dtype) + self.b_enc.to(z.dtype)
+        return self.act(pre, valid), pre
+
     def _encode(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         squeeze = x.dim() == 2
         if squeeze:
@@ -164,17 +187,9 @@ class MTSAE(nn.Module):
             raise ValueError(
                 f"valid mask {tuple(valid.shape)} does not match activations {tuple(x.shape[:2])}"
             )
-        u = x - self.b_dec.to(x.dtype)  # [B, T, d_in]
-        if valid is not None:
-            u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
-        if self.dilations:
-            z = self.scale_branches(u)  # [B, T, S, d_in]
-            h = z.mean(2) if self.encoder == "mix" else z.flatten(2)  # [B, T, d_in] or [B, T, S*d_in]
-            pre = h @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype)
-        else:
-            z = None
-            pre = u @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype)
-        f = self.act(pre, valid)
+        u = self.encoder_input(x, valid)  # [B, T, d_in]
+        z = self.scale_branches(u) if self.dilations else None  # [B, T, S, d_in]
+        f, pre = self.codes_from_branches(u if z is None else z, valid)
         if squeeze:
             f, pre = f.squeeze(0), pre.squeeze(0)
             z = None if z is None else z.squeeze(0)
