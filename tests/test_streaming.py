@@ -62,6 +62,21 @@ def test_streaming_equals_full_sequence(dilations: list[int], cascade: bool, chu
     torch.testing.assert_close(streamed, full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dilations", [[1, 2, 4, 8], [3, 5]])
+def test_streaming_mix_encoder_equals_full_sequence(dilations: list[int]) -> None:
+    """The ``mix`` encoder (branches averaged before one ``W_enc``) streams exactly too."""
+    sae = random_sae(dilations, encoder="mix")
+    x, valid = left_padded()
+    with torch.no_grad():
+        full = sae.encode(x, valid)
+        stream = StreamingEncoder(sae)
+        streamed = torch.cat(
+            [stream.step(x[:, t : t + 1], valid[:, t : t + 1]) for t in range(x.shape[1])], 1
+        )
+    assert (full > 0).float().mean() > 0.1
+    torch.testing.assert_close(streamed, full, atol=1e-5, rtol=1e-5)
+
+
 def test_left_padding_does_not_change_a_rows_codes() -> None:
     """A row streamed alone equals the same row behind left padding (pads are zeros, like the start)."""
     sae = random_sae([1, 2, 4])
