@@ -249,7 +249,10 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTS
         args = {k: v for k, v in cfg.items() if k != "metadata"}
         sae = MTSAE(**args)
         state = torch.load(path / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    missing, unexpected = sae.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = sae.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that do not fit the config
+        raise ExportFormatError(f"the weights in {path} do not fit its config: {e}") from e
     if missing or unexpected:
         raise ExportFormatError(
             f"the weights in {path} do not fit its config: missing {sorted(missing)}, "
