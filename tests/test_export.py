@@ -125,7 +125,7 @@ def test_unreadable_folders_say_why(tmp_path: Path) -> None:
     save_sae(tiny_sae(), tmp_path / "mixed")
     cfg["sae"]["d_sae"] = 65
     (tmp_path / "mixed" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ExportFormatError, match="do not fit its config.*size mismatch"):
+    with pytest.raises(ExportFormatError, match="(?s)do not fit its config.*size mismatch"):
         load_sae(tmp_path / "mixed")
 
 
