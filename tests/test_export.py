@@ -135,3 +135,27 @@ def test_git_commit(tmp_path: Path) -> None:
         sha = here.removesuffix("+dirty")
         assert len(sha) == 40 and int(sha, 16) >= 0
     assert git_commit(tmp_path) is None  # not a repository
+
+
+def test_training_run_writes_a_saelens_folder_for_a_per_token_sae(tmp_path: Path) -> None:
+    from callbacks.export import ExportSAE
+    from tests.test_train import tiny_args
+    from train import cli_main
+
+    extra = ("--trainer.max_steps", "3", "--model.dilations", "[]", "--model.separation", "none")
+    cli = cli_main(tiny_args(tmp_path, *extra), run=False)
+    export = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ExportSAE))
+    export.saelens_dirname = "sae_saelens"
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ours, theirs = load_sae(export.path), load_sae(export.path.parent / "sae_saelens")
+    x = torch.randn(2, 16, 16)
+    torch.testing.assert_close(theirs.encode(x), ours.encode(x))
+    meta = read_metadata(export.path.parent / "sae_saelens")
+    assert meta == read_metadata(export.path) and meta.training_tokens == 3 * 16 * 16
+
+    # an MTSAE has no SAELens form: the run fails before training
+    cli = cli_main(tiny_args(tmp_path / "mt", "--trainer.max_steps", "3"), run=False)
+    next(cb for cb in cli.trainer.callbacks if isinstance(cb, ExportSAE)).saelens_dirname = "x"
+    with pytest.raises(ValueError, match="has no SAELens form"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0
