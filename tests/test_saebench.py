@@ -5,6 +5,7 @@ SAEBench's package does not install beside this project's pins (it downgrades nu
 (``BaseSAE.test_sae``, ``check_decoder_norms``), ``sae_bench/sae_bench_utils/general_utils.py``
 (``load_and_format_sae``, ``_standardize_sae_cfg``, ``str_to_dtype``), the custom-SAE README and the
 attributes its evaluations read (``evals/core/main.py``, ``evals/absorption/k_sparse_probing.py``).
+Where ``sae_bench`` imports, its own ``load_and_format_sae`` and decoder-norm checks run too.
 """
 
 from __future__ import annotations
@@ -172,3 +173,22 @@ def test_a_bare_mtsae_fails_the_checks() -> None:
     """Why the adapter exists: W_enc is [n_scales·d_in, d_sae] and there is no cfg, device or dtype."""
     with pytest.raises(AttributeError, match="cfg"):
         saebench_checks(tiny_sae(), _acts())
+
+
+@pytest.mark.parametrize("kw", [{}, {"dilations": [], "activation": "jumprelu"}])
+def test_saebench_itself_accepts_the_adapter(kw: dict) -> None:
+    """With SAEBench importable (it does not install beside this project's pins): its own loader and checks."""
+    general_utils = pytest.importorskip(
+        "sae_bench.sae_bench_utils.general_utils", reason="sae-bench is not installed (it pins numpy<2)"
+    )
+    from sae_bench.custom_saes.base_sae import BaseSAE
+
+    adapter = SAEBenchSAE(
+        _randomised(tiny_sae(**kw)), "gemma-2-2b", 12, context_size=128, flat_input="sequence"
+    )
+    sae_id, sae, _ = general_utils.load_and_format_sae("mtsae", adapter, "cpu")
+    assert sae_id == "custom_sae" and sae.cfg.architecture_str == adapter.cfg.architecture
+    sae = sae.to(device="cpu", dtype=general_utils.str_to_dtype("bfloat16"))
+    assert general_utils.str_to_dtype(sae.cfg.dtype) == sae.dtype == torch.bfloat16
+    assert general_utils.check_decoder_norms(sae.W_dec.data) and BaseSAE.check_decoder_norms(sae)
+    saebench_checks(sae, _acts())
