@@ -20,9 +20,9 @@ How the MTSAE meets it:
   ``BaseSAE.test_sae``, and unrelated single positions in the absorption eval): ``flat_input`` says what
   it is — ``"error"`` (default), ``"sequence"`` (one sequence in order) or ``"tokens"`` (``N`` tokens, each
   encoded without context). Per-token SAEs take ``[N, D]`` as tokens whatever it says.
-- ``W_enc`` is the encoder's weight on the current token, ``[d_in, d_sae]``: the sum over scales of the
-  ``W_enc`` block of each dilation times that branch's offset-0 tap (for a per-token SAE, ``W_enc``
-  itself). SAEBench uses it only for weight statistics (encoder norms and cosines, absorption metadata).
+- ``W_enc`` is the encoder's weight on the current token, ``[d_in, d_sae]`` (:func:`current_token_encoder`;
+  for a per-token SAE, ``W_enc`` itself). SAEBench uses it only for weight statistics (encoder norms and
+  cosines, absorption metadata).
 - An SAE generating token by token with a KV cache sees ``L = 1`` (one token, no context); SAEBench's
   evaluations above run full sequences.
 """
@@ -84,19 +84,25 @@ class SAEBenchConfig:
 
 @torch.no_grad()
 def current_token_encoder(sae: MTSAE) -> Tensor:
-    """The encoder's weight on the current token, ``[d_in, d_sae]``.
+    """The encoder's weight on the current token, ``[d_in, d_sae]``: the ``W`` with which the SAE computes
+    ``pre_t = u_t @ W + b_enc`` (``u = x - b_dec``) when the context is zero.
 
-    With the context zero (``u_{t-k} = 0``) an MTSAE computes ``pre_t = u_t @ W + b_enc`` with this
-    ``W``: ``Σ_s diag(c_s) W_enc[s·d_in:(s+1)·d_in]``, where ``c_s`` is the product of the offset-0 taps of
-    the branches that feed branch ``s`` (itself only, side by side; ``0..s`` in a cascade).
+    For side-by-side branches that is ``Σ_s diag(c_s) W_enc[s·d_in:(s+1)·d_in]`` with ``c_s`` the offset-0
+    tap of branch ``s`` (a cascade multiplies the taps of the branches below). It is read off the encoder
+    itself, by encoding each basis vector as a sequence of one token, so it holds for every encoder
+    layout; a per-token SAE returns its ``W_enc``.
     """
     if not sae.dilations:
         return sae.W_enc.detach().clone()
-    taps = sae.conv_weight.detach()[:, :, -1]  # [S, d_in]: offset 0
-    if sae.cascade:
-        taps = taps.cumprod(dim=0)
-    blocks = sae.W_enc.detach().view(sae.n_scales, sae.d_in, sae.d_sae)  # [S, d_in, d_sae]
-    return (taps.unsqueeze(-1).to(blocks.dtype) * blocks).sum(0)
+    training = sae.training
+    sae.eval()  # a training-mode BatchTopK would update its threshold
+    try:
+        u = torch.eye(sae.d_in, device=sae.W_enc.device, dtype=torch.float32)
+        x = (u + sae.b_dec.detach().float())[:, None, :]  # [d_in, 1, d_in]: one-token sequences, u = e_c
+        pre = sae._encode(x, None)[1][:, 0]  # [d_in, d_sae]: e_c @ W + b_enc
+    finally:
+        sae.train(training)
+    return (pre - sae.b_enc.detach().float()).to(sae.W_enc.dtype)
 
 
 def _architecture(sae: MTSAE) -> tuple[str, str]:

@@ -144,7 +144,12 @@ def test_W_enc_is_the_weight_on_the_current_token(cascade: bool) -> None:
     pre = sae(x, valid).pre[0, -1]
     want = (x[0, -1] - sae.b_dec) @ current_token_encoder(sae) + sae.b_enc
     torch.testing.assert_close(pre, want.detach(), atol=1e-5, rtol=1e-5)
-    assert current_token_encoder(sae).shape == (D_IN, 64)
+    # written out: the W_enc block of each branch times its offset-0 taps (a cascade multiplies them)
+    taps = sae.conv_weight.detach()[:, :, -1]
+    taps = taps.cumprod(0) if cascade else taps
+    blocks = sae.W_enc.detach().view(len(sae.dilations), D_IN, 64)
+    by_hand = sum(taps[s][:, None] * blocks[s] for s in range(len(sae.dilations)))
+    torch.testing.assert_close(current_token_encoder(sae), by_hand, atol=1e-5, rtol=1e-5)
 
 
 def test_from_folder_reads_the_export(tmp_path: Path) -> None:
