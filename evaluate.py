@@ -92,9 +92,11 @@ def _check_sae_source(loaded: EvalSAE, source: Any, config: str) -> None:
     if meta is None:
         return
     where = f"the SAE {loaded.label.get('sae')!r}"
-    if meta.hook_name is not None and not str(meta.hook_name).endswith("hook_resid_post"):
+    hook = str(meta.hook_name or "")
+    if meta.hook_name is not None and (meta.layer is None or not hook.endswith(("resid_post", "resid_pre"))):
         raise EvalError(
-            f"{where} reads {meta.hook_name!r}; the evaluations read the residual stream (resid_post)"
+            f"{where} reads {meta.hook_name!r}; the evaluations read the residual stream after a decoder "
+            "layer (blocks.L.hook_resid_post, or blocks.L+1.hook_resid_pre)"
         )
     if meta.layer is not None and int(meta.layer) != int(source.layer):
         raise EvalError(

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 #: the SAELens layout written here (``metadata.sae_lens_version``; below 6 SAELens reads the old layout)
 LAYOUT_VERSION = "6.0.0"
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
 _SUPPORTED = ("standard", "topk", "jumprelu")
 
 
@@ -214,7 +214,10 @@ def _metadata(cfg: dict[str, Any]) -> SAEMetadata:
         return SAEMetadata.from_dict(cfg["mtsae"])
     hook = cfg.get("hook_name")
     match = _HOOK_RE.match(str(hook or ""))
-    layer = int(match.group(1)) if match else cfg.get("hook_layer")
+    layer = cfg.get("hook_layer")
+    if match:  # the input of block n (resid_pre) is the output of block n - 1; of block 0, the embeddings
+        n = int(match.group(1))
+        layer = n if match.group(2) == "post" else (n - 1 if n > 0 else None)
     dataset = cfg.get("dataset_path")
     tokens = cfg.get("training_tokens")
     extra = {

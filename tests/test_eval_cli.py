@@ -317,6 +317,12 @@ def test_eval_sae_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert mtsae_cli.main([*base, "--sae", str(path), "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "layer 0" in err and "layer 1" in err and "data.source.init_args.layer=0" in err
+    # an SAE of another hook point than the residual stream
+    mlp = save_saelens(
+        load_sae(path), tmp_path / "mlp", SAEMetadata(model_name="m", hook_name="blocks.1.hook_mlp_out")
+    )
+    assert mtsae_cli.main([*base, "--sae", str(mlp), "--out", str(tmp_path / "a")]) == 2
+    assert "'blocks.1.hook_mlp_out'" in capsys.readouterr().err
     # a folder that holds no SAE
     (tmp_path / "empty").mkdir()
     assert mtsae_cli.main([*base, "--sae", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2

@@ -169,7 +169,7 @@ def test_import_earlier_layout_topk_without_b_dec_on_input(tmp_path: Path) -> No
         "d_in": D_IN,
         "d_sae": D_SAE,
         "model_name": "gpt2-small",
-        "hook_point": "blocks.8.hook_resid_post",
+        "hook_point": "blocks.8.hook_resid_pre",  # the input of block 8: the output of block 7
         "hook_point_layer": 8,
         "activation_fn_str": "topk",
         "activation_fn_kwargs": {"k": 5},
@@ -181,7 +181,8 @@ def test_import_earlier_layout_topk_without_b_dec_on_input(tmp_path: Path) -> No
         "sae_lens_training_version": "3.2.0",
     }
     imp = load_saelens(_write(tmp_path / "old", cfg, w))
-    assert imp.architecture == "topk" and imp.sae.act.k == 5 and imp.metadata.layer == 8
+    assert imp.architecture == "topk" and imp.sae.act.k == 5 and imp.metadata.layer == 7
+    assert imp.metadata.hook_name == "blocks.8.hook_resid_pre" and imp.metadata.model_name == "gpt2-small"
     assert not imp.decoder_folded  # TopK cannot fold non-unit rows without changing its choice
     x = torch.randn(40, D_IN)
     f_ref, x_hat_ref = _reference(w, x, "topk", apply_b_dec=False)
