@@ -277,10 +277,8 @@ def load_saelens(path: str | os.PathLike, fold_decoder_norm: bool = True) -> Imp
     b_dec = _expect(state, "b_dec", (d_in,), path)
     if "scaling_factor" in state:  # earlier layout: decode((f * scaling_factor)) -> fold into W_dec
         W_dec = W_dec * _expect(state, "scaling_factor", (d_sae,), path)[:, None]
-    if not cfg[
-        "apply_b_dec_to_input"
-    ]:  # pre = x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
-        b_enc = b_enc + b_dec @ W_enc
+    if not cfg["apply_b_dec_to_input"]:
+        b_enc = b_enc + b_dec @ W_enc  # x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
     meta = _metadata(cfg)
 
     threshold = None
