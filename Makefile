@@ -7,12 +7,13 @@ STAMP := $(VENV)/.installed-stamp
 
 install: $(STAMP)
 
-# torch is pinned through constraints.txt so that CPU machines do not pull a CUDA build.
+# torch is pinned through constraints.txt so that CPU machines do not pull a CUDA build. The saelens
+# extra (about 15 s more; torch stays pinned) lets the tests check the SAELens round trips for real.
 $(STAMP): setup.cfg constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,saelens]"
 	touch $(STAMP)
 
 demo: $(STAMP)

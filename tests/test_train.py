@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtsae import SAEModule, load_sae
+from mtsae import SAEModule, load_sae, read_metadata
 from train import cli_main
 
 # training configs; overlays (configs/baselines) and compare configs have tests of their own
@@ -91,6 +91,10 @@ def test_training_lowers_val_fvu(tmp_path: Path) -> None:
 
     # the exported SAE acts on raw activations and reproduces the module's reconstructions
     sae = load_sae(run_dir / "sae")
+    meta = read_metadata(run_dir / "sae")
+    assert meta.act_scale == pytest.approx(float(cli.model.act_scale)) and meta.global_step == 3 * 32
+    assert meta.training_tokens == 3 * 32 * 16 * 16 and meta.context_size == 16  # steps x rows x tokens
+    assert meta.model_name is None and meta.data["source"] == "synthetic"
     batch = next(iter(cli.datamodule.val_dataloader()))
     module = cli.model.eval()
     with torch.no_grad():
