@@ -150,7 +150,7 @@ def load_datamodule(config: str, overrides: list[str] | None = None) -> Any:
 def _check_d_in(loaded: EvalSAE, dm: Any, config: str) -> None:
     d_sae_in, d_cfg = int(loaded.sae.d_in), int(dm.d_in)
     if d_sae_in != d_cfg:
-        ((kind, path),) = loaded.label.items()
+        kind, path = next(iter(loaded.label.items()))  # ("checkpoint", path) or ("sae", path)
         raise EvalError(
             f"the {kind} {path!r} has d_in={d_sae_in} but the config {config!r} gives activations of "
             f"width {d_cfg}: pass the config the {kind} was trained with (the config.yaml in its run dir)"

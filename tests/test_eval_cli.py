@@ -251,6 +251,7 @@ def test_mtsae_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
 def _unlearning_args(run: dict) -> list[str]:
     f = run["files"]
     argv = [
+        "--no-saebench-exact",  # the tiny LM is not an instruct model
         "--forget-corpus",
         f["forget_corpus"],
         "--retain-corpus",

@@ -74,6 +74,7 @@ def test_config_tells_what_a_user_needs(tmp_path: Path) -> None:
         "activation": "relu",
         "activation_kwargs": {},
         "cascade": False,
+        "encoder": "concat",
     }
     m = cfg["metadata"]
     assert (m["model_name"], m["model_revision"], m["layer"], m["hook_name"]) == (
