@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from mtsae.model import MTSAE, conv1d_scale_branches
+from mtsae.sae.model import MTSAE, conv1d_scale_branches
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from mtsae.model import MTSAE
-from mtsae.streaming import StreamingEncoder
-from mtsae.tiny_lm import build_tiny_lm
-from mtsae.unlearning import GenerationClamp
+from mtsae.evals.unlearning.intervention import GenerationClamp
+from mtsae.lm.tiny_lm import build_tiny_lm
+from mtsae.sae.model import MTSAE
+from mtsae.sae.streaming import StreamingEncoder
 
 
 def main() -> None:

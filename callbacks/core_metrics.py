@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
-from mtsae.core_eval import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, load_causal_lm
+from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, load_causal_lm
 
 __all__ = ["CoreLMMetrics", "is_lm_source", "shared_lm"]
 
@@ -50,7 +50,7 @@ class CoreLMMetrics(EveryNValidations):
     validation split of the activation cache (their ``tokens``) are run through the data source's LM
     three times: clean, with the SAE reconstruction spliced into layer ``L``, and with that layer's
     output zeroed (special tokens keep their activation and are not averaged; see
-    :mod:`mtsae.core_eval`). The LM is loaded lazily, once, on the module's device (the source frees
+    :mod:`mtsae.evals.core`). The LM is loaded lazily, once, on the module's device (the source frees
     its own model after caching). Logs ``val/ce_loss_score``, ``val/kl_div_score``,
     ``val/ce_loss_clean``, ``val/ce_loss_sae``, ``val/ce_loss_zero``, ``val/kl_div_sae`` and
     ``val/kl_div_zero``.

@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
-from mtsae.disentanglement import (
+from mtsae.evals.disentanglement import (
     COHERENCE_THRESHOLD,
     DEFAULT_LAGS,
     DENSE_THRESHOLD,
@@ -31,10 +31,10 @@ class Disentanglement(EveryNValidations):
     During validation the codes of the first ``max_batches`` validation batches of each rank are
     recomputed (``pl_module(batch["acts"], batch["valid"]).f``) and accumulated; at the end the
     counts are summed across ranks (``trainer.strategy.reduce``), and every rank computes the same
-    results (see :mod:`mtsae.disentanglement` for the definitions). The sanity check is skipped.
+    results (see :mod:`mtsae.evals.disentanglement` for the definitions). The sanity check is skipped.
 
     Logged scalars (``val/disentanglement/`` + name; the names of
-    :func:`mtsae.disentanglement.disentanglement_results`):
+    :func:`mtsae.evals.disentanglement.disentanglement_results`):
 
     * ``coherence/max``, ``coherence/mean``, ``coherence/frac_above`` (``|cos| > coherence_threshold``);
     * ``density/dead_fraction``, ``density/dense_fraction`` (``> dense_threshold``),

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from mtsae.export import SAEMetadata, git_commit, hook_name, save_sae
+from mtsae.sae.export import SAEMetadata, git_commit, hook_name, save_sae
 
 __all__ = ["ExportSAE", "run_dir", "run_metadata"]
 
@@ -110,7 +110,7 @@ class ExportSAE(L.Callback):
         sae = pl_module.export_sae()
         save_sae(sae, self.path, metadata=meta)
         if self.saelens_dirname is not None:
-            from mtsae.saelens import save_saelens
+            from mtsae.sae.saelens import save_saelens
 
             save_saelens(sae, run_dir(trainer) / self.saelens_dirname, metadata=meta)
 

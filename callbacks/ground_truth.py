@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from mtsae.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
+from mtsae.training.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
 
 __all__ = ["GroundTruthRecovery"]
 

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
-from mtsae.synthetic_unlearning import (
+from mtsae.evals.synthetic_unlearning import (
     SyntheticGrid,
     forget_feature_indices,
     split_forget_retain,
@@ -29,7 +29,7 @@ class SyntheticUnlearning(EveryNValidations):
     The forget set is the first ``n_forget_features`` true features of ground-truth group ``group``;
     the first ``max_sequences`` validation sequences of the cache are split into forget / retain
     sequences and the SAEBench selection + clamp grid is run on them (definitions and score in
-    :mod:`mtsae.synthetic_unlearning`). Every rank computes the same result from the same sequences, so
+    :mod:`mtsae.evals.synthetic_unlearning`). Every rank computes the same result from the same sequences, so
     nothing is synchronised. Logs ``val/synthetic_unlearning/score``, ``.../forget_removed`` and
     ``.../retain_damage`` (those of the best grid point). Does nothing (one warning) when the data has no
     ground truth; fails at set-up if the forget set leaves no forget or no retain sequence.

@@ -14,10 +14,10 @@ from typing_extensions import override
 from callbacks.core_metrics import is_lm_source, shared_lm
 from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
-from mtsae.core_eval import load_tokenizer
-from mtsae.mcq import MMLU_SOURCE, MMLU_SUBSETS, WMDP_BIO, MCQuestion
-from mtsae.unlearning import GridConfig
-from mtsae.unlearning_eval import (
+from mtsae.evals.core import load_tokenizer
+from mtsae.evals.unlearning.intervention import GridConfig
+from mtsae.evals.unlearning.mcq import MMLU_SOURCE, MMLU_SUBSETS, WMDP_BIO, MCQuestion
+from mtsae.evals.unlearning.pipeline import (
     UnlearningConfig,
     UnlearningData,
     evaluate_unlearning,
@@ -28,7 +28,7 @@ from mtsae.unlearning_eval import (
 
 __all__ = ["Unlearning", "LOGGED_METRICS"]
 
-#: metric name -> key of the results of :func:`mtsae.unlearning_eval.evaluate_unlearning`
+#: metric name -> key of the results of :func:`mtsae.evals.unlearning.pipeline.evaluate_unlearning`
 LOGGED_METRICS = {
     "val/unlearning_score": "unlearning_score",
     "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
@@ -37,7 +37,7 @@ LOGGED_METRICS = {
 
 
 class Unlearning(EveryNValidations):
-    """Unlearning score of the SAE being trained (SAEBench; see :mod:`mtsae.unlearning_eval`).
+    """Unlearning score of the SAE being trained (SAEBench; see :mod:`mtsae.evals.unlearning.pipeline`).
 
     It is expensive (two corpora through the LM, then every grid point scores every question), so by
     default (``every_n_val: 0``) it runs **once, when training ends** (``on_train_end``, while the model
@@ -81,7 +81,7 @@ class Unlearning(EveryNValidations):
             unlearning_cache``).
         seed: seed of document / question sampling and row shuffling.
         saebench_exact: SAEBench's conventions (needs an instruct ``model_name``; see
-            :class:`mtsae.unlearning_eval.UnlearningConfig`); default: this project's, which work with
+            :class:`mtsae.evals.unlearning.pipeline.UnlearningConfig`); default: this project's, which work with
             the training model. ``mtsae eval unlearning`` is SAEBench-exact by default.
     """
 

@@ -9,7 +9,7 @@ cache build resume at shard granularity: :meth:`LMSource.generate` packs the row
 (cheap) but skips their forward pass.
 
 Activations are the residual stream after decoder layer ``layer`` ("resid_post", SAEBench's
-``blocks.L.hook_resid_post``), read by :func:`mtsae.lm.capture_resid_post`, which stops the forward
+``blocks.L.hook_resid_post``), read by :func:`mtsae.lm.hooks.capture_resid_post`, which stops the forward
 pass right after that layer. ``valid`` is False on the special tokens (BOS, EOS, PAD).
 
 Models without a BOS token (Qwen2, ...) use their EOS token at the start of a row, as GPT-2 does (its
@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from data.sources import ActivationSource, SourceChunk
-from mtsae.hub import HubUnavailableError, check_hub, download_command
-from mtsae.lm import capture_resid_post, decoder_layers, hf_dtype_kwargs, lm_hidden_size, n_layers
+from mtsae.lm.hooks import capture_resid_post, decoder_layers, hf_dtype_kwargs, lm_hidden_size, n_layers
+from mtsae.lm.hub import HubUnavailableError, check_hub, download_command
 from mtsae.progress import no_library_bars, progress_bar
 
 __all__ = ["LMSource", "SourceUnavailableError", "pack_documents", "MODEL_DTYPES", "LOCAL_DATA_BUILDERS"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data.synthetic import FeatureGroup, SyntheticSource
-from mtsae.model import MTSAE
+from mtsae.sae.model import MTSAE
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,17 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-FORBIDDEN = {"data", "callbacks", "tests", "train", "evaluate", "unlearn", "compare", "mtsae_cli"}
+FORBIDDEN = {
+    "data",
+    "callbacks",
+    "tests",
+    "train",
+    "evaluate",
+    "unlearn",
+    "compare",
+    "mtsae_cli",
+    "mtsae_app",
+}
 
 
 def test_library_does_not_import_application_layers() -> None:
@@ -22,5 +32,5 @@ def test_library_does_not_import_application_layers() -> None:
 
 
 def test_sae_module_knows_nothing_about_lightning() -> None:
-    src = Path("mtsae/model.py").read_text() + Path("mtsae/activations.py").read_text()
+    src = Path("mtsae/sae/model.py").read_text() + Path("mtsae/sae/activations.py").read_text()
     assert "lightning" not in src

@@ -1,0 +1,1 @@
+"""Evaluations: core (reconstruction, CE/KL scores), disentanglement, unlearning and synthetic unlearning."""

@@ -1,0 +1,257 @@
+"""SAEBench's core LM metrics: splice the SAE reconstruction into the LM and measure the damage.
+
+For held-out token sequences, three forward passes of a Hugging Face causal LM:
+
+- **clean**: the model as it is;
+- **SAE**: the output of decoder layer ``L`` (resid_post) replaced by the SAE reconstruction;
+- **zero**: that output replaced by zeros (the reference ablation).
+
+From them: next-token cross-entropy ``CE_clean``, ``CE_sae``, ``CE_zero``, ``KL(p_clean || p_sae)`` and
+``KL(p_clean || p_zero)``, and the scores (:func:`mtsae.evals.unlearning.intervention.ce_loss_score`,
+:func:`mtsae.evals.unlearning.intervention.kl_div_score`)::
+
+    ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)
+    kl_div_score  = (KL_zero - KL_sae) / KL_zero
+
+Special tokens (BOS / EOS / PAD) are handled as SAEBench's ``exclude_special_tokens_from_reconstruction
+= True``: at those positions the original activation is kept (neither reconstructed nor zeroed) and
+they are left out of the averages (CE at position ``t`` counts iff input token ``t`` is valid; KL at
+``t`` iff token ``t`` is valid). **ours**: the zero ablation also keeps the original activation at the
+special positions (SAELens zeroes every position), so both interventions touch the same tokens.
+
+The SAE sees activations in its *input units*: :func:`core_lm_metrics` takes ``act_scale`` (the
+training-time input scale of :class:`mtsae.SAEModule`) and runs ``x_hat = sae(x * act_scale).x_hat /
+act_scale``; pass ``act_scale=1`` for an SAE that acts on raw activations (``export_sae()``,
+:func:`mtsae.load_sae`). This lets a callback use the module's SAE as it trains, without a copy.
+
+:func:`core_lm_metrics` returns *sums and counts* (float64 tensors), so that results can be summed
+across DDP ranks before :func:`finalize_core_metrics` turns them into means and scores.
+
+Also here: :func:`load_causal_lm`, which loads a Hugging Face causal LM with a clear error when it is
+unreachable (used by the callbacks and ``mtsae eval``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mtsae.evals.unlearning.intervention import (
+    ce_loss_score,
+    kl_div_score,
+    kl_per_token,
+    next_token_ce,
+    valid_token_mask,
+)
+from mtsae.lm.hooks import hf_dtype_kwargs, splice_resid_post
+from mtsae.lm.hub import HubUnavailableError, check_hub, download_command
+
+__all__ = [
+    "CORE_SUM_KEYS",
+    "LMUnavailableError",
+    "MODEL_DTYPES",
+    "core_lm_metrics",
+    "finalize_core_metrics",
+    "load_causal_lm",
+    "load_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+#: keys of the sums returned by :func:`core_lm_metrics` (all float64 scalars; sum them across ranks)
+CORE_SUM_KEYS = ("ce_clean", "ce_sae", "ce_zero", "n_ce", "kl_sae", "kl_zero", "n_kl")
+
+#: ``model_dtype`` strings accepted by :func:`load_causal_lm`
+MODEL_DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
+class LMUnavailableError(RuntimeError):
+    """A language model or tokenizer cannot be loaded (missing path, no network, gated model)."""
+
+
+def _lm_error(what: str, name: str, revision: str | None, err: Exception) -> LMUnavailableError:
+    rev = f" (revision {revision!r})" if revision else ""
+    return LMUnavailableError(
+        f"cannot load the {what} of {name!r}{rev}: {type(err).__name__}: {err}\n"
+        f"Without network access, or for a gated model (Gemma: accept its license on the hub and set "
+        f"HF_TOKEN), download it once elsewhere (`{download_command(name)}`) "
+        f"and pass the local folder instead."
+    )
+
+
+def _check_local(name: str, revision: str | None, what: str) -> None:
+    looks_local = name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1
+    if looks_local and not Path(name).expanduser().exists():
+        err = FileNotFoundError(f"local path {name!r} does not exist")
+        raise _lm_error(what, name, revision, err) from err
+    try:  # offline or unreachable hub: fail now, before transformers retries with back-off
+        check_hub(name, f"the {what} of", revision)
+    except HubUnavailableError as err:
+        raise LMUnavailableError(str(err)) from err
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained`` with a clear :class:`LMUnavailableError` when unreachable."""
+    from transformers import AutoTokenizer
+
+    _check_local(name, revision, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as err:  # re-raised with instructions, never swallowed
+        raise _lm_error("tokenizer", name, revision, err) from err
+    tok.model_max_length = int(1e30)  # long texts are cut into rows by the caller
+    return tok
+
+
+def load_causal_lm(
+    name: str,
+    revision: str | None = None,
+    dtype: str | torch.dtype = "bfloat16",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> nn.Module:
+    """A Hugging Face causal LM in eval mode on ``device``; :class:`LMUnavailableError` if unreachable."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        if dtype not in MODEL_DTYPES:
+            raise ValueError(f"model dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
+        dtype = MODEL_DTYPES[dtype]
+    _check_local(name, revision, "weights")
+    log.info("loading %s (%s) on %s", name, dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, revision=revision, trust_remote_code=trust_remote_code, **hf_dtype_kwargs(dtype)
+        )
+    except Exception as err:
+        raise _lm_error("weights", name, revision, err) from err
+    model.requires_grad_(False)
+    return model.to(device).eval()
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _sae_param(sae: nn.Module) -> Tensor:
+    p = next(sae.parameters(), None)
+    if p is None:
+        raise ValueError("the SAE has no parameters (cannot tell its device and dtype)")
+    return p
+
+
+@torch.no_grad()
+def core_lm_metrics(
+    model: nn.Module,
+    sae: nn.Module,
+    layer: int,
+    input_ids: Tensor,
+    attention_mask: Tensor | None,
+    special_ids: Sequence[int | None],
+    batch_size: int = 8,
+    act_scale: float | Tensor = 1.0,
+    progress: bool = False,
+) -> dict[str, Tensor]:
+    """Sums of CE losses and KL divergences over ``input_ids`` for clean / SAE-spliced / zero-ablated runs.
+
+    Args:
+        model: Hugging Face causal LM returning ``.logits``.
+        sae: SAE called as ``sae(x, valid)`` returning an object with ``.x_hat`` (e.g.
+            :class:`mtsae.MTSAE`); ``x`` is in the SAE's input units (see ``act_scale``). For an MTSAE
+            the encoder sees the whole row, with the special positions masked out.
+        layer: decoder layer whose output (resid_post) is replaced.
+        input_ids: ``[N, T]`` token ids of the held-out rows.
+        attention_mask: ``[N, T]`` (1 = attended) or ``None`` (all attended).
+        special_ids: BOS / EOS / PAD ids: those positions keep their activation and are not averaged.
+        batch_size: rows per forward pass (three forwards per batch).
+        act_scale: the SAE sees ``x * act_scale`` and its reconstruction is divided by ``act_scale``
+            (``SAEModule.act_scale`` for ``SAEModule.sae``; ``1`` for a raw-activation SAE).
+        progress: show a tqdm bar over batches.
+
+    Returns:
+        float64 scalar tensors (on CPU) keyed by :data:`CORE_SUM_KEYS`: ``ce_*`` are sums of per-token
+        next-token CE over ``n_ce`` positions, ``kl_*`` sums of ``KL(p_clean || p_*)`` over ``n_kl``
+        positions. Sum them across ranks, then call :func:`finalize_core_metrics`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [N, T], got {tuple(input_ids.shape)}")
+    if input_ids.shape[1] < 2:
+        raise ValueError("next-token CE needs rows of at least 2 tokens")
+    from tqdm.auto import tqdm
+
+    dev = _device(model)
+    p = _sae_param(sae)
+    scale = float(act_scale)
+    if scale <= 0:
+        raise ValueError(f"act_scale must be positive, got {scale}")
+    sums = {k: torch.zeros((), dtype=torch.float64) for k in CORE_SUM_KEYS}
+    starts = range(0, input_ids.shape[0], batch_size)
+    for start in tqdm(starts, desc="core LM metrics", unit="batch", disable=not progress, leave=False):
+        ids = input_ids[start : start + batch_size].to(device=dev, dtype=torch.long)  # [B, T]
+        mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(dev)
+        valid = valid_token_mask(ids, mask, special_ids)  # [B, T]
+        keep = valid.unsqueeze(-1)  # [B, T, 1]
+
+        def reconstruct(h: Tensor, valid: Tensor = valid, keep: Tensor = keep) -> Tensor:  # [B, T, d]
+            x = h.to(device=p.device, dtype=p.dtype) * scale
+            x_hat = sae(x, valid.to(p.device)).x_hat / scale  # [B, T, d]
+            return torch.where(keep, x_hat.to(device=h.device, dtype=h.dtype), h)
+
+        def zero(h: Tensor, keep: Tensor = keep) -> Tensor:
+            return torch.where(keep, torch.zeros_like(h), h)
+
+        kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        clean = model(**kw).logits  # [B, T, V]
+        v_ce, v_kl = valid[:, :-1], valid  # CE at t predicts t+1 from input token t
+        sums["ce_clean"] += next_token_ce(clean, ids)[v_ce].double().sum().cpu()
+        for name, fn in (("sae", reconstruct), ("zero", zero)):
+            with splice_resid_post(model, layer, fn):
+                logits = model(**kw).logits  # [B, T, V]
+            sums[f"ce_{name}"] += next_token_ce(logits, ids)[v_ce].double().sum().cpu()
+            sums[f"kl_{name}"] += kl_per_token(clean, logits)[v_kl].double().sum().cpu()
+            del logits
+        sums["n_ce"] += v_ce.sum().cpu()
+        sums["n_kl"] += v_kl.sum().cpu()
+        del clean
+    return sums
+
+
+def finalize_core_metrics(sums: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Means and scores from (rank-summed) :func:`core_lm_metrics` sums.
+
+    Returns ``ce_loss_clean``, ``ce_loss_sae``, ``ce_loss_zero``, ``kl_div_sae``, ``kl_div_zero``,
+    ``ce_loss_score``, ``kl_div_score`` and ``n_tokens`` (the CE positions). Scores are ``nan`` when
+    undefined (zero ablation changes nothing).
+
+    Raises:
+        ValueError: if a key is missing or no position was valid.
+    """
+    missing = set(CORE_SUM_KEYS) - set(sums)
+    if missing:
+        raise ValueError(f"missing sums {sorted(missing)}")
+    s = {k: float(sums[k]) for k in CORE_SUM_KEYS}
+    if s["n_ce"] <= 0 or s["n_kl"] <= 0:
+        raise ValueError("core LM metrics are undefined: no valid (non-special) token was seen")
+    ce = {k: s[f"ce_{k}"] / s["n_ce"] for k in ("clean", "sae", "zero")}
+    kl = {k: s[f"kl_{k}"] / s["n_kl"] for k in ("sae", "zero")}
+    return {
+        "ce_loss_score": ce_loss_score(ce["clean"], ce["sae"], ce["zero"]),
+        "kl_div_score": kl_div_score(kl["sae"], kl["zero"]),
+        "ce_loss_clean": ce["clean"],
+        "ce_loss_sae": ce["sae"],
+        "ce_loss_zero": ce["zero"],
+        "kl_div_sae": kl["sae"],
+        "kl_div_zero": kl["zero"],
+        "n_tokens": s["n_ce"],
+    }

@@ -1,0 +1,1 @@
+"""Training: the LightningModule (:mod:`mtsae.training.module`), its losses, schedulers and metrics."""

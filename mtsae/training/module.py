@@ -1,0 +1,244 @@
+"""``SAEModule``: the LightningModule that owns the losses, the optimisation and the logging.
+
+The SAE itself is a plain :class:`mtsae.MTSAE` in ``self.sae``. Inputs are multiplied by a constant
+``act_scale`` so that ``E||x||^2 = d_in`` on the training data (estimated once from the cache
+statistics); :meth:`SAEModule.export_sae` folds the constant back in, so the exported SAE acts on raw
+activations.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from mtsae.sae.model import MTSAE, ForwardOutput
+from mtsae.training.aux_losses import DeadLatentTracker, auxk_loss
+from mtsae.training.losses import (
+    SEPARATION_KINDS,
+    codes_separation,
+    decoder_separation,
+    fvu,
+    l1_sparsity,
+    recon_loss,
+    scales_separation,
+)
+from mtsae.training.metrics import ReconstructionMetrics
+from mtsae.training.schedulers import WarmupDecayLR
+
+__all__ = ["SAEModule"]
+
+
+class SAEModule(L.LightningModule):
+    """Train an MTSAE (or, with ``dilations: []``, a per-token SAE).
+
+    Args:
+        d_in: activation width (linked from ``data.d_in``; do not type it).
+        d_sae: number of features.
+        dilations: dilations of the causal depth-wise conv branches; ``[]`` = per-token SAE.
+        activation: ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``.
+        activation_kwargs: options of the activation (``k: 32`` for top-k variants, ...).
+        freeze_conv: keep the convolutions at their identity initialisation (a control: the MTSAE's
+            encoder parameterisation without temporal context).
+        cascade: stack the conv branches (receptive field ``1 + 2·sum(dilations)``) instead of running
+            them side by side on the input (``1 + 2·max(dilations)``); see :class:`mtsae.MTSAE`.
+        encoder: ``concat`` (the branches side by side before ``W_enc``) or ``mix`` (their mean, one
+            causal kernel, before a ``d_in x d_sae`` ``W_enc``: a step costs about a per-token SAE's).
+        sparsity_coeff: weight of the sparsity penalty: L1 of the codes for ``relu``, the (straight-through)
+            L0 for ``jumprelu``; unused by ``topk`` / ``batchtopk``, whose sparsity is fixed by ``k``.
+        sparsity_warmup_steps: steps of linear warm-up of ``sparsity_coeff`` from 0.
+        separation: cosine feature-separation loss: ``scales``, ``decoder``, ``codes`` or ``none``.
+        separation_coeff: its weight.
+        separation_max_tokens: tokens sampled per batch by the ``codes`` kind (bounds its cost).
+        separation_max_pairs: co-active feature pairs sampled per batch by the ``decoder`` kind.
+        auxk_coeff: weight of the AuxK loss for dead latents (``topk`` / ``batchtopk``; Gao et al. 2024).
+        auxk_k: latents used by AuxK (default ``d_in // 2``).
+        dead_after_tokens: a latent that has not fired for this many training tokens counts as dead.
+        scale_activations: multiply inputs by a constant so that ``E||x||^2 = d_in`` (from the cache).
+        init_b_dec_from_data: initialise ``b_dec`` to the mean training activation.
+        optimizer: optimizer factory (YAML ``class_path``/``init_args``); Adam by default.
+        lr_scheduler: LR scheduler factory, stepped every optimizer step; ``None`` for a constant LR.
+    """
+
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int = 512,
+        dilations: Sequence[int] = (1, 2, 4, 8),
+        activation: str = "relu",
+        activation_kwargs: dict[str, Any] | None = None,
+        cascade: bool = False,
+        encoder: str = "concat",
+        freeze_conv: bool = False,
+        sparsity_coeff: float = 5.0,
+        sparsity_warmup_steps: int = 0,
+        separation: str = "scales",
+        separation_coeff: float = 0.1,
+        separation_max_tokens: int = 1024,
+        separation_max_pairs: int = 4096,
+        auxk_coeff: float = 1 / 32,
+        auxk_k: int | None = None,
+        dead_after_tokens: int = 10_000_000,
+        scale_activations: bool = True,
+        init_b_dec_from_data: bool = True,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        if separation not in SEPARATION_KINDS:
+            raise ValueError(f"separation must be one of {SEPARATION_KINDS}, got {separation!r}")
+        if separation == "scales" and len(dilations) < 2:
+            raise ValueError(
+                f"separation 'scales' compares dilation branches and needs at least two dilations, got "
+                f"{list(dilations)}; use separation: none, decoder or codes for this model"
+            )
+        for name, v in [
+            ("sparsity_coeff", sparsity_coeff),
+            ("sparsity_warmup_steps", sparsity_warmup_steps),
+            ("separation_coeff", separation_coeff),
+            ("auxk_coeff", auxk_coeff),
+        ]:
+            if v < 0:
+                raise ValueError(f"{name} must be non-negative, got {v}")
+        if dead_after_tokens < 1:
+            raise ValueError(f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        self.sae = MTSAE(
+            d_in,
+            d_sae,
+            dilations=dilations,
+            activation=activation,
+            activation_kwargs=activation_kwargs,
+            cascade=cascade,
+            encoder=encoder,
+        )
+        self.sae.conv_weight.requires_grad_(bool(self.sae.dilations) and not freeze_conv)
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.dead_tracker = DeadLatentTracker(d_sae)
+        self.auxk_k = auxk_k if auxk_k is not None else max(1, d_in // 2)
+        self.register_buffer("act_scale", torch.tensor(1.0))
+        self.register_buffer("data_initialised", torch.tensor(False))
+        self.val_metrics = ReconstructionMetrics(d_in, d_sae)
+
+    # ------------------------------------------------------------------ set-up from the data
+    def initialise_from_stats(self, stats: dict, force: bool = False) -> bool:
+        """Set ``act_scale`` (so that ``E||x||^2 = d_in``) and ``b_dec`` from cache statistics.
+
+        Done once per run: a module restored from a checkpoint is left alone unless ``force``.
+        Returns whether anything was set.
+        """
+        if bool(self.data_initialised) and not force:
+            return False
+        hp = self.hparams
+        if hp.scale_activations:
+            self.act_scale.fill_(math.sqrt(hp.d_in / stats["mean_sq_norm"]))
+        if hp.init_b_dec_from_data:
+            mean = torch.tensor(stats["mean"], dtype=self.sae.b_dec.dtype, device=self.sae.b_dec.device)
+            with torch.no_grad():
+                self.sae.b_dec.copy_(mean * self.act_scale)
+        self.data_initialised.fill_(True)
+        return True
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "stats"):
+            self.initialise_from_stats(dm.stats)
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: Tensor, valid: Tensor | None = None) -> ForwardOutput:
+        """Run the SAE on raw activations ``[B, T, d_in]`` (scaled internally); outputs are scaled."""
+        return self.sae(x.float() * self.act_scale, valid)
+
+    def _losses(self, x: Tensor, valid: Tensor, out: ForwardOutput) -> dict[str, Tensor]:
+        hp = self.hparams
+        terms = {"recon": recon_loss(x, out.x_hat, valid)}
+        loss = terms["recon"]
+        act = self.sae.act
+        if (act.uses_l1 or act.uses_l0) and hp.sparsity_coeff > 0:
+            warm = 1.0
+            if hp.sparsity_warmup_steps > 0:
+                warm = min(1.0, (self.global_step + 1) / hp.sparsity_warmup_steps)
+            terms["sparsity"] = l1_sparsity(out.f, valid) if act.uses_l1 else act.l0_penalty(out.pre, valid)
+            loss = loss + hp.sparsity_coeff * warm * terms["sparsity"]
+        if act.uses_auxk and hp.auxk_coeff > 0 and self.training:
+            dead = self.dead_tracker.dead_mask(hp.dead_after_tokens)
+            terms["auxk"] = auxk_loss(out.pre, x - out.x_hat, self.sae.W_dec, dead, self.auxk_k, valid)
+            # AuxK is a normalised MSE (Gao et al.); recon is not, so weight it by the batch variance
+            xv = x[valid]
+            var = (xv - xv.mean(0)).pow(2).sum(-1).mean().detach()
+            loss = loss + hp.auxk_coeff * var * terms["auxk"]
+        if hp.separation != "none" and hp.separation_coeff > 0:
+            if hp.separation == "scales":
+                terms["separation"] = scales_separation(out.z_scales, valid)
+            elif hp.separation == "decoder":
+                terms["separation"] = decoder_separation(
+                    self.sae.W_dec, out.f, valid, hp.separation_max_pairs
+                )
+            else:
+                terms["separation"] = codes_separation(out.f, valid, hp.separation_max_tokens)
+            loss = loss + hp.separation_coeff * terms["separation"]
+        terms["loss"] = loss
+        return terms
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
+        out = self.sae(x, valid)
+        self.dead_tracker.update(out.f.detach(), valid)
+        terms = self._losses(x, valid, out)
+        with torch.no_grad():
+            l0 = (out.f[valid] > 0).float().sum(-1).mean()
+            batch_fvu = fvu(x, out.x_hat, valid)
+        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+        self.log_dict({"train/l0": l0, "train/fvu": batch_fvu}, prog_bar=True)
+        dead = self.dead_tracker.dead_mask(self.hparams.dead_after_tokens)
+        self.log("train/dead_fraction", dead.float().mean())
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
+        out = self.sae(x, valid)
+        self.log("val/loss", self._losses(x, valid, out)["loss"], sync_dist=True)
+        c = self.act_scale
+        self.val_metrics.update(x / c, out.x_hat / c, out.f / c, valid)  # in raw units
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
+        self.val_metrics.reset()
+
+    # ------------------------------------------------------------------ decoder norm constraint
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.sae.project_decoder_grad_()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.sae.normalize_decoder_()
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # the schedule's length is known once the data is set up. Not in configure_optimizers: asking
+        # for estimated_stepping_batches there builds the train loader before a checkpoint's loop state
+        # is restored, which would lose the loader's mid-epoch position on resume.
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, WarmupDecayLR) and config.scheduler.total_steps is None:
+                config.scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+
+    # ------------------------------------------------------------------ export
+    def export_sae(self) -> MTSAE:
+        """A copy of the SAE that acts on raw activations (the input scale folded into its biases)."""
+        sae = copy.deepcopy(self.sae).float().cpu().eval()
+        sae.fold_input_scale_(float(self.act_scale))
+        return sae

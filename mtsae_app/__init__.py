@@ -1,0 +1,1 @@
+"""The ``mtsae`` command line: ``mtsae eval``, ``mtsae unlearn``, ``mtsae compare``, ``mtsae cache``."""

@@ -1,0 +1,201 @@
+"""train.py end to end: configs parse, fast_dev_run, learning, resume, export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtsae import SAEModule, load_sae, read_metadata
+from train import cli_main
+
+# training configs; overlays (configs/baselines) and compare configs have tests of their own
+CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml"))
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    """The demo config shrunk to seconds (d_in 16, ctx 16, 512 sequences)."""
+    return [
+        "--config",
+        "configs/demo.yaml",
+        "--data.source.init_args.d_in",
+        "16",
+        "--data.source.init_args.ctx_len",
+        "16",
+        "--data.n_sequences",
+        "512",
+        "--data.val_sequences",
+        "64",
+        "--data.shard_size",
+        "256",
+        "--data.batch_size",
+        "16",
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--data.progress",
+        "false",
+        "--model.d_sae",
+        "64",
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_parses(config: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", config, "--print_config"])
+    assert e.value.code == 0
+    assert "model:" in capsys.readouterr().out
+
+
+def test_help(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "--model.separation" in out and "--data.source" in out
+
+
+def test_fast_dev_run(tmp_path: Path) -> None:
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run", "true")])
+    assert cli.trainer.global_step == 1
+    assert cli.model.hparams.d_in == 16  # linked from the data
+
+
+def test_training_lowers_val_fvu(tmp_path: Path) -> None:
+    cli = cli_main(tiny_args(tmp_path, "--trainer.max_epochs", "3"), run=False)
+    cli.datamodule.prepare_data()
+    cli.datamodule.setup("validate")
+    assert cli.model.initialise_from_stats(cli.datamodule.stats)  # start from the data-initialised b_dec
+    (before,) = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.trainer.callback_metrics
+    schedule = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert schedule.total_steps == cli.trainer.global_step == 3 * 32  # filled in from the data
+    assert after["val/fvu"] < 0.5 * before["val/fvu"], (before["val/fvu"], after["val/fvu"])
+    assert 0 < after["val/l0"] < 64
+    for key in ("val/mmcs", "val/recovered", "val/recovered/local", "val/mmcs/slow", "val/dead_fraction"):
+        assert key in after
+    run_dir = Path(cli.trainer.logger.log_dir)
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert (run_dir / "summary.json").exists() and (run_dir / "config.yaml").exists()
+
+    # the exported SAE acts on raw activations and reproduces the module's reconstructions
+    sae = load_sae(run_dir / "sae")
+    meta = read_metadata(run_dir / "sae")
+    assert meta.act_scale == pytest.approx(float(cli.model.act_scale)) and meta.global_step == 3 * 32
+    assert meta.training_tokens == 3 * 32 * 16 * 16 and meta.context_size == 16  # steps x rows x tokens
+    assert meta.model_name is None and meta.data["source"] == "synthetic"
+    batch = next(iter(cli.datamodule.val_dataloader()))
+    module = cli.model.eval()
+    with torch.no_grad():
+        want = module(batch["acts"], batch["valid"]).x_hat / module.act_scale
+        got = sae(batch["acts"], batch["valid"]).x_hat
+    valid = batch["valid"]
+    torch.testing.assert_close(got[valid], want[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_resume_continues_without_reinitialising(tmp_path: Path) -> None:
+    first = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "16")])
+    ckpt = first.trainer.checkpoint_callback.last_model_path
+    assert ckpt and Path(ckpt).exists()
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["global_step"] == 16 and bool(state["state_dict"]["data_initialised"])
+
+    second = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "24"), "--ckpt_path", ckpt])
+    assert second.trainer.global_step == 24
+    assert second.model.act_scale == first.model.act_scale
+    loaded = SAEModule.load_from_checkpoint(ckpt)
+    assert loaded.act_scale == first.model.act_scale
+    trained_b_dec = loaded.sae.b_dec.detach().clone()
+    stats = {"mean_sq_norm": 1.0, "mean": [5.0] * 16}
+    assert not loaded.initialise_from_stats(stats)  # a restored module keeps its trained values
+    assert torch.equal(loaded.sae.b_dec, trained_b_dec) and loaded.act_scale == first.model.act_scale
+    assert loaded.initialise_from_stats(stats, force=True)
+    assert torch.equal(loaded.sae.b_dec, torch.full((16,), 20.0)) and loaded.act_scale == 4.0
+
+
+def test_bad_model_config_fails_before_building_anything(tmp_path: Path) -> None:
+    with pytest.raises((ValueError, SystemExit)):
+        cli_main(["fit", *tiny_args(tmp_path, "--model.dilations", "[]")])  # 'scales' needs dilations
+    assert not (tmp_path / "cache").exists()
+
+
+def test_resumed_schedule_uses_the_new_length() -> None:
+    from mtsae.training.schedulers import WarmupDecayLR
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    old = WarmupDecayLR(opt, warmup_steps=0, decay_fraction=0.5, total_steps=100)
+    for _ in range(60):
+        opt.step()
+        old.step()
+    state = old.state_dict()
+    opt2 = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    new = WarmupDecayLR(opt2, warmup_steps=0, decay_fraction=0.5, total_steps=1000)
+    new.load_state_dict(state)
+    assert new.total_steps == 1000 and new.last_epoch == 60
+    assert new._factor(150) == 1.0  # the old run would be at lr 0 here
+
+
+def test_freeze_conv_keeps_the_identity(tmp_path: Path) -> None:
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "5", "--model.freeze_conv", "true")])
+    w = cli.model.sae.conv_weight
+    assert not w.requires_grad
+    assert torch.equal(w[:, :, -1], torch.ones_like(w[:, :, -1])) and not w[:, :, :-1].any()
+
+
+def _fingerprints(path: Path) -> dict[int, float]:
+    return {step: fp for step, fp in (json.loads(line) for line in path.read_text().splitlines())}
+
+
+def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None:
+    """Interrupted mid-epoch and resumed, training sees exactly the batches of an uninterrupted run."""
+    probe = "--trainer.callbacks+=tests.helpers.batch_probe.BatchProbe"
+    every = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
+    full = tmp_path / "full.jsonl"
+    cli_main(
+        [
+            "fit",
+            *tiny_args(
+                tmp_path / "a", "--trainer.max_steps", "40", probe, "--trainer.callbacks.path", str(full)
+            ),
+        ]
+    )
+
+    part = tmp_path / "part.jsonl"
+    ckpt_dir = tmp_path / "ckpt"
+    first = [
+        "--trainer.max_steps",
+        "11",  # 32 batches per epoch: stops mid-epoch, off the validation points
+        probe,
+        "--trainer.callbacks.path",
+        str(part),
+        every,
+        "--trainer.callbacks.dirpath",
+        str(ckpt_dir),
+        "--trainer.callbacks.every_n_train_steps",
+        "11",
+        "--trainer.callbacks.filename",
+        "mid",
+    ]
+    cli_main(["fit", *tiny_args(tmp_path / "b", *first)])
+    second = [
+        "--trainer.max_steps",
+        "40",
+        probe,
+        "--trainer.callbacks.path",
+        str(part),
+        "--ckpt_path",
+        str(ckpt_dir / "mid.ckpt"),
+    ]
+    cli_main(["fit", *tiny_args(tmp_path / "b", *second)])
+    assert _fingerprints(part) == _fingerprints(full)
