@@ -9,7 +9,12 @@ from __future__ import annotations
 import importlib
 import sys
 
-__all__ = ["SUBCOMMANDS", "main", "usage"]
+from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
+
+__all__ = ["NEEDS_CHECKOUT", "SUBCOMMANDS", "main", "usage"]
+
+#: subcommands that read a training configuration: they run from a checkout (see :mod:`mtsae_app.checkout`)
+NEEDS_CHECKOUT = frozenset({"cache", "compare"})  # and eval, once its options are parsed
 
 #: subcommand -> (module providing ``main(argv) -> int``, one-line description)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -54,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtsae: unknown subcommand {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name = SUBCOMMANDS[name][0]
+    if name in NEEDS_CHECKOUT:
+        try:
+            require_checkout(name)
+        except CheckoutNotFoundError as e:
+            print(e, file=sys.stderr)
+            return 2
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:

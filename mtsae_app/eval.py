@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
+
 __all__ = ["EvalError", "EvalSAE", "build_parser", "main", "load_module", "load_eval_sae", "load_datamodule"]
 
 log = logging.getLogger("mtsae.eval")
@@ -527,13 +529,18 @@ COMMANDS = {"core": run_core, "unlearning": run_unlearning, "disentanglement": r
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``mtsae eval``; returns the exit status (2 for a user error, with its message on stderr)."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        require_checkout("eval")  # the training configuration's classes: data.*, callbacks.*
+    except CheckoutNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 2
     from data import CacheMismatchError, SourceUnavailableError
     from mtsae.evals.core import LMUnavailableError
     from mtsae.evals.unlearning.mcq import MCQDatasetError
     from mtsae.evals.unlearning.pipeline import UnlearningDataError
     from mtsae.evals.unlearning.recipe import RecipeError
 
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     user_errors = (

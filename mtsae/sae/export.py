@@ -225,7 +225,7 @@ def read_metadata(path: str | os.PathLike) -> SAEMetadata:
 
 
 def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTSAE:
-    """Load an SAE folder (eval mode, float32, acting on raw activations).
+    """Load an SAE folder (eval mode, float32, acting on raw activations, ``requires_grad=False``).
 
     Reads this project's format (``config.json`` + ``sae.safetensors``), its first format
     (``config.json`` + ``sae.pt``) and SAELens folders (``cfg.json`` + ``sae_weights.safetensors``, as a
@@ -236,7 +236,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTS
     if kind == "saelens":
         from mtsae.sae.saelens import load_saelens
 
-        return load_saelens(path).sae.to(device)
+        return load_saelens(path).sae.to(device).requires_grad_(False)
     cfg = _read_config(path)
     if kind == "mtsae":
         _check_version(path, cfg)
@@ -258,7 +258,7 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTS
             f"the weights in {path} do not fit its config: missing {sorted(missing)}, "
             f"unexpected {sorted(unexpected)}"
         )
-    return sae.to(device).eval()
+    return sae.to(device).eval().requires_grad_(False)
 
 
 def load_sae_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> MTSAE:
