@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
-from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, load_causal_lm
+from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics
+from mtsae.lm.loading import load_causal_lm
 
 __all__ = ["CoreLMMetrics", "is_lm_source", "shared_lm"]
 

@@ -14,7 +14,6 @@ from typing_extensions import override
 from callbacks.core_metrics import is_lm_source, shared_lm
 from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
-from mtsae.evals.core import load_tokenizer
 from mtsae.evals.unlearning.intervention import GridConfig
 from mtsae.evals.unlearning.mcq import MMLU_SOURCE, MMLU_SUBSETS, WMDP_BIO, MCQuestion
 from mtsae.evals.unlearning.pipeline import (
@@ -25,6 +24,7 @@ from mtsae.evals.unlearning.pipeline import (
     load_unlearning_data,
     save_results,
 )
+from mtsae.lm.loading import load_tokenizer
 
 __all__ = ["Unlearning", "LOGGED_METRICS"]
 

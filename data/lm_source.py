@@ -29,71 +29,29 @@ from typing import Any
 import torch
 
 from data.sources import ActivationSource, SourceChunk
-from mtsae.lm.hooks import capture_resid_post, decoder_layers, hf_dtype_kwargs, lm_hidden_size, n_layers
-from mtsae.lm.hub import HubUnavailableError, check_hub, download_command
-from mtsae.progress import no_library_bars, progress_bar
+from mtsae.lm.hooks import capture_resid_post, decoder_layers, lm_hidden_size, n_layers
+from mtsae.lm.loading import (
+    MODEL_DTYPES,
+    LMUnavailableError,
+    load_causal_lm,
+    load_lm_config,
+    load_tokenizer,
+    resolve_device,
+    special_ids,
+)
+from mtsae.lm.text import open_dataset, pack_documents, tokenize_documents
+from mtsae.progress import progress_bar
 
-__all__ = ["LMSource", "SourceUnavailableError", "pack_documents", "MODEL_DTYPES", "LOCAL_DATA_BUILDERS"]
+__all__ = ["LMSource", "SourceUnavailableError", "pack_documents"]
 
 log = logging.getLogger(__name__)
 
-#: values of ``model_dtype``
-MODEL_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
+#: a model, tokenizer or dataset named in the config cannot be loaded (missing path, no network, gated);
+#: the message says which setting to change
+SourceUnavailableError = LMUnavailableError
 
-#: file suffix -> ``datasets`` packaged builder used for a local dataset file
-LOCAL_DATA_BUILDERS: dict[str, str] = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".txt": "text",
-    ".parquet": "parquet",
-    ".csv": "csv",
-}
-
-_TOKENIZE_BATCH = 64  # documents tokenized per call of the (fast, Rust) tokenizer
-
-
-class SourceUnavailableError(RuntimeError):
-    """A model, tokenizer or dataset named in the config cannot be loaded (missing path, no network, gated)."""
-
-
-def pack_documents(
-    token_lists: Iterable[list[int]], ctx_len: int, bos_id: int, eos_id: int
-) -> Iterator[list[int]]:
-    """Pack tokenized documents into rows of ``ctx_len`` tokens: ``[bos] + ctx_len - 1`` stream tokens.
-
-    The stream is every document followed by ``eos_id``. Rows cut it into consecutive pieces of
-    ``ctx_len - 1`` tokens, so a long document continues in the next row (after its BOS). Empty
-    documents are skipped; the incomplete last row (when the documents run out) is not yielded.
-    """
-    if ctx_len < 2:
-        raise ValueError(f"ctx_len must be at least 2 (BOS + one token), got {ctx_len}")
-    body = ctx_len - 1
-    buf: list[int] = []
-    for toks in token_lists:
-        if not toks:
-            continue
-        buf.extend(toks)
-        buf.append(eos_id)
-        if len(buf) < body:
-            continue
-        n_full = len(buf) // body
-        for i in range(n_full):
-            yield [bos_id, *buf[i * body : (i + 1) * body]]
-        buf = buf[n_full * body :]
-
-
-def _looks_like_path(name: str) -> bool:
-    """True if ``name`` can only be a local path (a hub id is ``name`` or ``org/name``)."""
-    return (
-        name.startswith(("/", "./", "../", "~", "."))
-        or name.count("/") > 1
-        or "\\" in name
-        or Path(name).suffix.lower() in LOCAL_DATA_BUILDERS
-    )
+_MODEL_SETTING = "data.source.init_args.model_name"
+_DATASET_SETTING = "data.source.init_args.dataset"
 
 
 def _short(name: str) -> str:
@@ -163,11 +121,7 @@ class LMSource(ActivationSource):
             raise ValueError(f"llm_batch_size must be >= 1, got {llm_batch_size}")
         if shuffle_buffer < 0:
             raise ValueError(f"shuffle_buffer must be >= 0, got {shuffle_buffer}")
-        if device != "auto":
-            try:
-                torch.device(device)
-            except RuntimeError as e:
-                raise ValueError(f"device must be 'auto' or a torch device string, got {device!r}") from e
+        resolve_device(device)  # ValueError for a string torch does not know
         self.model_name = model_name
         self.layer = layer
         self.dataset = dataset
@@ -223,145 +177,56 @@ class LMSource(ActivationSource):
 
     @property
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
-    # ------------------------------------------------------------------ loading (with clear errors)
-    def _model_error(self, what: str, e: Exception) -> SourceUnavailableError:
-        rev = f" (revision {self.revision!r})" if self.revision else ""
-        local = f"/path/to/local/{_short(self.model_name)}"
-        if isinstance(e, FileNotFoundError) and _looks_like_path(self.model_name):
-            hint = (
-                "Point the config at an existing model folder (with config.json, the tokenizer and the "
-                "weights) or at a Hugging Face hub name:"
-            )
-        else:
-            hint = (
-                f"If the machine has no network access, or the model is gated (Gemma: accept its license on "
-                f"the hub and set HF_TOKEN), download it once elsewhere (`{download_command(self.model_name)}`) and point the config at the local copy:"
-            )
-        return SourceUnavailableError(
-            f"LMSource cannot load the {what} of model_name={self.model_name!r}{rev}: {type(e).__name__}: {e}\n"
-            f"{hint}\n    data.source.init_args.model_name: {local}"
-        )
-
-    def _check_local_model(self) -> None:
-        path = Path(self.model_name).expanduser()
-        if _looks_like_path(self.model_name) and not path.exists():
-            e = FileNotFoundError(f"local path {str(path.resolve())!r} does not exist")
-            raise self._model_error("config", e) from e
-        try:  # offline or unreachable hub: fail now, before transformers retries with back-off
-            check_hub(
-                self.model_name, "the model", self.revision, "model", "data.source.init_args.model_name"
-            )
-        except HubUnavailableError as e:
-            raise SourceUnavailableError(str(e)) from e
-
+    # ------------------------------------------------------------------ loading (mtsae.lm: clear errors)
     def _load_config(self) -> Any:
         if self._config is None:
-            from transformers import AutoConfig
-
-            self._check_local_model()
-            try:
-                self._config = AutoConfig.from_pretrained(
-                    self.model_name, revision=self.revision, trust_remote_code=self.trust_remote_code
-                )
-            except Exception as e:  # OSError, HF hub errors, ValueError for unknown model types
-                raise self._model_error("config", e) from e
+            self._config = load_lm_config(
+                self.model_name, self.revision, self.trust_remote_code, setting=_MODEL_SETTING
+            )
         return self._config
 
     def _load_tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._check_local_model()
+            tok = load_tokenizer(
+                self.model_name, self.revision, self.trust_remote_code, setting=_MODEL_SETTING
+            )
             try:
-                tok = AutoTokenizer.from_pretrained(
-                    self.model_name, revision=self.revision, trust_remote_code=self.trust_remote_code
-                )
-            except Exception as e:
-                raise self._model_error("tokenizer", e) from e
-            if tok.bos_token_id is None and tok.eos_token_id is None:
+                special_ids(tok)
+            except ValueError as e:
                 raise ValueError(
-                    f"the tokenizer of {self.model_name!r} has neither a BOS nor an EOS token; "
-                    "LMSource needs one to start rows and separate documents"
-                )
-            tok.model_max_length = int(1e30)  # we pack long documents ourselves: silence the length warning
+                    f"{self.model_name!r}: {e}; LMSource needs one to start rows and separate documents"
+                ) from e
             self._tokenizer = tok
         return self._tokenizer
 
     @property
     def special_ids(self) -> tuple[int, int, int | None]:
         """``(bos_id, eos_id, pad_id)`` used in rows (a missing BOS/EOS is replaced by the other)."""
-        tok = self._load_tokenizer()
-        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.bos_token_id
-        return bos, eos, tok.pad_token_id
+        return special_ids(self._load_tokenizer())
 
     def _load_model(self) -> torch.nn.Module:
         if self._model is None:
-            from transformers import AutoModelForCausalLM
-
-            self._check_local_model()
-            device = self.torch_device
-            log.info("loading %s (%s) on %s", self.model_name, self.model_dtype, device)
-            try:
-                with no_library_bars():
-                    model = AutoModelForCausalLM.from_pretrained(
-                        self.model_name,
-                        revision=self.revision,
-                        **hf_dtype_kwargs(MODEL_DTYPES[self.model_dtype]),
-                        trust_remote_code=self.trust_remote_code,
-                    )
-            except Exception as e:
-                raise self._model_error("weights", e) from e
-            self._model = model.to(device).eval()
+            self._model = load_causal_lm(
+                self.model_name,
+                self.revision,
+                self.model_dtype,
+                self.torch_device,
+                self.trust_remote_code,
+                setting=_MODEL_SETTING,
+            )
         return self._model
 
-    def _dataset_error(self, e: Exception) -> SourceUnavailableError:
-        cfg = f" (config {self.dataset_config!r})" if self.dataset_config else ""
-        local = f"/path/to/local/{_short(self.dataset)}"
-        if isinstance(e, FileNotFoundError) and _looks_like_path(self.dataset):
-            hint = (
-                "Point the config at an existing local file or folder, or at a Hugging Face hub dataset name:"
-            )
-        else:
-            hint = (
-                f"Without network access, download the dataset once elsewhere (`"
-                f"{download_command(self.dataset, 'dataset')}`) and point the config at the local "
-                f"copy:"
-            )
-        return SourceUnavailableError(
-            f"LMSource cannot read dataset={self.dataset!r}{cfg}, split={self.split!r}: {type(e).__name__}: {e}\n"
-            f"A local dataset is a folder or a file ({', '.join(LOCAL_DATA_BUILDERS)}) with a "
-            f"{self.text_column!r} column. {hint}\n    data.source.init_args.dataset: {local}"
-        )
-
     def _open_dataset(self, streaming: bool) -> Iterable[dict]:
-        from datasets import load_dataset
-
-        path = Path(self.dataset).expanduser()
-        try:
-            if path.is_file():
-                builder = LOCAL_DATA_BUILDERS.get(path.suffix.lower())
-                if builder is None:
-                    raise ValueError(
-                        f"unsupported file type {path.suffix!r} (supported: {', '.join(LOCAL_DATA_BUILDERS)})"
-                    )
-                split_name = self.split.split("[")[0]  # `train[:1000]` slices the split called `train`
-                ds = load_dataset(
-                    builder, data_files={split_name: str(path)}, split=self.split, streaming=streaming
-                )
-            elif path.is_dir():
-                ds = load_dataset(str(path), self.dataset_config, split=self.split, streaming=streaming)
-            elif _looks_like_path(self.dataset):
-                raise FileNotFoundError(f"local path {str(path.resolve())!r} does not exist")
-            else:
-                check_hub(self.dataset, "the dataset", None, "dataset", "data.source.init_args.dataset")
-                ds = load_dataset(self.dataset, self.dataset_config, split=self.split, streaming=streaming)
-        except Exception as e:
-            raise self._dataset_error(e) from e
+        ds = open_dataset(
+            self.dataset,
+            self.dataset_config,
+            self.split,
+            streaming=streaming,
+            columns=f"a {self.text_column!r} column",
+            setting=_DATASET_SETTING,
+        )
         if self.shuffle_buffer > 0:
             if streaming:
                 ds = ds.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
@@ -386,15 +251,10 @@ class LMSource(ActivationSource):
                 )
             yield text
 
-    def _token_lists(self) -> Iterator[list[int]]:
-        tok = self._load_tokenizer()
-        texts = self._texts(self.streaming)
-        while batch := list(itertools.islice(texts, _TOKENIZE_BATCH)):
-            yield from tok(batch, add_special_tokens=False)["input_ids"]
-
     def _new_rows(self) -> Iterator[list[int]]:
         bos, eos, _ = self.special_ids
-        return pack_documents(self._token_lists(), self.ctx_len, bos, eos)
+        tokens = tokenize_documents(self._load_tokenizer(), self._texts(self.streaming))
+        return pack_documents(tokens, self.ctx_len, bos, eos)
 
     # ------------------------------------------------------------------ ActivationSource
     def check(self) -> None:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mtsae.lm.loading import resolve_device
 from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
 
 __all__ = ["EvalError", "EvalSAE", "build_parser", "main", "load_module", "load_eval_sae", "load_datamodule"]
@@ -180,12 +181,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _setup_cache(dm: Any) -> None:
     try:
         dm.setup("validate")
@@ -247,7 +242,8 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval core``: reconstruction metrics and CE-loss / KL scores on the validation rows."""
     from tqdm.auto import tqdm
 
-    from mtsae.evals.core import core_lm_metrics, finalize_core_metrics, load_causal_lm
+    from mtsae.evals.core import core_lm_metrics, finalize_core_metrics
+    from mtsae.lm.loading import load_causal_lm
     from mtsae.training.metrics import ReconstructionMetrics
 
     loaded = load_eval_sae(args)
@@ -257,7 +253,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     if source is not None:
         _check_sae_source(loaded, source, args.config)
     _setup_cache(dm)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = None
     if source is not None:  # unreachable model: fails here, before the reconstruction pass
         dtype = args.model_dtype or source.model_dtype
@@ -314,7 +310,6 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval unlearning``: SAEBench's unlearning evaluation (full setting by default)."""
-    from mtsae.evals.core import load_causal_lm, load_tokenizer
     from mtsae.evals.unlearning.intervention import GridConfig
     from mtsae.evals.unlearning.pipeline import (
         UnlearningConfig,
@@ -324,6 +319,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         load_unlearning_data,
         summary_markdown,
     )
+    from mtsae.lm.loading import load_causal_lm, load_tokenizer
     from mtsae.sae.export import save_sae
 
     grid = GridConfig(
@@ -363,7 +359,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     dtype = args.model_dtype or source.model_dtype
     tokenizer = load_tokenizer(name, revision, source.trust_remote_code)
     data = load_unlearning_data(tokenizer, cfg)  # every dataset read before the model is loaded
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model = load_causal_lm(name, revision, dtype, device, source.trust_remote_code)
     model_id = {"name": name, "revision": revision, "dtype": dtype}
     cache_dir = args.question_cache_dir or str(Path(args.out) / "question_cache")
@@ -411,7 +407,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     dm = load_datamodule(args.config, _overrides(args))
     _check_d_in(loaded, dm, args.config)
     _setup_cache(dm)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     sae = loaded.sae.to(device)  # acts on raw activations
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
@@ -536,10 +532,10 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     from data import CacheMismatchError, SourceUnavailableError
-    from mtsae.evals.core import LMUnavailableError
     from mtsae.evals.unlearning.mcq import MCQDatasetError
     from mtsae.evals.unlearning.pipeline import UnlearningDataError
     from mtsae.evals.unlearning.recipe import RecipeError
+    from mtsae.lm.loading import LMUnavailableError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

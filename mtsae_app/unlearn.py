@@ -104,9 +104,9 @@ def generate_texts(
 
 
 def run_generate(args: argparse.Namespace) -> list[dict[str, str]]:
-    from mtsae.evals.core import load_causal_lm, load_tokenizer
     from mtsae.evals.unlearning.intervention import clamped
     from mtsae.evals.unlearning.recipe import UnlearningRecipe
+    from mtsae.lm.loading import load_causal_lm, load_tokenizer
 
     recipe = UnlearningRecipe.load(args.recipe)
     if args.multiplier is not None:
@@ -176,8 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``mtsae unlearn``; returns the exit status (2 for a user error, with its message on stderr)."""
-    from mtsae.evals.core import LMUnavailableError
     from mtsae.evals.unlearning.recipe import RecipeError
+    from mtsae.lm.loading import LMUnavailableError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_new_tokens < 1 or args.batch_size < 1:

@@ -26,16 +26,12 @@ act_scale``; pass ``act_scale=1`` for an SAE that acts on raw activations (``exp
 
 :func:`core_lm_metrics` returns *sums and counts* (float64 tensors), so that results can be summed
 across DDP ranks before :func:`finalize_core_metrics` turns them into means and scores.
-
-Also here: :func:`load_causal_lm`, which loads a Hugging Face causal LM with a clear error when it is
-unreachable (used by the callbacks and ``mtsae eval``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,94 +44,18 @@ from mtsae.evals.unlearning.intervention import (
     next_token_ce,
     valid_token_mask,
 )
-from mtsae.lm.hooks import hf_dtype_kwargs, splice_resid_post
-from mtsae.lm.hub import HubUnavailableError, check_hub, download_command
+from mtsae.lm.hooks import splice_resid_post
 
 __all__ = [
     "CORE_SUM_KEYS",
-    "LMUnavailableError",
-    "MODEL_DTYPES",
     "core_lm_metrics",
     "finalize_core_metrics",
-    "load_causal_lm",
-    "load_tokenizer",
 ]
 
 log = logging.getLogger(__name__)
 
 #: keys of the sums returned by :func:`core_lm_metrics` (all float64 scalars; sum them across ranks)
 CORE_SUM_KEYS = ("ce_clean", "ce_sae", "ce_zero", "n_ce", "kl_sae", "kl_zero", "n_kl")
-
-#: ``model_dtype`` strings accepted by :func:`load_causal_lm`
-MODEL_DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-}
-
-
-class LMUnavailableError(RuntimeError):
-    """A language model or tokenizer cannot be loaded (missing path, no network, gated model)."""
-
-
-def _lm_error(what: str, name: str, revision: str | None, err: Exception) -> LMUnavailableError:
-    rev = f" (revision {revision!r})" if revision else ""
-    return LMUnavailableError(
-        f"cannot load the {what} of {name!r}{rev}: {type(err).__name__}: {err}\n"
-        f"Without network access, or for a gated model (Gemma: accept its license on the hub and set "
-        f"HF_TOKEN), download it once elsewhere (`{download_command(name)}`) "
-        f"and pass the local folder instead."
-    )
-
-
-def _check_local(name: str, revision: str | None, what: str) -> None:
-    looks_local = name.startswith(("/", "./", "../", "~", ".")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
-        err = FileNotFoundError(f"local path {name!r} does not exist")
-        raise _lm_error(what, name, revision, err) from err
-    try:  # offline or unreachable hub: fail now, before transformers retries with back-off
-        check_hub(name, f"the {what} of", revision)
-    except HubUnavailableError as err:
-        raise LMUnavailableError(str(err)) from err
-
-
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained`` with a clear :class:`LMUnavailableError` when unreachable."""
-    from transformers import AutoTokenizer
-
-    _check_local(name, revision, "tokenizer")
-    try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
-    except Exception as err:  # re-raised with instructions, never swallowed
-        raise _lm_error("tokenizer", name, revision, err) from err
-    tok.model_max_length = int(1e30)  # long texts are cut into rows by the caller
-    return tok
-
-
-def load_causal_lm(
-    name: str,
-    revision: str | None = None,
-    dtype: str | torch.dtype = "bfloat16",
-    device: str | torch.device = "cpu",
-    trust_remote_code: bool = False,
-) -> nn.Module:
-    """A Hugging Face causal LM in eval mode on ``device``; :class:`LMUnavailableError` if unreachable."""
-    from transformers import AutoModelForCausalLM
-
-    if isinstance(dtype, str):
-        if dtype not in MODEL_DTYPES:
-            raise ValueError(f"model dtype must be one of {sorted(MODEL_DTYPES)}, got {dtype!r}")
-        dtype = MODEL_DTYPES[dtype]
-    _check_local(name, revision, "weights")
-    log.info("loading %s (%s) on %s", name, dtype, device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            name, revision=revision, trust_remote_code=trust_remote_code, **hf_dtype_kwargs(dtype)
-        )
-    except Exception as err:
-        raise _lm_error("weights", name, revision, err) from err
-    model.requires_grad_(False)
-    return model.to(device).eval()
 
 
 def _device(module: nn.Module) -> torch.device:

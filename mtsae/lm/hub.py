@@ -32,6 +32,7 @@ def is_local(name: str) -> bool:
     return (
         name.startswith(("/", "./", "../", "~", "."))
         or name.count("/") > 1
+        or "\\" in name
         or Path(name).expanduser().exists()
     )
 

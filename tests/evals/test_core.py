@@ -8,13 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtsae.evals.core import (
-    CORE_SUM_KEYS,
-    LMUnavailableError,
-    core_lm_metrics,
-    finalize_core_metrics,
-    load_causal_lm,
-)
+from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics
+from mtsae.lm.loading import LMUnavailableError, load_causal_lm
 from mtsae.sae.model import MTSAE
 from tests.helpers.lm import offline_hub, tiny_lm_dir
 

@@ -12,7 +12,7 @@ import transformers
 
 import mtsae.lm.hub as hub
 from data.lm_source import LMSource, SourceUnavailableError
-from mtsae.evals.core import LMUnavailableError, load_causal_lm, load_tokenizer
+from mtsae.lm.loading import LMUnavailableError, load_causal_lm, load_tokenizer
 from tests.helpers.lm import offline_hub
 from tests.training.test_train import tiny_args
 from train import CPU_OVERRIDES, ConfigError, cli_main

@@ -37,6 +37,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from mtsae.lm.text import DatasetUnavailableError, open_dataset
+
 __all__ = [
     "MCQuestion",
     "MCQScores",
@@ -73,7 +75,7 @@ PREAMBLE = "The following are multiple choice questions (with answers) about {su
 InterventionFactory = Callable[[Tensor, Tensor], contextlib.AbstractContextManager]
 
 
-class MCQDatasetError(RuntimeError):
+class MCQDatasetError(DatasetUnavailableError):
     """An MCQ dataset could not be loaded (the message says how to point to a local copy)."""
 
 
@@ -347,9 +349,6 @@ def filter_correct(
 
 
 # ---------------------------------------------------------------------------------------------- loading
-_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
 def _rows_to_questions(rows: Any, subject: str, name: str) -> list[MCQuestion]:
     missing = {"question", "choices", "answer"} - set(rows.column_names)
     if missing:
@@ -387,32 +386,17 @@ def load_mcq(
     Raises:
         MCQDatasetError: the dataset cannot be loaded; the message says how to use a local copy.
     """
-    from datasets import load_dataset
-
     if subject is None:
         if subset is None:
             raise ValueError("pass subset= (e.g. 'wmdp-bio' or an MMLU subset name) or subject=")
         subject = subject_of(subset)
-    path = Path(source)
-    cache = None if cache_dir is None else str(cache_dir)
     name = f"{source}" + (f" [{subset}]" if subset else "") + f" split {split!r}"
-    if path.is_file():
-        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise ValueError(f"{path}: unsupported file type; use one of {sorted(_LOCAL_BUILDERS)}")
-        rows = load_dataset(builder, data_files=str(path), split="train", cache_dir=cache)
-    elif path.is_dir():
-        rows = load_dataset(str(path), subset, split=split, cache_dir=cache)
-    elif path.suffix.lower() in _LOCAL_BUILDERS or str(source).startswith((".", "/", "~")):
-        raise MCQDatasetError(f"local MCQ file {str(source)!r} does not exist")
-    else:
-        try:
-            rows = load_dataset(str(source), subset, split=split, cache_dir=cache)
-        except Exception as err:  # re-raised with instructions, never swallowed
-            raise MCQDatasetError(
-                f"could not load MCQ dataset {name} ({type(err).__name__}: {err}). Without access to the "
-                f"Hugging Face hub, point `source` to a local copy: a .jsonl/.json/.parquet file with fields "
-                f"question (str), choices (list of str), answer (int), or a folder with a snapshot of the "
-                f"repository (`hf download --repo-type dataset {source} --local-dir DIR`)."
-            ) from err
+    rows = open_dataset(
+        source,
+        subset,
+        split,
+        columns="fields question (str), choices (list of str), answer (int)",
+        cache_dir=cache_dir,
+        error=MCQDatasetError,
+    )
     return _rows_to_questions(rows, subject, name)

@@ -57,6 +57,7 @@ from mtsae.evals.unlearning.mcq import (
 )
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 from mtsae.lm.hooks import capture_resid_post
+from mtsae.lm.text import DatasetUnavailableError, looks_local, open_dataset, pack_rows, pack_rows_saebench
 
 __all__ = [
     "FORGET_CORPUS_HELP",
@@ -66,8 +67,6 @@ __all__ = [
     "UnlearningDataError",
     "load_texts",
     "load_forget_texts",
-    "pack_rows",
-    "pack_rows_saebench",
     "check_instruct",
     "best_recipe",
     "load_questions",
@@ -93,10 +92,8 @@ FORGET_CORPUS_HELP = (
     "--forget-corpus /path/to/bio-forget-corpus.jsonl)."
 )
 
-_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".txt": "text", ".parquet": "parquet"}
 
-
-class UnlearningDataError(RuntimeError):
+class UnlearningDataError(DatasetUnavailableError):
     """A corpus for the unlearning evaluation cannot be loaded (the message says how to fix it)."""
 
 
@@ -195,20 +192,6 @@ class UnlearningData:
 
 
 # ---------------------------------------------------------------------------------------------- corpora
-def _looks_local(name: str) -> bool:
-    return (
-        name.startswith(("/", "./", "../", "~", "."))
-        or name.count("/") > 1
-        or Path(name).suffix.lower() in _LOCAL_BUILDERS
-    )
-
-
-def _texts_of(rows: Any, text_column: str, min_chars: int, name: str) -> list[str]:
-    if text_column not in rows.column_names:
-        raise UnlearningDataError(f"{name} has no column {text_column!r} (columns: {rows.column_names})")
-    return [t for t in rows[text_column] if isinstance(t, str) and len(t) > min_chars]
-
-
 def load_texts(
     source: str,
     config: str | None = None,
@@ -216,35 +199,16 @@ def load_texts(
     text_column: str = "text",
     min_chars: int = 50,
 ) -> list[str]:
-    """Documents longer than ``min_chars`` characters from a hub dataset, a local folder or a local file.
+    """Documents longer than ``min_chars`` characters from a hub dataset, a local folder or a local file
+    (read by :func:`mtsae.lm.text.open_dataset`).
 
     Raises:
         UnlearningDataError: the dataset cannot be read (the message says how to use a local copy).
     """
-    from datasets import load_dataset
-
-    path = Path(source).expanduser()
-    if path.is_file():
-        builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise UnlearningDataError(f"{path}: unsupported file type; use one of {sorted(_LOCAL_BUILDERS)}")
-        rows = load_dataset(builder, data_files=str(path), split="train")
-    elif path.is_dir():
-        rows = load_dataset(str(path), config, split=split)
-    elif _looks_local(source):
-        raise UnlearningDataError(f"local corpus {source!r} does not exist")
-    else:
-        try:
-            rows = load_dataset(source, config, split=split)
-        except Exception as err:  # re-raised with instructions, never swallowed
-            cfg = f" {config}" if config else ""
-            raise UnlearningDataError(
-                f"cannot load dataset {source!r}{cfg} split {split!r} ({type(err).__name__}: {err}). Without "
-                f"access to the Hugging Face hub, download it once elsewhere (`hf download --repo-type "
-                f"dataset {source} --local-dir DIR`) and pass the folder, or pass a local "
-                f".jsonl/.txt/.parquet file with a {text_column!r} column."
-            ) from err
-    texts = _texts_of(rows, text_column, min_chars, source)
+    rows = open_dataset(source, config, split, columns=f"a {text_column!r} column", error=UnlearningDataError)
+    if text_column not in rows.column_names:
+        raise UnlearningDataError(f"{source} has no column {text_column!r} (columns: {rows.column_names})")
+    texts = [t for t in rows[text_column] if isinstance(t, str) and len(t) > min_chars]
     if not texts:
         raise UnlearningDataError(f"{source}: no document longer than {min_chars} characters")
     return texts
@@ -254,68 +218,12 @@ def load_forget_texts(path: str | None, text_column: str = "text", min_chars: in
     """The WMDP bio forget corpus; a missing path raises :class:`UnlearningDataError` saying how to get it."""
     if not path:
         raise UnlearningDataError(f"no forget corpus was given. {FORGET_CORPUS_HELP}")
-    if _looks_local(path) and not Path(path).expanduser().exists():
+    if looks_local(path) and not Path(path).expanduser().exists():
         raise UnlearningDataError(f"the forget corpus {path!r} does not exist. {FORGET_CORPUS_HELP}")
     try:
         return load_texts(path, None, "train", text_column, min_chars)
     except UnlearningDataError as err:
         raise UnlearningDataError(f"{err}\n{FORGET_CORPUS_HELP}") from err
-
-
-def pack_rows(tokenizer: Any, texts: Sequence[str], seq_len: int, n_rows: int, seed: int = 42) -> Tensor:
-    """This project's packing: rows ``[n, seq_len]`` of ``[BOS] + seq_len - 1`` tokens.
-
-    Documents are tokenized without special tokens and joined with EOS; the stream is cut into rows of
-    ``seq_len - 1`` (the incomplete last row is dropped), each row gets a BOS, the rows are shuffled with
-    ``seed`` and the first ``n_rows`` kept. Unlike SAEBench's packing (:func:`pack_rows_saebench`) no token
-    is overwritten and no BOS appears inside a row.
-    """
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
-    if bos is None:
-        raise ValueError("the tokenizer has neither a BOS nor an EOS token")
-    body = seq_len - 1
-    stream: list[int] = []
-    for i in range(0, len(texts), 64):
-        for ids in tokenizer(list(texts[i : i + 64]), add_special_tokens=False)["input_ids"]:
-            stream.extend(ids)
-            stream.append(eos)
-    n_full = len(stream) // body
-    if n_full == 0:
-        raise UnlearningDataError(f"the corpus has {len(stream)} tokens: not one row of {seq_len}")
-    rows = torch.tensor(stream[: n_full * body], dtype=torch.long).view(n_full, body)
-    rows = torch.cat([torch.full((n_full, 1), bos, dtype=torch.long), rows], dim=1)  # [n, seq_len]
-    order = torch.randperm(n_full, generator=torch.Generator().manual_seed(seed))
-    return rows[order[:n_rows]]
-
-
-def pack_rows_saebench(
-    tokenizer: Any, texts: Sequence[str], seq_len: int, n_rows: int, generator: torch.Generator
-) -> Tensor:
-    """SAEBench's ``tokenize_and_concat_dataset`` followed by its shuffle: rows ``[n, seq_len]``.
-
-    The documents are joined with the EOS *text*, the string is cut into 20 equal character chunks, each
-    chunk is tokenized as the tokenizer does by default (Gemma's adds a BOS to each), every PAD id is
-    removed, the stream is cut into rows of ``seq_len`` (the incomplete last row is dropped), position 0 of
-    every row is overwritten with BOS (its token is lost), the rows are shuffled with ``generator``
-    (``torch.randperm``) and the first ``n_rows`` kept.
-    """
-    if tokenizer.eos_token is None or tokenizer.bos_token_id is None:
-        raise ValueError("SAEBench's packing needs a tokenizer with both an EOS and a BOS token")
-    full = tokenizer.eos_token.join(texts)
-    n_chunks = 20
-    length = (len(full) - 1) // n_chunks + 1
-    stream: list[int] = []
-    for i in range(n_chunks):
-        stream.extend(tokenizer(full[i * length : (i + 1) * length])["input_ids"])
-    if tokenizer.pad_token_id is not None:
-        stream = [t for t in stream if t != tokenizer.pad_token_id]
-    n_full = len(stream) // seq_len
-    if n_full == 0:
-        raise UnlearningDataError(f"the corpus has {len(stream)} tokens: not one row of {seq_len}")
-    rows = torch.tensor(stream[: n_full * seq_len], dtype=torch.long).view(n_full, seq_len)
-    rows[:, 0] = tokenizer.bos_token_id
-    return rows[torch.randperm(n_full, generator=generator)[:n_rows]]
 
 
 def check_instruct(tokenizer: Any, name: str = "the model") -> None:
@@ -366,13 +274,16 @@ def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningDat
     retain = load_texts(
         cfg.retain_corpus, cfg.retain_config, cfg.retain_split, cfg.text_column, cfg.min_chars
     )
-    if cfg.saebench_exact:  # one generator for both shuffles, as SAEBench's global torch seed
-        g = torch.Generator().manual_seed(cfg.seed)
-        forget_rows = pack_rows_saebench(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, g)
-        retain_rows = pack_rows_saebench(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, g)
-    else:
-        forget_rows = pack_rows(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
-        retain_rows = pack_rows(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
+    try:
+        if cfg.saebench_exact:  # one generator for both shuffles, as SAEBench's global torch seed
+            g = torch.Generator().manual_seed(cfg.seed)
+            forget_rows = pack_rows_saebench(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, g)
+            retain_rows = pack_rows_saebench(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, g)
+        else:
+            forget_rows = pack_rows(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
+            retain_rows = pack_rows(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
+    except ValueError as err:  # a corpus too short for one row
+        raise UnlearningDataError(str(err)) from err
     return UnlearningData(forget_rows=forget_rows, retain_rows=retain_rows, questions=questions)
 
 

@@ -20,13 +20,12 @@ from mtsae.evals.unlearning.pipeline import (
     filter_questions,
     load_forget_texts,
     load_unlearning_data,
-    pack_rows,
-    pack_rows_saebench,
     save_results,
     summary_markdown,
 )
 from mtsae.evals.unlearning.recipe import UnlearningRecipe
 from mtsae.evals.unlearning.tiny_example import write_unlearning_files
+from mtsae.lm.text import pack_rows, pack_rows_saebench
 from mtsae.lm.tiny_lm import build_tiny_lm
 from mtsae.sae.export import save_sae
 from mtsae.sae.model import MTSAE
@@ -90,7 +89,7 @@ def test_pack_rows(lm) -> None:
     )
     assert rows.shape == (5, 8) and rows.dtype == torch.long
     assert (rows[:, 0] == tok.bos_token_id).all() and (rows == tok.eos_token_id).any()
-    with pytest.raises(UnlearningDataError, match="not one row"):
+    with pytest.raises(ValueError, match="not one row"):
         pack_rows(tok, ["hi there and more"], seq_len=500, n_rows=5)
 
 
