@@ -45,7 +45,9 @@ def test_unsupported_and_missing_files_raise_the_callers_error(tmp_path: Path, m
     offline_hub(monkeypatch)
     odd = tmp_path / "docs.xml"
     odd.write_text("<doc/>")
-    with pytest.raises(DatasetUnavailableError, match=r"unsupported file type '\.xml'.*\.jsonl, \.json, \.txt"):
+    with pytest.raises(
+        DatasetUnavailableError, match=r"unsupported file type '\.xml'.*\.jsonl, \.json, \.txt"
+    ):
         open_dataset(odd)
     with pytest.raises(UnlearningDataError, match="does not exist"):
         load_texts(str(tmp_path / "missing.jsonl"))
