@@ -143,24 +143,24 @@ def _text_config(config: Any) -> Any:
     return get() if callable(get) else config
 
 
-def lm_hidden_size(config: Any) -> int:
-    """Width of the residual stream (``hidden_size``, or GPT-2's ``n_embd``) from a model config."""
+def _config_int(config: Any, names: tuple[str, ...], what: str) -> int:
+    """The first of ``names`` that the language-model config holds as an int."""
     cfg = _text_config(config)
-    for name in ("hidden_size", "n_embd", "d_model"):
+    for name in names:
         value = getattr(cfg, name, None)
         if isinstance(value, int):
             return value
-    raise ValueError(f"cannot find the hidden size in {type(config).__name__} (no hidden_size / n_embd)")
+    raise ValueError(f"cannot find the {what} in {type(config).__name__} (no {' / '.join(names[:2])})")
+
+
+def lm_hidden_size(config: Any) -> int:
+    """Width of the residual stream (``hidden_size``, or GPT-2's ``n_embd``) from a model config."""
+    return _config_int(config, ("hidden_size", "n_embd", "d_model"), "hidden size")
 
 
 def n_layers(config: Any) -> int:
     """Number of decoder layers (``num_hidden_layers``, or GPT-2's ``n_layer``) from a model config."""
-    cfg = _text_config(config)
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot find the number of layers in {type(config).__name__} (no num_hidden_layers)")
+    return _config_int(config, ("num_hidden_layers", "n_layer", "num_layers"), "number of layers")
 
 
 def hf_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:

@@ -150,31 +150,22 @@ def _make_config(
         "pad_token_id": special_ids["pad"],
     }
     head_dim = hidden_size // n_heads
+    llama_like = {  # the keyword names Gemma-2 and Llama share
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": n_layers,
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": max(1, n_heads // 2),
+        "max_position_embeddings": max_positions,
+        **ids,
+    }
     if arch == "gemma2":
         return Gemma2Config(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=max(1, n_heads // 2),
-            head_dim=head_dim,
-            query_pre_attn_scalar=head_dim,
-            max_position_embeddings=max_positions,
-            sliding_window=max_positions // 4,
-            **ids,
+            **llama_like, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=max_positions // 4
         )
     if arch == "llama":
-        return LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=max(1, n_heads // 2),
-            max_position_embeddings=max_positions,
-            **ids,
-        )
+        return LlamaConfig(**llama_like)
     if arch == "gpt2":
         return GPT2Config(
             vocab_size=vocab_size,
