@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
-from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics
+from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, validation_tokens
 from mtsae.lm.loading import load_causal_lm
 
 __all__ = ["CoreLMMetrics", "is_lm_source", "shared_lm"]
@@ -85,8 +85,9 @@ class CoreLMMetrics(EveryNValidations):
             dm = trainer.datamodule
             if dm.cache is None:
                 dm.setup("validate")
-            rows = dm.cache.rows("val")[: self.n_sequences][trainer.global_rank :: trainer.world_size]
-            self._tokens = dm.cache.read(rows)["tokens"].long()  # [n_rank, T]
+            self._tokens = validation_tokens(
+                dm.cache, self.n_sequences, trainer.global_rank, trainer.world_size
+            )
         return self._tokens
 
     def _lm(self, source: Any, device: torch.device) -> nn.Module:
@@ -121,13 +122,12 @@ class CoreLMMetrics(EveryNValidations):
         try:
             sums = core_lm_metrics(
                 model,
-                pl_module.sae,
+                pl_module.raw_sae,
                 source.layer,
                 tokens,
                 None,
                 source.special_ids,
                 self.batch_size,
-                act_scale=pl_module.act_scale,
             )
         finally:
             pl_module.sae.train(was_training)

@@ -126,14 +126,13 @@ class SyntheticUnlearning(EveryNValidations):
         if not data:
             return
         res = synthetic_unlearning(
-            pl_module.sae,
+            pl_module.raw_sae,
             data["acts"],
             data["valid"],
             data["coefficients"],
             data["features"],
             data["forget"],
             self.grid,
-            act_scale=float(pl_module.act_scale),
         )
         self.last_results = res
         logs = {k: float(res[k]) for k in ("score", "forget_removed", "retain_damage")}

@@ -208,6 +208,7 @@ class LMSource(ActivationSource):
 
     def _load_model(self) -> torch.nn.Module:
         if self._model is None:
+            log.info("loading %s to capture layer %d", self.model_name, self.layer)
             self._model = load_causal_lm(
                 self.model_name,
                 self.revision,

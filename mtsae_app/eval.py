@@ -240,9 +240,7 @@ def _fmt(v: Any) -> str:
 # ---------------------------------------------------------------------------------------------- commands
 def run_core(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval core``: reconstruction metrics and CE-loss / KL scores on the validation rows."""
-    from tqdm.auto import tqdm
-
-    from mtsae.evals.core import core_lm_metrics, finalize_core_metrics
+    from mtsae.evals.core import core_lm_metrics, finalize_core_metrics, validation_tokens
     from mtsae.lm.loading import load_causal_lm
     from mtsae.training.metrics import ReconstructionMetrics
 
@@ -273,15 +271,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
         "reconstruction": {k: float(v) for k, v in metrics.compute().items()},
     }
     if source is not None:
-        rows = dm.cache.rows("val")[: args.n_sequences]
-        tokens = torch.cat(
-            [
-                dm.cache.read(rows[i : i + 64])["tokens"].long()
-                for i in tqdm(
-                    range(0, len(rows), 64), desc="read tokens", disable=not args.progress, leave=False
-                )
-            ]
-        )  # [N, T]
+        tokens = validation_tokens(dm.cache, args.n_sequences, progress=args.progress)  # [N, T]
         sums = core_lm_metrics(
             model,
             sae,
@@ -290,7 +280,6 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
             None,
             source.special_ids,
             args.batch_size,
-            act_scale=1.0,
             progress=args.progress,
         )
         results["lm"] = finalize_core_metrics(sums)
@@ -411,7 +400,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     sae = loaded.sae.to(device)  # acts on raw activations
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(sae, batches, act_scale=1.0, ground_truth=truth)
+    res = evaluate_disentanglement(sae, batches, ground_truth=truth)
     results = {"command": "disentanglement", **loaded.label, **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

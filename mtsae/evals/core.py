@@ -19,10 +19,9 @@ they are left out of the averages (CE at position ``t`` counts iff input token `
 ``t`` iff token ``t`` is valid). **ours**: the zero ablation also keeps the original activation at the
 special positions (SAELens zeroes every position), so both interventions touch the same tokens.
 
-The SAE sees activations in its *input units*: :func:`core_lm_metrics` takes ``act_scale`` (the
-training-time input scale of :class:`mtsae.SAEModule`) and runs ``x_hat = sae(x * act_scale).x_hat /
-act_scale``; pass ``act_scale=1`` for an SAE that acts on raw activations (``export_sae()``,
-:func:`mtsae.load_sae`). This lets a callback use the module's SAE as it trains, without a copy.
+The SAE acts on raw activations: an exported SAE (``export_sae()``, :func:`mtsae.load_sae`) or, during
+training, ``SAEModule.raw_sae`` (:class:`mtsae.sae.scale.ScaledSAE`, the module's SAE seen from raw
+activations, without a copy; :func:`mtsae.load_sae`). This lets a callback use the module's SAE as it trains, without a copy.
 
 :func:`core_lm_metrics` returns *sums and counts* (float64 tensors), so that results can be summed
 across DDP ranks before :func:`finalize_core_metrics` turns them into means and scores.
@@ -50,6 +49,7 @@ __all__ = [
     "CORE_SUM_KEYS",
     "core_lm_metrics",
     "finalize_core_metrics",
+    "validation_tokens",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,6 @@ def core_lm_metrics(
     attention_mask: Tensor | None,
     special_ids: Sequence[int | None],
     batch_size: int = 8,
-    act_scale: float | Tensor = 1.0,
     progress: bool = False,
 ) -> dict[str, Tensor]:
     """Sums of CE losses and KL divergences over ``input_ids`` for clean / SAE-spliced / zero-ablated runs.
@@ -86,15 +85,13 @@ def core_lm_metrics(
     Args:
         model: Hugging Face causal LM returning ``.logits``.
         sae: SAE called as ``sae(x, valid)`` returning an object with ``.x_hat`` (e.g.
-            :class:`mtsae.MTSAE`); ``x`` is in the SAE's input units (see ``act_scale``). For an MTSAE
+            :class:`mtsae.MTSAE`) on raw activations (see the module docstring). For an MTSAE
             the encoder sees the whole row, with the special positions masked out.
         layer: decoder layer whose output (resid_post) is replaced.
         input_ids: ``[N, T]`` token ids of the held-out rows.
         attention_mask: ``[N, T]`` (1 = attended) or ``None`` (all attended).
         special_ids: BOS / EOS / PAD ids: those positions keep their activation and are not averaged.
         batch_size: rows per forward pass (three forwards per batch).
-        act_scale: the SAE sees ``x * act_scale`` and its reconstruction is divided by ``act_scale``
-            (``SAEModule.act_scale`` for ``SAEModule.sae``; ``1`` for a raw-activation SAE).
         progress: show a tqdm bar over batches.
 
     Returns:
@@ -112,9 +109,6 @@ def core_lm_metrics(
 
     dev = _device(model)
     p = _sae_param(sae)
-    scale = float(act_scale)
-    if scale <= 0:
-        raise ValueError(f"act_scale must be positive, got {scale}")
     sums = {k: torch.zeros((), dtype=torch.float64) for k in CORE_SUM_KEYS}
     starts = range(0, input_ids.shape[0], batch_size)
     for start in tqdm(starts, desc="core LM metrics", unit="batch", disable=not progress, leave=False):
@@ -124,8 +118,8 @@ def core_lm_metrics(
         keep = valid.unsqueeze(-1)  # [B, T, 1]
 
         def reconstruct(h: Tensor, valid: Tensor = valid, keep: Tensor = keep) -> Tensor:  # [B, T, d]
-            x = h.to(device=p.device, dtype=p.dtype) * scale
-            x_hat = sae(x, valid.to(p.device)).x_hat / scale  # [B, T, d]
+            x = h.to(device=p.device, dtype=p.dtype)
+            x_hat = sae(x, valid.to(p.device)).x_hat  # [B, T, d]
             return torch.where(keep, x_hat.to(device=h.device, dtype=h.dtype), h)
 
         def zero(h: Tensor, keep: Tensor = keep) -> Tensor:
@@ -145,6 +139,23 @@ def core_lm_metrics(
         sums["n_kl"] += v_kl.sum().cpu()
         del clean
     return sums
+
+
+def validation_tokens(
+    cache: Any, n_sequences: int, rank: int = 0, world_size: int = 1, progress: bool = False
+) -> Tensor:
+    """Token ids ``[n, T]`` of the first ``n_sequences`` validation rows of an activation cache
+    (``data.ActivationCache``), this rank's share under DDP (rows ``rank::world_size``)."""
+    from tqdm.auto import tqdm
+
+    rows = cache.rows("val")[:n_sequences][rank::world_size]
+    chunks = range(0, len(rows), 64)
+    return torch.cat(
+        [
+            cache.read(rows[i : i + 64])["tokens"].long()
+            for i in tqdm(chunks, desc="read tokens", disable=not progress, leave=False)
+        ]
+    )  # [n, T]
 
 
 def finalize_core_metrics(sums: Mapping[str, Tensor | float]) -> dict[str, float]:

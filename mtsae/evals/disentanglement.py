@@ -408,7 +408,6 @@ def disentanglement_results(
 def evaluate_disentanglement(
     sae: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
-    act_scale: float = 1.0,
     ground_truth: Mapping[str, Any] | None = None,
     lags: Sequence[int] = DEFAULT_LAGS,
     max_batches: int | None = None,
@@ -418,10 +417,9 @@ def evaluate_disentanglement(
     """Encode batches of activation sequences and compute every disentanglement diagnostic.
 
     Args:
-        sae: an :class:`mtsae.MTSAE` (run on its own device and dtype).
+        sae: an SAE on raw activations (run on its own device and dtype): an exported
+            :class:`mtsae.MTSAE` or ``SAEModule.raw_sae``.
         batches: iterable of ``{"acts": [B, T, d_in], "valid": [B, T]}`` (validation batches).
-        act_scale: multiply ``acts`` by this before encoding (the module's ``act_scale`` for ``pl_module.sae``;
-            1 for an exported SAE, which acts on raw activations). Density and persistence do not depend on it.
         ground_truth: optional true features (see :func:`disentanglement_results`).
         lags: persistence lags.
         max_batches: stop after this many batches (``None``: all).
@@ -436,7 +434,7 @@ def evaluate_disentanglement(
         if max_batches is not None and n >= max_batches:
             break
         valid = batch["valid"].to(p.device, torch.bool)
-        x = batch["acts"].to(p.device, p.dtype) * act_scale  # [B, T, d_in]
+        x = batch["acts"].to(p.device, p.dtype)  # [B, T, d_in]
         acc.update(sae.encode(x, valid), valid)
         n += 1
     if n == 0:

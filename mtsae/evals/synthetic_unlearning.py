@@ -178,22 +178,19 @@ def synthetic_unlearning(
     features: Tensor,
     forget: Tensor,
     grid: SyntheticGrid | None = None,
-    act_scale: float = 1.0,
     batch_size: int = 256,
 ) -> dict[str, Any]:
     """Run the synthetic unlearning grid on held-out sequences (see the module docstring).
 
     Args:
-        sae: an SAE with ``encode`` and ``W_dec`` (e.g. ``pl_module.sae`` with ``act_scale`` set, or an
-            exported SAE on raw activations with ``act_scale=1``); runs on its own device.
+        sae: an SAE on raw activations with ``encode`` and ``W_dec`` (``SAEModule.raw_sae`` or an
+            exported SAE); runs on its own device.
         acts: raw activations ``[N, T, d_in]``.
         valid: ``[N, T]`` bool.
         coefficients: true coefficients ``[N, T, n_true]``.
         features: true unit directions ``[n_true, d_in]``.
         forget: indices of the forget features (:func:`forget_feature_indices`).
         grid: the sweep (default :class:`SyntheticGrid`).
-        act_scale: the SAE sees ``acts * act_scale``; multipliers are scaled to match and ``delta`` is
-            returned to raw units, so results do not depend on it.
         batch_size: sequences per encoder call.
 
     Returns:
@@ -221,7 +218,7 @@ def synthetic_unlearning(
     sp_forget = SparsityAccumulator(d_sae, device=dev)
     sp_retain = SparsityAccumulator(d_sae, device=dev)
     for lo in range(0, acts.shape[0], batch_size):
-        x = acts[lo : lo + batch_size].to(p.dtype) * act_scale  # [b, T, d_in]
+        x = acts[lo : lo + batch_size].to(p.dtype)  # [b, T, d_in]
         v, fz = valid[lo : lo + batch_size], is_forget[lo : lo + batch_size]
         f = sae.encode(x, v)  # [b, T, d_sae]
         sp_forget.update(f, v & fz[:, None])
@@ -236,10 +233,9 @@ def synthetic_unlearning(
         if key not in cache:
             deltas = []
             for lo in range(0, acts.shape[0], batch_size):
-                x = acts[lo : lo + batch_size].to(p.dtype) * act_scale
+                x = acts[lo : lo + batch_size].to(p.dtype)
                 v = valid[lo : lo + batch_size]
-                x_new = clamp_intervention(x, sae, feats, m * act_scale, v)
-                deltas.append((x_new - x) / act_scale)
+                deltas.append(clamp_intervention(x, sae, feats, m, v) - x)
             delta = torch.cat(deltas)  # [N, T, d_in]
             cache[key] = intervention_scores(delta, coefficients, features, forget, valid, is_forget, P)
         removed, damage = cache[key]

@@ -8,8 +8,6 @@ activations.
 
 from __future__ import annotations
 
-import copy
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from mtsae.sae.model import MTSAE, ForwardOutput
+from mtsae.sae.scale import ScaledSAE, input_scale
 from mtsae.training.aux_losses import DeadLatentTracker, auxk_loss
 from mtsae.training.losses import (
     SEPARATION_KINDS,
@@ -137,11 +136,11 @@ class SAEModule(L.LightningModule):
             return False
         hp = self.hparams
         if hp.scale_activations:
-            self.act_scale.fill_(math.sqrt(hp.d_in / stats["mean_sq_norm"]))
+            self.act_scale.fill_(input_scale(hp.d_in, stats["mean_sq_norm"]))
         if hp.init_b_dec_from_data:
             mean = torch.tensor(stats["mean"], dtype=self.sae.b_dec.dtype, device=self.sae.b_dec.device)
             with torch.no_grad():
-                self.sae.b_dec.copy_(mean * self.act_scale)
+                self.sae.b_dec.copy_(self.raw_sae.scale(mean))
         self.data_initialised.fill_(True)
         return True
 
@@ -151,9 +150,14 @@ class SAEModule(L.LightningModule):
             self.initialise_from_stats(dm.stats)
 
     # ------------------------------------------------------------------ steps
+    @property
+    def raw_sae(self) -> ScaledSAE:
+        """The SAE seen from raw activations (the owner of ``act_scale``: scale, unscale, fold)."""
+        return ScaledSAE(self.sae, self.act_scale)
+
     def forward(self, x: Tensor, valid: Tensor | None = None) -> ForwardOutput:
         """Run the SAE on raw activations ``[B, T, d_in]`` (scaled internally); outputs are scaled."""
-        return self.sae(x.float() * self.act_scale, valid)
+        return self.sae(self.raw_sae.scale(x.float()), valid)
 
     def _losses(self, x: Tensor, valid: Tensor, out: ForwardOutput) -> dict[str, Tensor]:
         hp = self.hparams
@@ -187,7 +191,7 @@ class SAEModule(L.LightningModule):
         return terms
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
+        x, valid = self.raw_sae.scale(batch["acts"].float()), batch["valid"]
         out = self.sae(x, valid)
         self.dead_tracker.update(out.f.detach(), valid)
         terms = self._losses(x, valid, out)
@@ -202,11 +206,13 @@ class SAEModule(L.LightningModule):
         return terms["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        x, valid = batch["acts"].float() * self.act_scale, batch["valid"]
+        raw = self.raw_sae
+        x, valid = raw.scale(batch["acts"].float()), batch["valid"]
         out = self.sae(x, valid)
         self.log("val/loss", self._losses(x, valid, out)["loss"], sync_dist=True)
-        c = self.act_scale
-        self.val_metrics.update(x / c, out.x_hat / c, out.f / c, valid)  # in raw units
+        self.val_metrics.update(
+            raw.unscale(x), raw.unscale(out.x_hat), raw.unscale(out.f), valid
+        )  # raw units
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v.float() for k, v in self.val_metrics.compute().items()})
@@ -239,6 +245,4 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ export
     def export_sae(self) -> MTSAE:
         """A copy of the SAE that acts on raw activations (the input scale folded into its biases)."""
-        sae = copy.deepcopy(self.sae).float().cpu().eval()
-        sae.fold_input_scale_(float(self.act_scale))
-        return sae
+        return self.raw_sae.folded()

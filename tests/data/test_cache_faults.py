@@ -20,7 +20,7 @@ from data.cache import (
     build_cache,
 )
 from data.verify import verify_cache
-from tests.conftest import tiny_source
+from tests.helpers.factories import tiny_source
 
 SPEC = CacheSpec(n_sequences=8, val_sequences=4, shard_size=4, dtype="float32")
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from data.datamodule import ActivationDataModule, ShardedRowSampler
-from tests.conftest import tiny_source
+from tests.helpers.factories import tiny_source
 
 
 def _dm(tmp_path: Path, **kw) -> ActivationDataModule:

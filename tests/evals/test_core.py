@@ -11,6 +11,7 @@ import torch
 from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics
 from mtsae.lm.loading import LMUnavailableError, load_causal_lm
 from mtsae.sae.model import MTSAE
+from mtsae.sae.scale import ScaledSAE
 from tests.helpers.lm import offline_hub, tiny_lm_dir
 
 D = 64  # residual width of the tiny LM
@@ -75,7 +76,8 @@ def zero_sae() -> MTSAE:
 @pytest.mark.parametrize("act_scale", [1.0, 3.7])
 def test_perfect_reconstruction_scores_one(tiny, act_scale: float) -> None:
     model, rows, mask, special = tiny
-    sums = core_lm_metrics(model, identity_sae(), 1, rows, mask, special, batch_size=4, act_scale=act_scale)
+    sae = ScaledSAE(identity_sae(), act_scale)  # an SAE trained on act_scale * x, seen from raw x
+    sums = core_lm_metrics(model, sae, 1, rows, mask, special, batch_size=4)
     assert set(sums) == set(CORE_SUM_KEYS) and all(v.dtype == torch.float64 for v in sums.values())
     m = finalize_core_metrics(sums)
     assert m["ce_loss_zero"] > m["ce_loss_clean"] + 0.01  # zero ablation hurts, so the score is defined

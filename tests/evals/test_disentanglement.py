@@ -26,8 +26,8 @@ from mtsae.evals.disentanglement import (
     scale_entropy,
 )
 from mtsae.evals.unlearning.intervention import SparsityAccumulator
-from tests.conftest import tiny_sae, tiny_source
-from tests.training.test_train import tiny_args
+from tests.helpers.factories import tiny_sae, tiny_source
+from tests.helpers.train import tiny_args
 from train import cli_main
 
 

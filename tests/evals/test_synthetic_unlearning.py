@@ -19,7 +19,8 @@ from mtsae.evals.synthetic_unlearning import (
     synthetic_unlearning,
 )
 from mtsae.sae.model import MTSAE
-from tests.training.test_train import tiny_args
+from mtsae.sae.scale import ScaledSAE
+from tests.helpers.train import tiny_args
 from train import cli_main
 
 # two small groups so that a few seconds of training recover the slow features
@@ -101,7 +102,7 @@ def test_planted_sae_removes_the_forget_group_and_scales_do_not_matter() -> None
     scaled = _planted_sae(feats, forget)
     with torch.no_grad():
         scaled.b_enc.mul_(2.0)
-    res2 = synthetic_unlearning(scaled, chunk.acts, chunk.valid, coef, feats, forget, grid, act_scale=2.0)
+    res2 = synthetic_unlearning(ScaledSAE(scaled, 2.0), chunk.acts, chunk.valid, coef, feats, forget, grid)
     assert res2["score"] == pytest.approx(res["score"], abs=1e-5)
 
     with pytest.raises(ValueError, match="retain"):  # every sequence carries the forget group
@@ -149,14 +150,13 @@ def test_trained_mtsae_unlearns_better_than_untrained(tmp_path: Path) -> None:
     data = cb._data
     with torch.no_grad():
         untrained = synthetic_unlearning(
-            fresh.sae,
+            fresh.raw_sae,
             data["acts"],
             data["valid"],
             data["coefficients"],
             data["features"],
             data["forget"],
             cb.grid,
-            act_scale=float(fresh.act_scale),
         )
     assert trained["score"] > untrained["score"] + 0.1, (trained["best"], untrained["best"])
     assert trained["forget_removed"] > 0.2

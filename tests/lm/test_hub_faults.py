@@ -14,7 +14,7 @@ import mtsae.lm.hub as hub
 from data.lm_source import LMSource, SourceUnavailableError
 from mtsae.lm.loading import LMUnavailableError, load_causal_lm, load_tokenizer
 from tests.helpers.lm import offline_hub
-from tests.training.test_train import tiny_args
+from tests.helpers.train import tiny_args
 from train import CPU_OVERRIDES, ConfigError, cli_main
 
 

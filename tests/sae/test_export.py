@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from mtsae import MTSAE, SAEMetadata, load_sae, read_metadata, save_sae
 from mtsae.sae.export import ExportFormatError, git_commit
-from tests.conftest import tiny_sae
+from tests.helpers.factories import tiny_sae
 
 META = SAEMetadata(
     model_name="google/gemma-2-2b",
@@ -140,7 +140,7 @@ def test_git_commit(tmp_path: Path) -> None:
 
 def test_training_run_writes_a_saelens_folder_for_a_per_token_sae(tmp_path: Path) -> None:
     from callbacks.export import ExportSAE
-    from tests.training.test_train import tiny_args
+    from tests.helpers.train import tiny_args
     from train import cli_main
 
     extra = ("--trainer.max_steps", "3", "--model.dilations", "[]", "--model.separation", "none")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mtsae.sae.model import MTSAE, conv1d_scale_branches
-from tests.conftest import tiny_sae
+from tests.helpers.factories import tiny_sae
 
 
 def _randomise(sae: MTSAE) -> MTSAE:

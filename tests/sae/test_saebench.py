@@ -18,7 +18,7 @@ import torch
 
 from mtsae import MTSAE, SAEMetadata, save_sae
 from mtsae.sae.saebench import SAEBenchSAE, current_token_encoder
-from tests.conftest import tiny_sae
+from tests.helpers.factories import tiny_sae
 
 D_IN = 32
 SAEBENCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}

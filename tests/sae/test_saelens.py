@@ -18,7 +18,7 @@ from mtsae import load_sae, read_metadata
 from mtsae.sae.export import ExportFormatError, SAEMetadata
 from mtsae.sae.model import MTSAE
 from mtsae.sae.saelens import load_saelens, save_saelens
-from tests.conftest import tiny_sae
+from tests.helpers.factories import tiny_sae
 
 D_IN, D_SAE = 16, 48
 ACTIVATIONS = {

@@ -15,7 +15,7 @@ from mtsae.training.losses import (
     recon_loss,
     scales_separation,
 )
-from tests.conftest import tiny_sae
+from tests.helpers.factories import tiny_sae
 
 R2 = 1 / math.sqrt(2)
 

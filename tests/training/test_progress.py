@@ -68,7 +68,7 @@ def test_lm_cache_build_shows_one_bar_without_cursor_codes(
 
 def test_training_bar_in_a_log_file_is_plain_lines_without_a_validation_bar(tmp_path: Path, capsys) -> None:
     from callbacks.progress import LogProgressBar
-    from tests.training.test_train import tiny_args
+    from tests.helpers.train import tiny_args
     from train import cli_main
 
     args = tiny_args(tmp_path, "--trainer.max_steps", "40", "--trainer.enable_progress_bar", "true")

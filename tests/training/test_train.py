@@ -9,45 +9,11 @@ import pytest
 import torch
 
 from mtsae import SAEModule, load_sae, read_metadata
+from tests.helpers.train import tiny_args
 from train import cli_main
 
 # training configs; overlays (configs/baselines) and compare configs have tests of their own
 CONFIGS = sorted(str(p) for p in Path("configs").glob("*.yaml"))
-
-
-def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
-    """The demo config shrunk to seconds (d_in 16, ctx 16, 512 sequences)."""
-    return [
-        "--config",
-        "configs/demo.yaml",
-        "--data.source.init_args.d_in",
-        "16",
-        "--data.source.init_args.ctx_len",
-        "16",
-        "--data.n_sequences",
-        "512",
-        "--data.val_sequences",
-        "64",
-        "--data.shard_size",
-        "256",
-        "--data.batch_size",
-        "16",
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--data.progress",
-        "false",
-        "--model.d_sae",
-        "64",
-        "--trainer.default_root_dir",
-        str(tmp_path / "runs"),
-        "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize("config", CONFIGS)

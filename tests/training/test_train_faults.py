@@ -18,7 +18,7 @@ import torch
 import mtsae_app.cli as mtsae_cli
 import train
 from callbacks.checkpoint import CheckpointFolderInUseError
-from tests.training.test_train import tiny_args
+from tests.helpers.train import tiny_args
 from train import ConfigError, cli_main
 
 REPO = Path(__file__).resolve().parents[2]
