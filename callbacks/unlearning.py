@@ -14,11 +14,10 @@ from typing_extensions import override
 from callbacks.core_metrics import is_lm_source, shared_lm
 from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
-from mtsae.evals.unlearning.intervention import GridConfig
-from mtsae.evals.unlearning.mcq import MMLU_SOURCE, MMLU_SUBSETS, WMDP_BIO, MCQuestion
+from mtsae.evals.unlearning.mcq import MCQuestion
 from mtsae.evals.unlearning.pipeline import (
-    UnlearningConfig,
     UnlearningData,
+    UnlearningDuringTraining,
     evaluate_unlearning,
     filter_questions,
     load_unlearning_data,
@@ -56,82 +55,28 @@ class Unlearning(EveryNValidations):
     so a missing file fails before training. With a non-LM source it warns and does nothing.
 
     Args:
-        forget_corpus: local path of the WMDP bio forget corpus (``bio-forget-corpus.jsonl``, gated:
-            request access from the WMDP authors, ``cais/wmdp-bio-forget-corpus`` on the hub).
+        config: the evaluation's settings (:class:`mtsae.evals.unlearning.pipeline.UnlearningDuringTraining`,
+            the cheap defaults above; every field is documented there). In YAML::
+
+                - class_path: callbacks.Unlearning
+                  init_args:
+                    config:
+                      forget_corpus: /path/to/bio-forget-corpus.jsonl
+                      model_name: google/gemma-2-2b-it
+
         every_n_val: also run on every n-th validation (sanity check excluded); 0: only at train end.
         at_train_end: run when training ends (skipped if the last validation already ran it).
-        model_name: the unlearning LM (e.g. ``google/gemma-2-2b-it`` for an SAE trained on
-            ``gemma-2-2b``, as in SAEBench); default: the data source's model.
-        revision: revision of ``model_name`` (default: the source's revision if the model is the source's).
-        model_dtype: dtype of the LM; default: the source's.
-        retain_corpus: retain text: hub dataset, local folder or file.
-        retain_config: configuration of ``retain_corpus``.
-        retain_split: split of ``retain_corpus``.
-        wmdp_source: ``cais/wmdp`` or a local copy (file or snapshot folder).
-        mmlu_source: ``cais/mmlu``, a snapshot folder, or subset name -> local file.
-        mmlu_subsets: MMLU subsets pooled for the side-effect accuracy.
-        all_perms: filter questions under all 24 orderings (SAEBench) instead of the original order.
-        max_questions: cap per question set (a seeded sample); ``None``: all.
-        n_sparsity_rows: rows per corpus for feature sparsities.
-        seq_len: tokens per sparsity row.
-        grid: the sweep (default: SAEBench's 16 points).
-        llm_batch_size: rows per forward for sparsities.
-        mcq_batch_size: prompts per forward for questions.
-        question_cache_dir: where filtered question sets are cached (default ``<default_root_dir>/
-            unlearning_cache``).
-        seed: seed of document / question sampling and row shuffling.
-        saebench_exact: SAEBench's conventions (needs an instruct ``model_name``; see
-            :class:`mtsae.evals.unlearning.pipeline.UnlearningConfig`); default: this project's, which work with
-            the training model. ``mtsae eval unlearning`` is SAEBench-exact by default.
     """
 
     def __init__(
         self,
-        forget_corpus: str | None = None,
+        config: UnlearningDuringTraining | None = None,
         every_n_val: int = 0,
         at_train_end: bool = True,
-        model_name: str | None = None,
-        revision: str | None = None,
-        model_dtype: str | None = None,
-        retain_corpus: str = "wikitext",
-        retain_config: str | None = "wikitext-2-raw-v1",
-        retain_split: str = "test",
-        wmdp_source: str = WMDP_BIO[0],
-        mmlu_source: str | dict[str, str] = MMLU_SOURCE,
-        mmlu_subsets: list[str] | None = None,
-        all_perms: bool = False,
-        max_questions: int | None = 200,
-        n_sparsity_rows: int = 128,
-        seq_len: int = 1024,
-        grid: GridConfig | None = None,
-        llm_batch_size: int = 4,
-        mcq_batch_size: int = 16,
-        question_cache_dir: str | None = None,
-        seed: int = 42,
-        saebench_exact: bool = False,
     ) -> None:
         super().__init__(every_n_val)
         self.at_train_end = at_train_end
-        self.model_name, self.revision, self.model_dtype = model_name, revision, model_dtype
-        self.question_cache_dir = question_cache_dir
-        self.config = UnlearningConfig(  # validates
-            forget_corpus=forget_corpus,
-            retain_corpus=retain_corpus,
-            retain_config=retain_config,
-            retain_split=retain_split,
-            wmdp_source=wmdp_source,
-            mmlu_source=mmlu_source,
-            mmlu_subsets=list(mmlu_subsets or MMLU_SUBSETS),
-            all_perms=all_perms,
-            max_questions=max_questions,
-            n_sparsity_rows=n_sparsity_rows,
-            seq_len=seq_len,
-            grid=grid or GridConfig(),
-            llm_batch_size=llm_batch_size,
-            mcq_batch_size=mcq_batch_size,
-            seed=seed,
-            saebench_exact=saebench_exact,
-        )
+        self.config = config if config is not None else UnlearningDuringTraining()
         self.last_step: int | None = None  # global step of the last evaluation
         self.last_results: dict[str, Any] | None = None  # on rank 0
         self.last_path: Path | None = None
@@ -153,11 +98,12 @@ class Unlearning(EveryNValidations):
 
     # ------------------------------------------------------------------ the model
     def _model_id(self, source: Any) -> dict[str, Any]:
-        own = self.model_name is None or self.model_name == source.model_name
+        cfg = self.config
+        own = cfg.model_name is None or cfg.model_name == source.model_name
         return {
-            "name": source.model_name if self.model_name is None else self.model_name,
-            "revision": source.revision if own and self.revision is None else self.revision,
-            "dtype": self.model_dtype or source.model_dtype,
+            "name": source.model_name if cfg.model_name is None else cfg.model_name,
+            "revision": source.revision if own and cfg.revision is None else cfg.revision,
+            "dtype": cfg.model_dtype or source.model_dtype,
             "trust_remote_code": bool(getattr(source, "trust_remote_code", False)),
         }
 
@@ -244,7 +190,9 @@ class Unlearning(EveryNValidations):
             )
         key = repr(sorted(mid.items()))
         if key not in self._filtered:
-            cache_dir = self.question_cache_dir or str(Path(trainer.default_root_dir) / "unlearning_cache")
+            cache_dir = self.config.question_cache_dir or str(
+                Path(trainer.default_root_dir) / "unlearning_cache"
+            )
             self._filtered[key] = filter_questions(
                 self._model,
                 self._tokenizer,

@@ -30,8 +30,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mtsae.evals.unlearning.pipeline import UnlearningConfig
 from mtsae.lm.loading import resolve_device
 from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
+from mtsae_app.options import add_settings_options, settings_from_args
 
 __all__ = ["EvalError", "EvalSAE", "build_parser", "main", "load_module", "load_eval_sae", "load_datamodule"]
 
@@ -299,7 +301,6 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval unlearning``: SAEBench's unlearning evaluation (full setting by default)."""
-    from mtsae.evals.unlearning.intervention import GridConfig
     from mtsae.evals.unlearning.pipeline import (
         UnlearningConfig,
         best_recipe,
@@ -311,47 +312,27 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     from mtsae.lm.loading import load_causal_lm, load_tokenizer
     from mtsae.sae.export import save_sae
 
-    grid = GridConfig(
-        retain_thresholds=args.retain_thresholds,
-        n_features=args.n_features,
-        multipliers=args.multipliers,
-        min_mmlu_accuracy=args.min_mmlu_accuracy,
-    )
     mmlu_source: str | dict[str, str] = args.mmlu_source
     if args.mmlu_file:
         mmlu_source = dict(kv.split("=", 1) for kv in args.mmlu_file)
-    cfg = UnlearningConfig(
-        forget_corpus=args.forget_corpus,
-        retain_corpus=args.retain_corpus,
-        retain_config=args.retain_config or None,
-        retain_split=args.retain_split,
-        wmdp_source=args.wmdp_source,
-        mmlu_source=mmlu_source,
-        all_perms=args.all_perms,
-        max_questions=args.max_questions,
-        n_sparsity_rows=args.n_sparsity_rows,
-        seq_len=args.seq_len,
-        grid=grid,
-        llm_batch_size=args.llm_batch_size,
-        mcq_batch_size=args.mcq_batch_size,
-        seed=args.seed,
-        saebench_exact=args.saebench_exact,
-        position_rule=args.position_rule,
-    )
+    try:
+        cfg = settings_from_args(UnlearningConfig, args, mmlu_source=mmlu_source)
+    except ValueError as e:
+        raise EvalError(f"invalid option: {e}") from e
     loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
     _check_d_in(loaded, dm, args.config)
     source = _lm_source(dm, "eval unlearning")
     _check_sae_source(loaded, source, args.config)
-    name = args.model_name or source.model_name
-    revision = args.revision if args.model_name else (args.revision or source.revision)
-    dtype = args.model_dtype or source.model_dtype
+    name = cfg.model_name or source.model_name
+    revision = cfg.revision if cfg.model_name else (cfg.revision or source.revision)
+    dtype = cfg.model_dtype or source.model_dtype
     tokenizer = load_tokenizer(name, revision, source.trust_remote_code)
     data = load_unlearning_data(tokenizer, cfg)  # every dataset read before the model is loaded
     device = resolve_device(args.device)
     model = load_causal_lm(name, revision, dtype, device, source.trust_remote_code)
     model_id = {"name": name, "revision": revision, "dtype": dtype}
-    cache_dir = args.question_cache_dir or str(Path(args.out) / "question_cache")
+    cache_dir = cfg.question_cache_dir or str(Path(args.out) / "question_cache")
     filtered = filter_questions(
         model,
         tokenizer,
@@ -455,52 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     un = sub.add_parser("unlearning", help="SAEBench unlearning score (WMDP-bio vs MMLU)")
     _common(un)
-    un.add_argument("--forget-corpus", default=None, help="local bio-forget-corpus.jsonl (gated; see docs)")
+    add_settings_options(un, UnlearningConfig)  # one option per field, its docstring as help
     un.add_argument(
-        "--model-name", default=None, help="unlearning LM (default: the source's; e.g. gemma-2-2b-it)"
-    )
-    un.add_argument("--revision", default=None, help="revision of the unlearning LM")
-    un.add_argument("--model-dtype", default=None, help="LM dtype (default: the source's)")
-    un.add_argument("--retain-corpus", default="wikitext", help="retain corpus: hub dataset, folder or file")
-    un.add_argument("--retain-config", default="wikitext-2-raw-v1", help="retain corpus config ('' for none)")
-    un.add_argument("--retain-split", default="test")
-    un.add_argument("--wmdp-source", default="cais/wmdp", help="cais/wmdp, a snapshot folder or a local file")
-    un.add_argument("--mmlu-source", default="cais/mmlu", help="cais/mmlu or a snapshot folder")
-    un.add_argument(
-        "--mmlu-file", nargs="+", default=None, metavar="SUBSET=PATH", help="local file per MMLU subset"
-    )
-    un.add_argument(
-        "--all-perms",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="filter questions under all 24 orderings (SAEBench; --no-all-perms: original order only)",
-    )
-    un.add_argument("--max-questions", type=int, default=None, help="cap per question set (default: all)")
-    un.add_argument("--n-sparsity-rows", type=int, default=1024)
-    un.add_argument("--seq-len", type=int, default=1024)
-    un.add_argument("--retain-thresholds", type=float, nargs="+", default=[0.001, 0.01])
-    un.add_argument("--n-features", type=int, nargs="+", default=[10, 20])
-    un.add_argument("--multipliers", type=float, nargs="+", default=[25.0, 50.0, 100.0, 200.0])
-    un.add_argument("--min-mmlu-accuracy", type=float, default=0.99)
-    un.add_argument("--llm-batch-size", type=int, default=4)
-    un.add_argument("--mcq-batch-size", type=int, default=8)
-    un.add_argument(
-        "--question-cache-dir", default=None, help="cache of filtered questions (default: OUT/question_cache)"
-    )
-    un.add_argument("--seed", type=int, default=42)
-    un.add_argument(
-        "--saebench-exact",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="SAEBench's conventions (default): position 0 left alone, sparsities rounded to 6 decimals, "
-        "SAEBench's row packing, SAE in the model's dtype, instruct model and single-token letters required. "
-        "--no-saebench-exact: this project's choices (docs/saebench_unlearning.md)",
-    )
-    un.add_argument(
-        "--position-rule",
-        choices=["saebench", "special_tokens"],
+        "--mmlu-file",
+        nargs="+",
         default=None,
-        help="override which positions the clamp may change (default: from --saebench-exact)",
+        metavar="SUBSET=PATH",
+        help="local file per MMLU subset (instead of --mmlu-source)",
     )
 
     dis = sub.add_parser("disentanglement", help="decoder coherence, density, persistence, recovery")

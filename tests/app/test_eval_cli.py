@@ -22,15 +22,17 @@ TINY_GRID = {"retain_thresholds": [0.01, 1.0], "n_features": [2, 4], "multiplier
 def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
     """A training config on the tiny LM (layer 1, ctx 16) with both evaluation callbacks."""
     unlearning = {
-        **files,
-        "retain_config": None,
         "every_n_val": 1,  # at the validation of step 4, and (the default) when training ends at step 6
-        "max_questions": 16,
-        "n_sparsity_rows": 8,
-        "seq_len": 32,
-        "llm_batch_size": 8,
-        "grid": TINY_GRID,
-        "question_cache_dir": str(tmp / "question_cache"),
+        "config": {
+            **files,
+            "retain_config": None,
+            "max_questions": 16,
+            "n_sparsity_rows": 8,
+            "seq_len": 32,
+            "llm_batch_size": 8,
+            "grid": TINY_GRID,
+            "question_cache_dir": str(tmp / "question_cache"),
+        },
     }
     return {
         "seed_everything": 0,

@@ -63,6 +63,7 @@ __all__ = [
     "FORGET_CORPUS_HELP",
     "WMDP_NAME",
     "UnlearningConfig",
+    "UnlearningDuringTraining",
     "UnlearningData",
     "UnlearningDataError",
     "load_texts",
@@ -99,7 +100,11 @@ class UnlearningDataError(DatasetUnavailableError):
 
 @dataclass
 class UnlearningConfig:
-    """Settings of the unlearning evaluation (defaults: SAEBench's full run)."""
+    """Settings of the unlearning evaluation (defaults: SAEBench's full run).
+
+    One object serves the callback (``callbacks.Unlearning(config=...)``, YAML ``init_args.config``) and
+    ``mtsae eval unlearning``, whose options are generated from these fields (``--forget-corpus``, ...).
+    """
 
     forget_corpus: str | None = None
     """local path to the WMDP bio forget corpus (``bio-forget-corpus.jsonl``, gated; see
@@ -147,6 +152,15 @@ class UnlearningConfig:
     position_rule: str | None = None
     """override of the clamp's position rule (``saebench`` or ``special_tokens``); None: from
     ``saebench_exact``"""
+    model_name: str | None = None
+    """the unlearning LM (e.g. ``google/gemma-2-2b-it`` for an SAE trained on ``gemma-2-2b``, as in
+    SAEBench); None: the data source's model"""
+    revision: str | None = None
+    """revision of ``model_name`` (None: the source's revision when the model is the source's)"""
+    model_dtype: str | None = None
+    """dtype of the LM (``bfloat16``, ``float16``, ``float32``); None: the source's"""
+    question_cache_dir: str | None = None
+    """where filtered question sets are cached (None: beside the results)"""
 
     @property
     def rule(self) -> str:
@@ -177,6 +191,25 @@ class UnlearningConfig:
             missing = [s for s in self.mmlu_subsets if s not in self.mmlu_source]
             if missing:
                 raise ValueError(f"mmlu_source maps no file for subsets {missing}")
+
+
+@dataclass
+class UnlearningDuringTraining(UnlearningConfig):
+    """:class:`UnlearningConfig` with the cheaper defaults of the evaluation during training
+    (``callbacks.Unlearning``): questions filtered on their original order only, at most 200 per set,
+    128 sparsity rows, and this project's conventions (they work with the training model)."""
+
+    all_perms: bool = False
+    """keep questions answered correctly under all 24 orderings (SAEBench); False: original order only"""
+    max_questions: int | None = 200
+    """at most this many questions per set (a seeded random sample, before filtering); None: all"""
+    n_sparsity_rows: int = 128
+    """rows per corpus used for feature sparsities (SAEBench ``dataset_size``)"""
+    mcq_batch_size: int = 16
+    """prompts per forward when scoring questions"""
+    saebench_exact: bool = False
+    """SAEBench's conventions (needs an instruct ``model_name``); False: this project's (see
+    :class:`UnlearningConfig`)"""
 
 
 @dataclass
