@@ -195,3 +195,29 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
     ]
     cli_main(["fit", *tiny_args(tmp_path / "b", *second)])
     assert _fingerprints(part) == _fingerprints(full)
+
+
+def test_training_metrics_are_computed_only_on_logged_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-step host work: train/* metrics are reduced and passed to self.log every log_every_n_steps."""
+    logged_at: list[int] = []
+    original = SAEModule.log_dict
+
+    def spy(self, metrics, *args, **kwargs):
+        if "train/l0" in metrics:
+            logged_at.append(self.global_step)
+        return original(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(SAEModule, "log_dict", spy)
+    args = [
+        "--trainer.max_steps",
+        "12",
+        "--trainer.log_every_n_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "1.0",
+    ]
+    cli = cli_main(["fit", *tiny_args(tmp_path, *args)])
+    assert logged_at == [3, 7, 11]  # Lightning writes steps 4, 8, 12 (global_step counts finished steps)
+    assert "train/fvu" in cli.trainer.logged_metrics and "train/loss" in cli.trainer.logged_metrics
