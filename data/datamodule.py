@@ -254,9 +254,16 @@ class WindowDataset(Dataset):
         data = self.cache.read_ranges(list(window.ranges))
         if window.seed is None:
             return data
-        n = data["acts"].shape[0]
-        perm = torch.from_numpy(np.random.default_rng(list(window.seed)).permutation(n))
-        return {k: v[perm] for k, v in data.items()}
+        perm = np.random.default_rng(list(window.seed)).permutation(data["acts"].shape[0])
+        return {k: _take_rows(v, perm) for k, v in data.items()}
+
+
+def _take_rows(t: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
+    """``t[idx]`` along dim 0 through numpy's ``take`` (one memcpy per row; several times faster than
+    torch's CPU indexing of bf16 rows)."""
+    if t.dtype == torch.bfloat16:
+        return torch.from_numpy(np.take(t.view(torch.int16).numpy(), idx, axis=0)).view(torch.bfloat16)
+    return torch.from_numpy(np.take(t.numpy(), idx, axis=0))
 
 
 class ResumableDataLoader(DataLoader):
