@@ -137,7 +137,7 @@ def run(cfg: BenchConfig) -> list[Row]:
         )
     )
     # 2. Trainer / plain loop at a training size, both models
-    d_in, d_sae, n_rows = (256, 2048, 2) if cfg.quick else (512, 4096, 8)
+    d_in, d_sae, n_rows = (256, 2048, 2) if cfg.quick else (512, 4096, 4)
     if cfg.device.type == "cuda":
         d_in, d_sae, n_rows = 2304, 16384, 32
     for name, kind in (("per-token", per_token), ("MTSAE concat", mtsae)):

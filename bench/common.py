@@ -117,13 +117,13 @@ def print_table(rows: list[Row]) -> None:
     w = max(len(r.name) for r in rows)
     print(f"\n{'measurement':<{w}}  {'ratio':>8}  {'target':>8}  {'status':<8}  note")
     for r in rows:
-        v = "-" if r.value is None else f"{r.value:8.3f}"
+        v = "-" if r.value is None else f"{r.value:8.4g}"
         print(f"{r.name:<{w}}  {v:>8}  {r.target:>8}  {r.status:<8}  {r.note}")
 
 
 def markdown_table(rows: list[Row]) -> str:
     out = ["| measurement | ratio | target | status | note |", "|---|---:|---|---|---|"]
     for r in rows:
-        v = "–" if r.value is None else f"{r.value:.3f}"
+        v = "–" if r.value is None else f"{r.value:.4g}"
         out.append(f"| {r.name} | {v} | {r.target} | {r.status} | {r.note} |")
     return "\n".join(out)

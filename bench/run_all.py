@@ -11,6 +11,7 @@ Each row is a ratio of things measured side by side in this run (interleaved rep
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -22,7 +23,7 @@ import torch  # noqa: E402
 
 from bench.common import BenchConfig, Row, machine, markdown_table, print_table, stage  # noqa: E402
 
-BENCHES = ["step", "trainer", "loader", "rss", "capture", "generate"]
+BENCHES = ["step", "trainer", "loader", "rss", "fp8", "capture", "generate"]
 
 
 def _capture(cfg: BenchConfig) -> list[Row]:
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     torch.set_num_threads(a.threads)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # no start-up banners between the stages
+        logging.getLogger(name).setLevel(logging.WARNING)
     t0 = time.perf_counter()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="mtsae-bench-") as tmp:

@@ -438,7 +438,7 @@ class ActivationCache:
                         if k not in out:
                             out[k] = np.empty((n, *ds.shape[1:]), dtype=ds.dtype)
                         if b > a:
-                            ds.read_direct(out[k], np.s_[a:b], np.s_[pos : pos + b - a])
+                            ds.read_direct(out[k][pos : pos + b - a], np.s_[a:b])
                 pos += b - a
                 lo += b - a
         if torch_dtype is None:  # no rows asked for: empty arrays of the right shapes
