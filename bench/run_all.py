@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from bench.common import BenchConfig, Row, machine, markdown_table, print_table, stage  # noqa: E402
 
-BENCHES = ["step", "trainer", "loader", "rss", "fp8", "capture", "generate"]
+BENCHES = ["step", "trainer", "loader", "rss", "fp8", "conv", "capture", "generate"]
 
 
 def _capture(cfg: BenchConfig) -> list[Row]:
@@ -42,6 +42,24 @@ def _capture(cfg: BenchConfig) -> list[Row]:
     ]
 
 
+def _conv(cfg: BenchConfig) -> list[Row]:
+    from bench.bench_conv import compare
+
+    sizes = [(64, 32, 64), (512, 16, 128)]  # (d_in, batch, ctx): the demo's, and a wider one
+    rows = []
+    for d_in, batch, ctx in sizes:
+        ratio = compare(d_in, batch, ctx, 10 if cfg.quick else 30, cfg.device.type)
+        rows.append(
+            Row(
+                f"conv: F.conv1d / shifted multiply-adds, d_in {d_in}",
+                ratio,
+                "",
+                f"forward + backward, B {batch}, T {ctx}, dilations 1,2,4,8",
+            )
+        )
+    return rows
+
+
 def _generate(cfg: BenchConfig) -> list[Row]:
     return [
         Row(
@@ -58,6 +76,8 @@ def run_bench(name: str, cfg: BenchConfig) -> list[Row]:
         return _capture(cfg)
     if name == "generate":
         return _generate(cfg)
+    if name == "conv":
+        return _conv(cfg)
     module = __import__(f"bench.bench_{name}", fromlist=["run"])
     return module.run(cfg)
 
@@ -87,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but torch.cuda.is_available() is False")
     torch.set_num_threads(a.threads)
+    import lightning  # noqa: F401  (it sets its loggers' level on import: import it first)
+
     for name in ("lightning.pytorch", "lightning.fabric"):  # no start-up banners between the stages
         logging.getLogger(name).setLevel(logging.WARNING)
     t0 = time.perf_counter()
