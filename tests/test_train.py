@@ -153,8 +153,13 @@ def _fingerprints(path: Path) -> dict[int, float]:
     return {step: fp for step, fp in (json.loads(line) for line in path.read_text().splitlines())}
 
 
-def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None:
-    """Interrupted mid-epoch and resumed, training sees exactly the batches of an uninterrupted run."""
+@pytest.mark.parametrize("window", [[], ["--data.shuffle_buffer_rows", "64", "--data.block_rows", "4"]])
+def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path, window: list[str]) -> None:
+    """Interrupted mid-epoch and resumed, training sees exactly the batches of an uninterrupted run.
+
+    With the default 1024-row shuffle window the epoch (512 rows) is one window; with 64-row windows
+    the interruption (after 11 batches of 16) falls in the third window.
+    """
     probe = "--trainer.callbacks+=tests.batch_probe.BatchProbe"
     every = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
     full = tmp_path / "full.jsonl"
@@ -162,7 +167,13 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
         [
             "fit",
             *tiny_args(
-                tmp_path / "a", "--trainer.max_steps", "40", probe, "--trainer.callbacks.path", str(full)
+                tmp_path / "a",
+                "--trainer.max_steps",
+                "40",
+                probe,
+                "--trainer.callbacks.path",
+                str(full),
+                *window,
             ),
         ]
     )
@@ -183,7 +194,7 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
         "--trainer.callbacks.filename",
         "mid",
     ]
-    cli_main(["fit", *tiny_args(tmp_path / "b", *first)])
+    cli_main(["fit", *tiny_args(tmp_path / "b", *first, *window)])
     second = [
         "--trainer.max_steps",
         "40",
@@ -193,7 +204,7 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
         "--ckpt_path",
         str(ckpt_dir / "mid.ckpt"),
     ]
-    cli_main(["fit", *tiny_args(tmp_path / "b", *second)])
+    cli_main(["fit", *tiny_args(tmp_path / "b", *second, *window)])
     assert _fingerprints(part) == _fingerprints(full)
 
 
