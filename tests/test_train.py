@@ -71,6 +71,12 @@ def test_fast_dev_run(tmp_path: Path) -> None:
     assert cli.model.hparams.d_in == 16  # linked from the data
 
 
+def test_fast_dev_run_with_the_mix_encoder(tmp_path: Path) -> None:
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run", "true", "--model.encoder", "mix")])
+    assert cli.trainer.global_step == 1
+    assert cli.model.sae.encoder == "mix" and cli.model.sae.W_enc.shape == (16, 64)
+
+
 def test_training_lowers_val_fvu(tmp_path: Path) -> None:
     cli = cli_main(tiny_args(tmp_path, "--trainer.max_epochs", "3"), run=False)
     cli.datamodule.prepare_data()
