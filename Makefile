@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare test test-all bench lint tiny-lm unlearning-example clean
+.PHONY: install demo compare test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -29,8 +29,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# every benchmark, one table of ratios (bench/RESULTS.md: the last full run); bench-quick: a smoke run
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run_all.py --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
