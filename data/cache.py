@@ -1,4 +1,4 @@
-"""The HDF5 activation-sequence cache (a public format, DESIGN §4): writer and reader.
+"""The HDF5 activation-sequence cache (a public format, docs/design.md §5): writer and reader.
 
 Layout: ``<cache_dir>/<fingerprint>/manifest.json`` and ``shard_00000.h5`` ... Each shard holds
 ``acts [n, T, d_in]`` (bf16 stored as its ``uint16`` bits with attribute ``torch_dtype = "bfloat16"``;

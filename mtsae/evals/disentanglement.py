@@ -1,4 +1,4 @@
-"""Feature disentanglement diagnostics (DESIGN.md §6): pure functions, tensors in, floats/tensors out.
+"""Feature disentanglement diagnostics (docs/design.md §6): pure functions, tensors in, floats/tensors out.
 
 What is measured, for an SAE with decoder rows ``w_i = W_dec[i]`` and codes ``f [B, T, d_sae]``:
 
@@ -15,7 +15,7 @@ What is measured, for an SAE with decoder rows ``w_i = W_dec[i]`` and codes ``f 
   scale ``s`` is the share of *squared* norm (energy) ``a_si = ||W_enc[s-block, i]||^2 / ||W_enc[:, i]||^2``
   (sums to 1 over ``s``); its normalised entropy ``H_i = -sum_s a_si log a_si / log S`` is 0 for a feature
   that reads one scale only and 1 for one that reads all equally. The branches' conv gains are not folded
-  in: this is the encoder's attribution over branch outputs, as DESIGN.md defines it. A per-token SAE
+  in: this is the encoder's attribution over branch outputs, as docs/design.md §6 defines it. A per-token SAE
   (``dilations=[]``) has no scales: the functions return ``None``.
 * **temporal persistence** (:class:`PersistenceAccumulator`): for lag ``k`` and feature ``i``, the Pearson
   correlation of ``a = f_i[b, t]`` and ``c = f_i[b, t + k]`` over all pairs ``(b, t)`` with both positions

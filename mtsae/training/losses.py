@@ -1,4 +1,4 @@
-"""Training losses (DESIGN §3). All of them average over *valid* tokens only.
+"""Training losses (docs/design.md §4). All of them average over *valid* tokens only.
 
 Shapes: ``x, x_hat [B, T, d_in]``, ``f [B, T, d_sae]``, ``z [B, T, S, d_in]``, ``valid [B, T]``.
 """
