@@ -36,13 +36,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.unlearning.intervention import (
-    ce_loss_score,
-    kl_div_score,
-    kl_per_token,
-    next_token_ce,
-    valid_token_mask,
-)
+from mtsae.evals.scores import ce_loss_score, kl_div_score, kl_per_token, next_token_ce
+from mtsae.evals.unlearning.intervention import valid_token_mask
 from mtsae.lm.hooks import splice_resid_post
 
 __all__ = [

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.unlearning.intervention import SparsityAccumulator
+from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.training.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
 
 if TYPE_CHECKING:

@@ -43,12 +43,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.unlearning.intervention import (
-    SparsityAccumulator,
-    check_grid,
-    clamp_intervention,
-    select_features,
-)
+from mtsae.evals.sparsity import SparsityAccumulator
+from mtsae.evals.unlearning.intervention import clamp_intervention
+from mtsae.evals.unlearning.selection import check_grid, select_features
 
 __all__ = [
     "SyntheticGrid",

@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 
 from callbacks.unlearning import Unlearning
-from mtsae.evals.unlearning.intervention import GridConfig
 from mtsae.evals.unlearning.pipeline import UnlearningConfig, UnlearningDuringTraining
+from mtsae.evals.unlearning.selection import GridConfig
 from mtsae_app import cli
 from mtsae_app.options import add_settings_options, field_docs, settings_from_args
 

@@ -25,7 +25,7 @@ from mtsae.evals.disentanglement import (
     scale_attribution_summary,
     scale_entropy,
 )
-from mtsae.evals.unlearning.intervention import SparsityAccumulator
+from mtsae.evals.sparsity import SparsityAccumulator
 from tests.helpers.factories import tiny_sae, tiny_source
 from tests.helpers.train import tiny_args
 from train import cli_main

@@ -37,14 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.unlearning.intervention import (
-    ClampIntervention,
-    GridConfig,
-    SparsityAccumulator,
-    select_features,
-    unlearning_score,
-    valid_token_mask,
-)
+from mtsae.evals.sparsity import SparsityAccumulator
+from mtsae.evals.unlearning.intervention import ClampIntervention, valid_token_mask
 from mtsae.evals.unlearning.mcq import (
     MMLU_SOURCE,
     MMLU_SUBSETS,
@@ -56,6 +50,7 @@ from mtsae.evals.unlearning.mcq import (
     special_token_ids,
 )
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
+from mtsae.evals.unlearning.selection import GridConfig, select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
 from mtsae.lm.text import DatasetUnavailableError, looks_local, open_dataset, pack_rows, pack_rows_saebench
 

@@ -8,24 +8,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mtsae.evals.scores import ce_loss_score, kl_div_score, kl_per_token, next_token_ce
+from mtsae.evals.sparsity import SparsityAccumulator, feature_sparsity
 from mtsae.evals.unlearning.intervention import (
     ClampIntervention,
-    GridConfig,
-    GridPoint,
-    SparsityAccumulator,
-    ce_loss_score,
     clamp_intervention,
-    feature_sparsity,
     intervention_mask,
-    kl_div_score,
-    kl_per_token,
-    next_token_ce,
-    pooled_accuracy,
-    select_features,
-    unlearning_score,
     valid_token_mask,
 )
 from mtsae.evals.unlearning.mcq import answer_probs
+from mtsae.evals.unlearning.selection import (
+    GridConfig,
+    GridPoint,
+    pooled_accuracy,
+    select_features,
+    unlearning_score,
+)
 from mtsae.lm.hooks import capture_resid_post, splice_resid_post
 from mtsae.sae.model import MTSAE
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtsae.evals.unlearning.intervention import GridConfig, round_sparsity, select_features
+from mtsae.evals.sparsity import round_sparsity
 from mtsae.evals.unlearning.mcq import letter_token_ids
 from mtsae.evals.unlearning.pipeline import (
     FORGET_CORPUS_HELP,
@@ -24,6 +24,7 @@ from mtsae.evals.unlearning.pipeline import (
     summary_markdown,
 )
 from mtsae.evals.unlearning.recipe import UnlearningRecipe
+from mtsae.evals.unlearning.selection import GridConfig, select_features
 from mtsae.evals.unlearning.tiny_example import write_unlearning_files
 from mtsae.lm.text import pack_rows, pack_rows_saebench
 from mtsae.lm.tiny_lm import build_tiny_lm
