@@ -462,19 +462,7 @@ def evaluate_unlearning(
     Raises:
         ValueError: if no WMDP question or no MMLU question survived the filtering.
     """
-    from tqdm.auto import tqdm
-
-    mmlu_names = [n for n in filtered if n != WMDP_NAME]
-    if not filtered.get(WMDP_NAME):
-        raise ValueError(
-            "no WMDP-bio question is answered correctly by the unmodified model, so the unlearning score is "
-            "undefined: use a model that knows some biology (SAEBench uses gemma-2-2b-it), more questions "
-            "(max_questions) or all_perms=False"
-        )
-    if not any(filtered[n] for n in mmlu_names):
-        raise ValueError(
-            "no MMLU question is answered correctly by the unmodified model: cannot measure side effects"
-        )
+    mmlu_names = _check_filtered(filtered)
     special = special_token_ids(tokenizer)
     exact = cfg.saebench_exact
     model_dtype = next(model.parameters()).dtype
@@ -490,70 +478,11 @@ def evaluate_unlearning(
     n_max = max(cfg.grid.n_features)
     selected = {t: select_features(forget_sp, retain_sp, t, n_max) for t in cfg.grid.retain_thresholds}
 
-    memo: dict[tuple, dict[str, dict[str, int]]] = {}
-
-    def score(features: tuple[int, ...], multiplier: float) -> dict[str, dict[str, int]]:
-        key = (features, multiplier) if features else ()
-        if key not in memo:
-            iv = None
-            if features:
-                iv = ClampIntervention(
-                    model, layer, sae, list(features), multiplier, special, position_rule=cfg.rule
-                )
-            memo[key] = {
-                name: _counts(
-                    score_mcq(
-                        model,
-                        tokenizer,
-                        qs,
-                        cfg.mcq_batch_size,
-                        iv,
-                        chat_template=cfg.chat_template,
-                        strict_letters=exact,
-                    ).correct
-                )
-                for name, qs in filtered.items()
-                if qs
-            }
-            for name, qs in filtered.items():
-                if not qs:
-                    memo[key][name] = {"correct": 0, "total": 0}
-        return memo[key]
-
-    base = score((), 0.0)
-    configs = []
-    for point in tqdm(cfg.grid.points(), desc="unlearning grid", disable=not progress, leave=False):
-        feats = tuple(int(i) for i in selected[point.retain_threshold][: point.n_features].tolist())
-        counts = score(feats, point.multiplier)
-        mmlu = {n: counts[n] for n in mmlu_names}
-        configs.append(
-            {
-                **point._asdict(),
-                "features": list(feats),
-                "wmdp": counts[WMDP_NAME],
-                "mmlu": mmlu,
-                "wmdp_accuracy": _acc(counts[WMDP_NAME]),
-                "mmlu_accuracy": _pooled(mmlu),
-                "mmlu_accuracy_per_subset": {n: _acc(c) for n, c in mmlu.items()},
-            }
-        )
-    warnings: list[str] = []
-    with_features = [c for c in configs if c["features"]]
-    for c in configs:
-        if not c["features"]:
-            c["skipped"] = "no eligible feature at this retain threshold: nothing was clamped"
-    if with_features:
-        score_value, best = unlearning_score(with_features, cfg.grid.min_mmlu_accuracy)
-        if best is None:
-            top = max(with_features, key=lambda c: c["mmlu_accuracy"])
-            warnings.append(
-                f"no grid point keeps pooled MMLU accuracy >= {cfg.grid.min_mmlu_accuracy} (the highest is "
-                f"{top['mmlu_accuracy']:.4f}, at threshold {top['retain_threshold']}, n {top['n_features']}, "
-                f"multiplier {top['multiplier']}): the score is 0 and there is no best config; try smaller "
-                "multipliers, fewer features (--n-features) or a lower retain threshold"
-            )
-    else:
-        score_value, best = 0.0, None
+    scorer = _GridScorer(model, tokenizer, layer, sae, special, filtered, cfg)
+    base = scorer.counts((), 0.0)
+    configs = _grid_rows(scorer, selected, mmlu_names, cfg, progress)
+    score_value, best, warnings = _best_config(configs, cfg)
+    if not any(c["features"] for c in configs):
         warnings.append(_no_eligible_message(forget_sp, retain_sp, cfg.grid.retain_thresholds))
     for w in warnings:
         log.warning("unlearning: %s", w)
@@ -561,27 +490,13 @@ def evaluate_unlearning(
         "wmdp_accuracy": _acc(base[WMDP_NAME]),
         "mmlu_accuracy": _pooled({n: base[n] for n in mmlu_names}),
     }
-    if best is None:
-        wmdp_best, mmlu_best, best_point = baseline["wmdp_accuracy"], baseline["mmlu_accuracy"], None
-    else:
-        wmdp_best, mmlu_best = best["wmdp_accuracy"], best["mmlu_accuracy"]
-        best_point = {
-            k: best[k]
-            for k in (
-                "retain_threshold",
-                "n_features",
-                "multiplier",
-                "features",
-                "wmdp_accuracy",
-                "mmlu_accuracy",
-            )
-        }
-    settings = asdict(cfg)
+    best_keys = ("retain_threshold", "n_features", "multiplier", "features", "wmdp_accuracy", "mmlu_accuracy")
+    chosen = baseline if best is None else best  # no best config: doing nothing is best
     return {
         "unlearning_score": float(score_value),
-        "wmdp_acc_best": float(wmdp_best),
-        "mmlu_acc_best": float(mmlu_best),
-        "best": best_point,
+        "wmdp_acc_best": float(chosen["wmdp_accuracy"]),
+        "mmlu_acc_best": float(chosen["mmlu_accuracy"]),
+        "best": None if best is None else {k: best[k] for k in best_keys},
         "baseline": baseline,
         "layer": layer,
         "configs": configs,
@@ -608,8 +523,127 @@ def evaluate_unlearning(
             "strict_letters": exact,
         },
         "special_ids": special,
-        "settings": settings,
+        "settings": asdict(cfg),
     }
+
+
+def _check_filtered(filtered: Mapping[str, Sequence[MCQuestion]]) -> list[str]:
+    """The MMLU set names; ``ValueError`` if no WMDP or no MMLU question survived the filtering."""
+    mmlu_names = [n for n in filtered if n != WMDP_NAME]
+    if not filtered.get(WMDP_NAME):
+        raise ValueError(
+            "no WMDP-bio question is answered correctly by the unmodified model, so the unlearning score is "
+            "undefined: use a model that knows some biology (SAEBench uses gemma-2-2b-it), more questions "
+            "(max_questions) or all_perms=False"
+        )
+    if not any(filtered[n] for n in mmlu_names):
+        raise ValueError(
+            "no MMLU question is answered correctly by the unmodified model: cannot measure side effects"
+        )
+    return mmlu_names
+
+
+class _GridScorer:
+    """Correct / total per question set under the clamp of ``features`` at ``multiplier`` (memoised:
+    grid points that select the same features share their scoring; no features = the unmodified model)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        layer: int,
+        sae: nn.Module,
+        special: Sequence[int | None],
+        filtered: Mapping[str, Sequence[MCQuestion]],
+        cfg: UnlearningConfig,
+    ) -> None:
+        self.model, self.tokenizer, self.layer, self.sae, self.special = model, tokenizer, layer, sae, special
+        self.filtered, self.cfg = filtered, cfg
+        self._memo: dict[tuple, dict[str, dict[str, int]]] = {}
+
+    def counts(self, features: tuple[int, ...], multiplier: float) -> dict[str, dict[str, int]]:
+        key = (features, multiplier) if features else ()
+        if key not in self._memo:
+            cfg, iv = self.cfg, None
+            if features:
+                iv = ClampIntervention(
+                    self.model,
+                    self.layer,
+                    self.sae,
+                    list(features),
+                    multiplier,
+                    self.special,
+                    position_rule=cfg.rule,
+                )
+            self._memo[key] = {
+                name: (
+                    _counts(
+                        score_mcq(
+                            self.model,
+                            self.tokenizer,
+                            qs,
+                            cfg.mcq_batch_size,
+                            iv,
+                            chat_template=cfg.chat_template,
+                            strict_letters=cfg.saebench_exact,
+                        ).correct
+                    )
+                    if qs
+                    else {"correct": 0, "total": 0}
+                )
+                for name, qs in self.filtered.items()
+            }
+        return self._memo[key]
+
+
+def _grid_rows(
+    scorer: _GridScorer,
+    selected: Mapping[float, Tensor],
+    mmlu_names: Sequence[str],
+    cfg: UnlearningConfig,
+    progress: bool,
+) -> list[dict[str, Any]]:
+    """One row per grid point: its features, per-set counts and accuracies."""
+    from tqdm.auto import tqdm
+
+    configs = []
+    for point in tqdm(cfg.grid.points(), desc="unlearning grid", disable=not progress, leave=False):
+        feats = tuple(int(i) for i in selected[point.retain_threshold][: point.n_features].tolist())
+        counts = scorer.counts(feats, point.multiplier)
+        mmlu = {n: counts[n] for n in mmlu_names}
+        row = {
+            **point._asdict(),
+            "features": list(feats),
+            "wmdp": counts[WMDP_NAME],
+            "mmlu": mmlu,
+            "wmdp_accuracy": _acc(counts[WMDP_NAME]),
+            "mmlu_accuracy": _pooled(mmlu),
+            "mmlu_accuracy_per_subset": {n: _acc(c) for n, c in mmlu.items()},
+        }
+        if not feats:
+            row["skipped"] = "no eligible feature at this retain threshold: nothing was clamped"
+        configs.append(row)
+    return configs
+
+
+def _best_config(
+    configs: list[dict[str, Any]], cfg: UnlearningConfig
+) -> tuple[float, dict[str, Any] | None, list[str]]:
+    """``(score, best grid row or None, warnings)`` over the rows that clamp something."""
+    with_features = [c for c in configs if c["features"]]
+    if not with_features:
+        return 0.0, None, []
+    score_value, best = unlearning_score(with_features, cfg.grid.min_mmlu_accuracy)
+    warnings = []
+    if best is None:
+        top = max(with_features, key=lambda c: c["mmlu_accuracy"])
+        warnings.append(
+            f"no grid point keeps pooled MMLU accuracy >= {cfg.grid.min_mmlu_accuracy} (the highest is "
+            f"{top['mmlu_accuracy']:.4f}, at threshold {top['retain_threshold']}, n {top['n_features']}, "
+            f"multiplier {top['multiplier']}): the score is 0 and there is no best config; try smaller "
+            "multipliers, fewer features (--n-features) or a lower retain threshold"
+        )
+    return score_value, best, warnings
 
 
 def _no_eligible_message(forget_sp: Tensor, retain_sp: Tensor, thresholds: Sequence[float]) -> str:
