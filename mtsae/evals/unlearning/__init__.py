@@ -1,2 +1,4 @@
-"""SAEBench-style unlearning: the intervention (:mod:`.intervention`), multiple-choice scoring
-(:mod:`.mcq`), the evaluation pipeline (:mod:`.pipeline`) and recipes (:mod:`.recipe`)."""
+"""SAEBench-style unlearning: settings (:mod:`.config`), corpora and questions (:mod:`.corpora`), feature
+selection and the sweep (:mod:`.selection`), the clamp (:mod:`.intervention`), multiple-choice scoring
+(:mod:`.mcq`), the evaluation (:mod:`.pipeline`), its outputs (:mod:`.report`) and recipes
+(:mod:`.recipe`). The public API is :mod:`mtsae.unlearning`."""

@@ -1,5 +1,7 @@
 """SAEBench's unlearning evaluation end to end (Farrell et al. 2024), from the building blocks in
-:mod:`mtsae.evals.unlearning.intervention` and :mod:`mtsae.evals.unlearning.mcq`.
+:mod:`mtsae.evals.unlearning.intervention` and :mod:`mtsae.evals.unlearning.mcq`. Settings:
+:mod:`.config`; what is read before any model runs: :mod:`.corpora`; outputs: :mod:`.report`; this module
+re-exports their names.
 
 1. :func:`load_unlearning_data`: the forget corpus (the WMDP bio forget corpus, a gated file the user
    supplies as a local path), the retain corpus (``wikitext`` / ``wikitext-2-raw-v1`` test, or a local
@@ -27,10 +29,8 @@ import copy
 import hashlib
 import json
 import logging
-import os
-import random
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +38,28 @@ import torch
 from torch import Tensor, nn
 
 from mtsae.evals.sparsity import SparsityAccumulator
+from mtsae.evals.unlearning.config import UnlearningConfig, UnlearningDuringTraining
+from mtsae.evals.unlearning.corpora import (
+    FORGET_CORPUS_HELP,
+    WMDP_NAME,
+    UnlearningData,
+    UnlearningDataError,
+    check_instruct,
+    load_forget_texts,
+    load_questions,
+    load_texts,
+    load_unlearning_data,
+)
 from mtsae.evals.unlearning.intervention import ClampIntervention, valid_token_mask
 from mtsae.evals.unlearning.mcq import (
-    MMLU_SOURCE,
-    MMLU_SUBSETS,
-    WMDP_BIO,
     MCQuestion,
     filter_correct,
-    load_mcq,
     score_mcq,
     special_token_ids,
 )
-from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
-from mtsae.evals.unlearning.selection import GridConfig, select_features, unlearning_score
+from mtsae.evals.unlearning.report import best_recipe, save_results, summary_markdown
+from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
-from mtsae.lm.text import DatasetUnavailableError, looks_local, open_dataset, pack_rows, pack_rows_saebench
 
 __all__ = [
     "FORGET_CORPUS_HELP",
@@ -76,243 +83,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: name of the WMDP-bio question set in results
-WMDP_NAME = "wmdp-bio"
-
-FORGET_CORPUS_HELP = (
-    "The WMDP bio forget corpus is gated: request access from the WMDP authors (the dataset "
-    "cais/wmdp-bio-forget-corpus on the Hugging Face hub; see https://www.wmdp.ai), download "
-    "bio-forget-corpus.jsonl (one JSON object per line with a 'text' field) and point the config at it "
-    "(callback: forget_corpus: /path/to/bio-forget-corpus.jsonl; mtsae eval unlearning: "
-    "--forget-corpus /path/to/bio-forget-corpus.jsonl)."
-)
-
-
-class UnlearningDataError(DatasetUnavailableError):
-    """A corpus for the unlearning evaluation cannot be loaded (the message says how to fix it)."""
-
-
-@dataclass
-class UnlearningConfig:
-    """Settings of the unlearning evaluation (defaults: SAEBench's full run).
-
-    One object serves the callback (``callbacks.Unlearning(config=...)``, YAML ``init_args.config``) and
-    ``mtsae eval unlearning``, whose options are generated from these fields (``--forget-corpus``, ...).
-    """
-
-    forget_corpus: str | None = None
-    """local path to the WMDP bio forget corpus (``bio-forget-corpus.jsonl``, gated; see
-    :data:`FORGET_CORPUS_HELP`), or a hub dataset you have access to"""
-    retain_corpus: str = "wikitext"
-    """hub dataset or local file (``.jsonl``/``.json``/``.txt``/``.parquet``) or folder of retain text"""
-    retain_config: str | None = "wikitext-2-raw-v1"
-    """dataset configuration of ``retain_corpus`` (hub or folder)"""
-    retain_split: str = "test"
-    """split of ``retain_corpus`` (hub or folder)"""
-    text_column: str = "text"
-    """column holding the text in both corpora"""
-    min_chars: int = 50
-    """documents with at most this many characters are dropped (SAEBench: ``len(text) > 50``)"""
-    n_sparsity_rows: int = 1024
-    """rows per corpus used for feature sparsities (SAEBench ``dataset_size``)"""
-    seq_len: int = 1024
-    """tokens per row, BOS included (SAEBench ``seq_len``)"""
-    wmdp_source: str = WMDP_BIO[0]
-    """``cais/wmdp`` (config ``wmdp-bio``), a local snapshot folder, or a local ``.jsonl``/``.parquet``"""
-    mmlu_source: str | dict[str, str] = MMLU_SOURCE
-    """``cais/mmlu``, a local snapshot folder, or a mapping subset name -> local file"""
-    mmlu_subsets: list[str] = field(default_factory=lambda: list(MMLU_SUBSETS))
-    """MMLU subsets whose pooled accuracy measures side effects"""
-    all_perms: bool = True
-    """keep questions answered correctly under all 24 orderings (SAEBench); False: original order only"""
-    max_questions: int | None = None
-    """at most this many questions per set (a seeded random sample, before filtering); None: all"""
-    chat_template: bool | None = None
-    """wrap prompts in the tokenizer's chat template; None: iff the tokenizer has one"""
-    grid: GridConfig = field(default_factory=GridConfig)
-    """retain thresholds x numbers of features x multipliers, and the MMLU accuracy threshold"""
-    llm_batch_size: int = 4
-    """rows per forward when computing sparsities"""
-    mcq_batch_size: int = 8
-    """prompts per forward when scoring questions"""
-    seed: int = 42
-    """seeds the document sample, row shuffle and question sample (SAEBench ``random_seed``)"""
-    saebench_exact: bool = True
-    """SAEBench's conventions: the clamp leaves position 0 alone, sparsities rounded to 6 decimals before
-    selection, SAEBench's row packing, the SAE in the model's dtype, an instruct model (a chat template)
-    and single-token answer letters required. False: this project's choices (special tokens skipped by
-    id, exact sparsities, ``[BOS] + seq_len - 1`` packing, the SAE in its own dtype, any model, letters
-    scored by their single-token variants); see ``docs/saebench_unlearning.md``"""
-    position_rule: str | None = None
-    """override of the clamp's position rule (``saebench`` or ``special_tokens``); None: from
-    ``saebench_exact``"""
-    model_name: str | None = None
-    """the unlearning LM (e.g. ``google/gemma-2-2b-it`` for an SAE trained on ``gemma-2-2b``, as in
-    SAEBench); None: the data source's model"""
-    revision: str | None = None
-    """revision of ``model_name`` (None: the source's revision when the model is the source's)"""
-    model_dtype: str | None = None
-    """dtype of the LM (``bfloat16``, ``float16``, ``float32``); None: the source's"""
-    question_cache_dir: str | None = None
-    """where filtered question sets are cached (None: beside the results)"""
-
-    @property
-    def rule(self) -> str:
-        """The position rule in effect."""
-        if self.position_rule is not None:
-            return self.position_rule
-        return "saebench" if self.saebench_exact else "special_tokens"
-
-    def __post_init__(self) -> None:
-        from mtsae.evals.unlearning.intervention import POSITION_RULES
-
-        if self.position_rule is not None and self.position_rule not in POSITION_RULES:
-            raise ValueError(f"position_rule must be one of {sorted(POSITION_RULES)} or None")
-        if isinstance(self.grid, Mapping):  # from JSON / YAML
-            self.grid = GridConfig(**self.grid)
-        for name in ("n_sparsity_rows", "llm_batch_size", "mcq_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2 (BOS + one token), got {self.seq_len}")
-        if self.max_questions is not None and self.max_questions < 1:
-            raise ValueError(f"max_questions must be >= 1 or None, got {self.max_questions}")
-        if self.min_chars < 0:
-            raise ValueError(f"min_chars must be >= 0, got {self.min_chars}")
-        if not self.mmlu_subsets:
-            raise ValueError("mmlu_subsets must name at least one MMLU subset")
-        if isinstance(self.mmlu_source, Mapping):
-            missing = [s for s in self.mmlu_subsets if s not in self.mmlu_source]
-            if missing:
-                raise ValueError(f"mmlu_source maps no file for subsets {missing}")
-
-
-@dataclass
-class UnlearningDuringTraining(UnlearningConfig):
-    """:class:`UnlearningConfig` with the cheaper defaults of the evaluation during training
-    (``callbacks.Unlearning``): questions filtered on their original order only, at most 200 per set,
-    128 sparsity rows, and this project's conventions (they work with the training model)."""
-
-    all_perms: bool = False
-    """keep questions answered correctly under all 24 orderings (SAEBench); False: original order only"""
-    max_questions: int | None = 200
-    """at most this many questions per set (a seeded random sample, before filtering); None: all"""
-    n_sparsity_rows: int = 128
-    """rows per corpus used for feature sparsities (SAEBench ``dataset_size``)"""
-    mcq_batch_size: int = 16
-    """prompts per forward when scoring questions"""
-    saebench_exact: bool = False
-    """SAEBench's conventions (needs an instruct ``model_name``); False: this project's (see
-    :class:`UnlearningConfig`)"""
-
-
-@dataclass
-class UnlearningData:
-    """What :func:`load_unlearning_data` returns (depends on the tokenizer, not on the model or SAE)."""
-
-    forget_rows: Tensor
-    """``[n_forget, seq_len]`` token ids of the forget corpus"""
-    retain_rows: Tensor
-    """``[n_retain, seq_len]`` token ids of the retain corpus"""
-    questions: dict[str, list[MCQuestion]]
-    """``wmdp-bio`` and every MMLU subset -> questions (before filtering)"""
-
-
-# ---------------------------------------------------------------------------------------------- corpora
-def load_texts(
-    source: str,
-    config: str | None = None,
-    split: str = "train",
-    text_column: str = "text",
-    min_chars: int = 50,
-) -> list[str]:
-    """Documents longer than ``min_chars`` characters from a hub dataset, a local folder or a local file
-    (read by :func:`mtsae.lm.text.open_dataset`).
-
-    Raises:
-        UnlearningDataError: the dataset cannot be read (the message says how to use a local copy).
-    """
-    rows = open_dataset(source, config, split, columns=f"a {text_column!r} column", error=UnlearningDataError)
-    if text_column not in rows.column_names:
-        raise UnlearningDataError(f"{source} has no column {text_column!r} (columns: {rows.column_names})")
-    texts = [t for t in rows[text_column] if isinstance(t, str) and len(t) > min_chars]
-    if not texts:
-        raise UnlearningDataError(f"{source}: no document longer than {min_chars} characters")
-    return texts
-
-
-def load_forget_texts(path: str | None, text_column: str = "text", min_chars: int = 50) -> list[str]:
-    """The WMDP bio forget corpus; a missing path raises :class:`UnlearningDataError` saying how to get it."""
-    if not path:
-        raise UnlearningDataError(f"no forget corpus was given. {FORGET_CORPUS_HELP}")
-    if looks_local(path) and not Path(path).expanduser().exists():
-        raise UnlearningDataError(f"the forget corpus {path!r} does not exist. {FORGET_CORPUS_HELP}")
-    try:
-        return load_texts(path, None, "train", text_column, min_chars)
-    except UnlearningDataError as err:
-        raise UnlearningDataError(f"{err}\n{FORGET_CORPUS_HELP}") from err
-
-
-def check_instruct(tokenizer: Any, name: str = "the model") -> None:
-    """SAEBench's instruct-model requirement: the tokenizer must have a chat template.
-
-    SAEBench raises unless the model name contains "it" and prompts it in Gemma's instruct format; here an
-    instruct model is one whose tokenizer has a chat template (the prompt then uses it).
-    """
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise UnlearningDataError(
-            f"{name} has no chat template, and SAEBench's unlearning evaluation requires an instruct model "
-            "(it evaluates gemma-2-2b-it with SAEs trained on gemma-2-2b): pass the instruct model "
-            "(mtsae eval unlearning --model-name google/gemma-2-2b-it), or run this project's variant on "
-            "this model with --no-saebench-exact (plain 'Answer:' prompt)"
-        )
-
-
-def _sample(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQuestion]:
-    if k is None or len(questions) <= k:
-        return questions
-    keep = sorted(random.Random(seed).sample(range(len(questions)), k))
-    return [questions[i] for i in keep]
-
-
-def load_questions(cfg: UnlearningConfig) -> dict[str, list[MCQuestion]]:
-    """WMDP-bio and the MMLU subsets (``test`` split), each capped at ``cfg.max_questions``."""
-    out = {WMDP_NAME: load_mcq(cfg.wmdp_source, WMDP_BIO[1], WMDP_BIO[2])}
-    for subset in cfg.mmlu_subsets:
-        src = cfg.mmlu_source[subset] if isinstance(cfg.mmlu_source, Mapping) else cfg.mmlu_source
-        out[subset] = load_mcq(src, subset, "test")
-    return {k: _sample(v, cfg.max_questions, cfg.seed) for k, v in out.items()}
-
-
-def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningData:
-    """Read and tokenize everything the evaluation needs (no model): fails fast on a missing dataset.
-
-    The forget corpus is sampled to ``n_sparsity_rows`` documents first (SAEBench); the retain corpus is
-    used whole. The question sets are loaded first (they are smaller), then the corpora.
-    """
-    if cfg.saebench_exact:
-        check_instruct(tokenizer)
-        from mtsae.evals.unlearning.mcq import letter_token_ids
-
-        letter_token_ids(tokenizer, "ABCD", strict=True)  # before any dataset is read
-    questions = load_questions(cfg)
-    forget = load_forget_texts(cfg.forget_corpus, cfg.text_column, cfg.min_chars)
-    forget = random.Random(cfg.seed).sample(forget, min(cfg.n_sparsity_rows, len(forget)))
-    retain = load_texts(
-        cfg.retain_corpus, cfg.retain_config, cfg.retain_split, cfg.text_column, cfg.min_chars
-    )
-    try:
-        if cfg.saebench_exact:  # one generator for both shuffles, as SAEBench's global torch seed
-            g = torch.Generator().manual_seed(cfg.seed)
-            forget_rows = pack_rows_saebench(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, g)
-            retain_rows = pack_rows_saebench(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, g)
-        else:
-            forget_rows = pack_rows(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
-            retain_rows = pack_rows(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
-    except ValueError as err:  # a corpus too short for one row
-        raise UnlearningDataError(str(err)) from err
-    return UnlearningData(forget_rows=forget_rows, retain_rows=retain_rows, questions=questions)
 
 
 # ---------------------------------------------------------------------------------------------- sparsity
@@ -660,93 +430,3 @@ def _no_eligible_message(forget_sp: Tensor, retain_sp: Tensor, thresholds: Seque
         "config and the score is 0. Raise --retain-thresholds, use more or longer sparsity rows "
         "(--n-sparsity-rows, --seq-len), or check that the SAE is trained (dead features never fire)"
     )
-
-
-def best_recipe(
-    results: Mapping[str, Any], sae_path: str | Path, recipe_dir: str | Path | None = None
-) -> UnlearningRecipe | None:
-    """The recipe of the best grid point of :func:`evaluate_unlearning` results (``None`` if there is none).
-
-    Args:
-        results: what :func:`evaluate_unlearning` returned (with ``model`` added by the caller, if known).
-        sae_path: the SAE the results were computed with, on disk (its hash is recorded).
-        recipe_dir: the folder the recipe will be written to: ``sae_path`` is stored relative to it.
-    """
-    best = results.get("best")
-    if best is None:
-        return None
-    sel = results["selected_features"][str(best["retain_threshold"])]
-    n = len(best["features"])
-    sae_path = Path(sae_path)
-    stored = str(sae_path)
-    if recipe_dir is not None:
-        stored = os.path.relpath(sae_path.resolve(), Path(recipe_dir).resolve())
-    conv = results["conventions"]
-    return UnlearningRecipe(
-        sae_path=stored,
-        sae_sha256=sae_sha256(sae_path),
-        layer=int(results["layer"]),
-        features=list(best["features"]),
-        multiplier=float(best["multiplier"]),
-        position_rule=conv["position_rule"],
-        sae_in_model_dtype=bool(conv["sae_in_model_dtype"]),
-        special_ids=list(results.get("special_ids", [])),
-        model=dict(results.get("model", {})),
-        selection={
-            "retain_threshold": best["retain_threshold"],
-            "n_features": best["n_features"],
-            "rounding": conv["sparsity_decimals"],
-            "forget_sparsity": sel["forget_sparsity"][:n],
-            "retain_sparsity": sel["retain_sparsity"][:n],
-            "n_tokens": results["n_sparsity_tokens"],
-        },
-        scores={
-            "unlearning_score": results["unlearning_score"],
-            "wmdp_accuracy": best["wmdp_accuracy"],
-            "mmlu_accuracy": best["mmlu_accuracy"],
-        },
-    )
-
-
-def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``results`` as indented JSON (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(path)
-    return path
-
-
-def summary_markdown(results: Mapping[str, Any]) -> str:
-    """A short markdown summary of :func:`evaluate_unlearning` results."""
-    best = results.get("best")
-    exact = results.get("conventions", {}).get("saebench_exact")
-    title = {True: "SAEBench-exact", False: "this project's conventions", None: "SAEBench"}[exact]
-    which = "unmodified model" if best is None else "best"
-    lines = [
-        f"# Unlearning ({title})",
-        "",
-        *[f"> **Warning:** {w}\n" for w in results.get("warnings", [])],
-        f"- unlearning score: **{results['unlearning_score']:.4f}**",
-        "- best config: "
-        + (
-            "none (see the warning above)"
-            if best is None
-            else f"threshold {best['retain_threshold']}, n {best['n_features']}, multiplier {best['multiplier']}, "
-            f"features {best['features']}"
-        ),
-        f"- WMDP-bio accuracy ({which}): {results['wmdp_acc_best']:.4f}",
-        f"- MMLU accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
-        "- questions kept / loaded: "
-        + ", ".join(f"{n} {v['kept']}/{v['loaded']}" for n, v in results["n_questions"].items()),
-        "",
-        "| threshold | n | multiplier | features | WMDP acc | MMLU acc |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in results["configs"]:
-        lines.append(
-            f"| {c['retain_threshold']} | {c['n_features']} | {c['multiplier']} | {len(c['features'])} | "
-            + ("— | — |" if not c["features"] else f"{c['wmdp_accuracy']:.4f} | {c['mmlu_accuracy']:.4f} |")
-        )
-    return "\n".join(lines) + "\n"

@@ -1,0 +1,104 @@
+"""The unlearning evaluation's outputs: the best configuration as a recipe, ``results.json`` and the
+Markdown summary."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
+
+__all__ = ["best_recipe", "save_results", "summary_markdown"]
+
+
+def best_recipe(
+    results: Mapping[str, Any], sae_path: str | Path, recipe_dir: str | Path | None = None
+) -> UnlearningRecipe | None:
+    """The recipe of the best grid point of :func:`evaluate_unlearning` results (``None`` if there is none).
+
+    Args:
+        results: what :func:`evaluate_unlearning` returned (with ``model`` added by the caller, if known).
+        sae_path: the SAE the results were computed with, on disk (its hash is recorded).
+        recipe_dir: the folder the recipe will be written to: ``sae_path`` is stored relative to it.
+    """
+    best = results.get("best")
+    if best is None:
+        return None
+    sel = results["selected_features"][str(best["retain_threshold"])]
+    n = len(best["features"])
+    sae_path = Path(sae_path)
+    stored = str(sae_path)
+    if recipe_dir is not None:
+        stored = os.path.relpath(sae_path.resolve(), Path(recipe_dir).resolve())
+    conv = results["conventions"]
+    return UnlearningRecipe(
+        sae_path=stored,
+        sae_sha256=sae_sha256(sae_path),
+        layer=int(results["layer"]),
+        features=list(best["features"]),
+        multiplier=float(best["multiplier"]),
+        position_rule=conv["position_rule"],
+        sae_in_model_dtype=bool(conv["sae_in_model_dtype"]),
+        special_ids=list(results.get("special_ids", [])),
+        model=dict(results.get("model", {})),
+        selection={
+            "retain_threshold": best["retain_threshold"],
+            "n_features": best["n_features"],
+            "rounding": conv["sparsity_decimals"],
+            "forget_sparsity": sel["forget_sparsity"][:n],
+            "retain_sparsity": sel["retain_sparsity"][:n],
+            "n_tokens": results["n_sparsity_tokens"],
+        },
+        scores={
+            "unlearning_score": results["unlearning_score"],
+            "wmdp_accuracy": best["wmdp_accuracy"],
+            "mmlu_accuracy": best["mmlu_accuracy"],
+        },
+    )
+
+
+def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``results`` as indented JSON (atomically) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(path)
+    return path
+
+
+def summary_markdown(results: Mapping[str, Any]) -> str:
+    """A short markdown summary of :func:`evaluate_unlearning` results."""
+    best = results.get("best")
+    exact = results.get("conventions", {}).get("saebench_exact")
+    title = {True: "SAEBench-exact", False: "this project's conventions", None: "SAEBench"}[exact]
+    which = "unmodified model" if best is None else "best"
+    lines = [
+        f"# Unlearning ({title})",
+        "",
+        *[f"> **Warning:** {w}\n" for w in results.get("warnings", [])],
+        f"- unlearning score: **{results['unlearning_score']:.4f}**",
+        "- best config: "
+        + (
+            "none (see the warning above)"
+            if best is None
+            else f"threshold {best['retain_threshold']}, n {best['n_features']}, multiplier {best['multiplier']}, "
+            f"features {best['features']}"
+        ),
+        f"- WMDP-bio accuracy ({which}): {results['wmdp_acc_best']:.4f}",
+        f"- MMLU accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
+        "- questions kept / loaded: "
+        + ", ".join(f"{n} {v['kept']}/{v['loaded']}" for n, v in results["n_questions"].items()),
+        "",
+        "| threshold | n | multiplier | features | WMDP acc | MMLU acc |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in results["configs"]:
+        lines.append(
+            f"| {c['retain_threshold']} | {c['n_features']} | {c['multiplier']} | {len(c['features'])} | "
+            + ("— | — |" if not c["features"] else f"{c['wmdp_accuracy']:.4f} | {c['mmlu_accuracy']:.4f} |")
+        )
+    return "\n".join(lines) + "\n"
