@@ -319,30 +319,25 @@ def build_cache(
         return _build_locked(source, root, inputs, spec, source_batch_size, progress)
 
 
-def _build_locked(
-    source: ActivationSource,
-    root: Path,
-    inputs: dict,
-    spec: CacheSpec,
-    source_batch_size: int,
-    progress: bool,
-) -> Path:
+def _finished_shards(root: Path, inputs: dict) -> list[dict] | None:
+    """The manifest entries of the shards already on disk; ``None`` if the cache is complete."""
     mpath = root / "manifest.json"
-    plan = spec.shard_plan()
-    done: list[dict] = []
-    if mpath.exists():
-        manifest = read_manifest(mpath)
-        if manifest.get("fingerprint_inputs") != inputs:
-            raise CacheMismatchError(f"{mpath} does not belong to this configuration (hash collision?)")
-        if manifest.get("complete"):
-            return root
-        # keep the finished shards whose files are on disk (a repaired cache has gaps: exactly the
-        # deleted shards are regenerated)
-        done = [e for e in manifest["shards"] if (root / e["file"]).exists()]
-    for stale in root.glob("*.tmp"):
-        stale.unlink()
-    source.check()
-    static_gt = source.static_ground_truth()
+    if not mpath.exists():
+        return []
+    manifest = read_manifest(mpath)
+    if manifest.get("fingerprint_inputs") != inputs:
+        raise CacheMismatchError(f"{mpath} does not belong to this configuration (hash collision?)")
+    if manifest.get("complete"):
+        return None
+    # keep the finished shards whose files are on disk (a repaired cache has gaps: exactly the deleted
+    # shards are regenerated)
+    return [e for e in manifest["shards"] if (root / e["file"]).exists()]
+
+
+def _new_manifest(
+    root: Path, inputs: dict, source: ActivationSource, spec: CacheSpec, done: list[dict], static_gt: dict
+) -> dict:
+    """The manifest of a build that starts (or resumes) with the shards ``done``, with its checksums."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": root.name,
@@ -359,6 +354,27 @@ def _build_locked(
         "complete": False,
     }
     manifest["stats_sha256"] = stats_sha256(manifest["stats"])
+    return manifest
+
+
+def _build_locked(
+    source: ActivationSource,
+    root: Path,
+    inputs: dict,
+    spec: CacheSpec,
+    source_batch_size: int,
+    progress: bool,
+) -> Path:
+    mpath = root / "manifest.json"
+    plan = spec.shard_plan()
+    done = _finished_shards(root, inputs)
+    if done is None:
+        return root  # complete
+    for stale in root.glob("*.tmp"):
+        stale.unlink()
+    source.check()
+    static_gt = source.static_ground_truth()
+    manifest = _new_manifest(root, inputs, source, spec, done, static_gt)
     have = {e["file"] for e in done}
     todo = [(i, split, a, b) for i, (split, a, b) in enumerate(plan) if _shard_name(i) not in have]
     if done:
