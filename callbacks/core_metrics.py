@@ -12,7 +12,13 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
-from mtsae.evals.core import CORE_SUM_KEYS, core_lm_metrics, finalize_core_metrics, validation_tokens
+from mtsae.evals.core import (
+    CORE_SUM_KEYS,
+    CoreConfig,
+    core_lm_metrics,
+    finalize_core_metrics,
+    validation_tokens,
+)
 from mtsae.lm.loading import load_causal_lm
 
 __all__ = ["CoreLMMetrics", "is_lm_source", "shared_lm"]
@@ -61,20 +67,14 @@ class CoreLMMetrics(EveryNValidations):
     warns once and does nothing.
 
     Args:
+        config: the settings (:class:`mtsae.evals.core.CoreConfig`: ``n_sequences``, ``batch_size``,
+            ``model_dtype``); YAML ``init_args: {config: {n_sequences: 256}}``.
         every_n_val: evaluate on every n-th validation.
-        n_sequences: validation sequences to evaluate (split across ranks).
-        batch_size: sequences per LM forward (three forwards per batch).
-        model_dtype: dtype of the LM (``bfloat16``, ``float16``, ``float32``); default: the source's.
     """
 
-    def __init__(
-        self, every_n_val: int = 1, n_sequences: int = 64, batch_size: int = 8, model_dtype: str | None = None
-    ) -> None:
-        if n_sequences < 1 or batch_size < 1:
-            raise ValueError(f"n_sequences and batch_size must be >= 1, got {n_sequences}, {batch_size}")
+    def __init__(self, config: CoreConfig | None = None, every_n_val: int = 1) -> None:
         super().__init__(every_n_val)
-        self.n_sequences, self.batch_size = n_sequences, batch_size
-        self.model_dtype = model_dtype
+        self.config = config if config is not None else CoreConfig()
         self._model: nn.Module | None = None
         self._tokens: Tensor | None = None  # [n_rank, T] this rank's rows
         self._warned = False
@@ -86,13 +86,13 @@ class CoreLMMetrics(EveryNValidations):
             if dm.cache is None:
                 dm.setup("validate")
             self._tokens = validation_tokens(
-                dm.cache, self.n_sequences, trainer.global_rank, trainer.world_size
+                dm.cache, self.config.n_sequences, trainer.global_rank, trainer.world_size
             )
         return self._tokens
 
     def _lm(self, source: Any, device: torch.device) -> nn.Module:
         if self._model is None:
-            dtype = self.model_dtype or source.model_dtype
+            dtype = self.config.model_dtype or source.model_dtype
             trust = getattr(source, "trust_remote_code", False)
             self._model = shared_lm(source.model_name, source.revision, dtype, device, trust)
         return self._model
@@ -127,7 +127,7 @@ class CoreLMMetrics(EveryNValidations):
                 tokens,
                 None,
                 source.special_ids,
-                self.batch_size,
+                self.config.batch_size,
             )
         finally:
             pl_module.sae.train(was_training)

@@ -12,10 +12,8 @@ from typing_extensions import override
 
 from callbacks.periodic import EveryNValidations
 from mtsae.evals.disentanglement import (
-    COHERENCE_THRESHOLD,
-    DEFAULT_LAGS,
-    DENSE_THRESHOLD,
     DisentanglementAccumulator,
+    DisentanglementConfig,
     disentanglement_results,
     figures,
 )
@@ -49,29 +47,17 @@ class Disentanglement(EveryNValidations):
     ``disentanglement/scale_attribution``, ``disentanglement/persistence``, ``disentanglement/recovery``.
 
     Args:
+        config: the settings (:class:`mtsae.evals.disentanglement.DisentanglementConfig`: ``max_batches``,
+            ``lags``, ``coherence_threshold``, ``dense_threshold``); YAML ``init_args: {config: {max_batches: 16}}``.
         every_n_val: run on every n-th validation (1: each one).
-        max_batches: validation batches per rank to encode (``None``: all).
-        lags: persistence lags.
-        coherence_threshold: ``|cos|`` above which a decoder pair counts as near-duplicate.
-        dense_threshold: density above which a feature counts as dense.
         log_figures: also log matplotlib figures to TensorBoard.
     """
 
     def __init__(
-        self,
-        every_n_val: int = 1,
-        max_batches: int | None = 32,
-        lags: list[int] | None = None,
-        coherence_threshold: float = COHERENCE_THRESHOLD,
-        dense_threshold: float = DENSE_THRESHOLD,
-        log_figures: bool = True,
+        self, config: DisentanglementConfig | None = None, every_n_val: int = 1, log_figures: bool = True
     ) -> None:
-        if max_batches is not None and max_batches < 1:
-            raise ValueError(f"max_batches must be >= 1 or None, got {max_batches}")
         super().__init__(every_n_val)
-        self.max_batches = max_batches
-        self.lags = list(DEFAULT_LAGS if lags is None else lags)
-        self.coherence_threshold, self.dense_threshold = coherence_threshold, dense_threshold
+        self.config = config if config is not None else DisentanglementConfig()
         self.log_figures = log_figures
         self._acc: DisentanglementAccumulator | None = None
         self._truth: dict | None = None
@@ -80,7 +66,9 @@ class Disentanglement(EveryNValidations):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._acc = None
         if self.is_due(trainer):
-            self._acc = DisentanglementAccumulator(pl_module.sae.d_sae, self.lags, device=pl_module.device)
+            self._acc = DisentanglementAccumulator(
+                pl_module.sae.d_sae, self.config.lags, device=pl_module.device
+            )
 
     @override
     def on_validation_batch_end(
@@ -92,7 +80,9 @@ class Disentanglement(EveryNValidations):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if self._acc is None or (self.max_batches is not None and batch_idx >= self.max_batches):
+        if self._acc is None or (
+            self.config.max_batches is not None and batch_idx >= self.config.max_batches
+        ):
             return
         with torch.no_grad():
             f = pl_module(batch["acts"], batch["valid"]).f  # [B, T, d_sae]
@@ -117,8 +107,8 @@ class Disentanglement(EveryNValidations):
             pl_module.sae,
             acc,
             self._ground_truth(trainer) or None,
-            self.coherence_threshold,
-            self.dense_threshold,
+            self.config.coherence_threshold,
+            self.config.dense_threshold,
         )
         # identical on every rank (reduced counts, synchronised parameters): no further sync
         scalars = {PREFIX + k: float(v) for k, v in res["scalars"].items() if not math.isnan(v)}

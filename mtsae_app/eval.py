@@ -30,6 +30,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from mtsae.evals.core import CoreConfig
+from mtsae.evals.disentanglement import DisentanglementConfig
 from mtsae.evals.unlearning.pipeline import UnlearningConfig
 from mtsae.lm.loading import resolve_device
 from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
@@ -240,12 +242,21 @@ def _fmt(v: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+def _settings(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """The evaluation's settings object from its options; an invalid value is a user error."""
+    try:
+        return settings_from_args(cls, args, **overrides)
+    except ValueError as e:
+        raise EvalError(f"invalid option: {e}") from e
+
+
 def run_core(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval core``: reconstruction metrics and CE-loss / KL scores on the validation rows."""
     from mtsae.evals.core import core_lm_metrics, finalize_core_metrics, validation_tokens
     from mtsae.lm.loading import load_causal_lm
     from mtsae.training.metrics import ReconstructionMetrics
 
+    cfg = _settings(CoreConfig, args)
     loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
     _check_d_in(loaded, dm, args.config)
@@ -256,7 +267,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     model = None
     if source is not None:  # unreachable model: fails here, before the reconstruction pass
-        dtype = args.model_dtype or source.model_dtype
+        dtype = cfg.model_dtype or source.model_dtype
         model = load_causal_lm(source.model_name, source.revision, dtype, device, source.trust_remote_code)
     sae = loaded.sae.to(device)  # acts on raw activations
 
@@ -273,7 +284,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
         "reconstruction": {k: float(v) for k, v in metrics.compute().items()},
     }
     if source is not None:
-        tokens = validation_tokens(dm.cache, args.n_sequences, progress=args.progress)  # [N, T]
+        tokens = validation_tokens(dm.cache, cfg.n_sequences, progress=args.progress)  # [N, T]
         sums = core_lm_metrics(
             model,
             sae,
@@ -281,7 +292,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
             tokens,
             None,
             source.special_ids,
-            args.batch_size,
+            cfg.batch_size,
             progress=args.progress,
         )
         results["lm"] = finalize_core_metrics(sums)
@@ -315,10 +326,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     mmlu_source: str | dict[str, str] = args.mmlu_source
     if args.mmlu_file:
         mmlu_source = dict(kv.split("=", 1) for kv in args.mmlu_file)
-    try:
-        cfg = settings_from_args(UnlearningConfig, args, mmlu_source=mmlu_source)
-    except ValueError as e:
-        raise EvalError(f"invalid option: {e}") from e
+    cfg = _settings(UnlearningConfig, args, mmlu_source=mmlu_source)
     loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
     _check_d_in(loaded, dm, args.config)
@@ -373,6 +381,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval disentanglement``: diagnostics over the validation rows, with figures."""
     from mtsae.evals.disentanglement import evaluate_disentanglement, figures, results_to_json
 
+    cfg = _settings(DisentanglementConfig, args)
     loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
     _check_d_in(loaded, dm, args.config)
@@ -380,8 +389,15 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     sae = loaded.sae.to(device)  # acts on raw activations
     truth = dm.ground_truth or None
-    batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(sae, batches, ground_truth=truth)
+    batches = _val_batches(dm, cfg.max_batches, args.progress, "disentanglement")
+    res = evaluate_disentanglement(
+        sae,
+        batches,
+        ground_truth=truth,
+        lags=cfg.lags,
+        coherence_threshold=cfg.coherence_threshold,
+        dense_threshold=cfg.dense_threshold,
+    )
     results = {"command": "disentanglement", **loaded.label, **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -426,12 +442,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     core = sub.add_parser("core", help="reconstruction metrics and CE-loss / KL scores with the LM")
     _common(core)
-    core.add_argument("--n-sequences", type=int, default=256, help="validation rows for the LM metrics")
-    core.add_argument("--batch-size", type=int, default=8, help="rows per LM forward")
+    add_settings_options(core, CoreConfig, defaults={"n_sequences": 256})
     core.add_argument(
         "--max-batches", type=int, default=None, help="cap on validation batches (reconstruction)"
     )
-    core.add_argument("--model-dtype", default=None, help="LM dtype (default: the source's)")
     core.add_argument("--no-lm", action="store_true", help="reconstruction metrics only (no LM needed)")
 
     un = sub.add_parser("unlearning", help="SAEBench unlearning score (WMDP-bio vs MMLU)")
@@ -447,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dis = sub.add_parser("disentanglement", help="decoder coherence, density, persistence, recovery")
     _common(dis)
-    dis.add_argument("--max-batches", type=int, default=None, help="cap on validation batches")
+    add_settings_options(dis, DisentanglementConfig, defaults={"max_batches": None})
     return p
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,8 +40,10 @@ from torch import Tensor, nn
 from mtsae.evals.scores import ce_loss_score, kl_div_score, kl_per_token, next_token_ce
 from mtsae.evals.unlearning.intervention import valid_token_mask
 from mtsae.lm.hooks import splice_resid_post
+from mtsae.lm.loading import model_dtype
 
 __all__ = [
+    "CoreConfig",
     "CORE_SUM_KEYS",
     "core_lm_metrics",
     "finalize_core_metrics",
@@ -48,6 +51,28 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class CoreConfig:
+    """Settings of the core LM metrics: one object for ``callbacks.CoreLMMetrics(config=...)`` and the
+    options of ``mtsae eval core``."""
+
+    n_sequences: int = 64
+    """validation sequences run through the LM (split across ranks)"""
+    batch_size: int = 8
+    """sequences per LM forward (three forwards per batch)"""
+    model_dtype: str | None = None
+    """dtype of the LM (bfloat16, float16, float32); None: the data source's"""
+
+    def __post_init__(self) -> None:
+        if self.n_sequences < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"n_sequences and batch_size must be >= 1, got {self.n_sequences}, {self.batch_size}"
+            )
+        if self.model_dtype is not None:
+            model_dtype(self.model_dtype, "model_dtype")
+
 
 #: keys of the sums returned by :func:`core_lm_metrics` (all float64 scalars; sum them across ranks)
 CORE_SUM_KEYS = ("ce_clean", "ce_sae", "ce_zero", "n_ce", "kl_sae", "kl_zero", "n_kl")

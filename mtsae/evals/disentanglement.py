@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -47,6 +48,7 @@ from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.training.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
 
 __all__ = [
+    "DisentanglementConfig",
     "COHERENCE_THRESHOLD",
     "DENSE_THRESHOLD",
     "DEFAULT_LAGS",
@@ -68,6 +70,27 @@ __all__ = [
 COHERENCE_THRESHOLD = 0.9
 DENSE_THRESHOLD = 0.1
 DEFAULT_LAGS = (1, 4, 16)
+
+
+@dataclass
+class DisentanglementConfig:
+    """Settings of the disentanglement diagnostics: one object for ``callbacks.Disentanglement(config=...)``
+    and the options of ``mtsae eval disentanglement``."""
+
+    max_batches: int | None = 32
+    """validation batches (per rank) to encode; None: all"""
+    lags: list[int] = field(default_factory=lambda: list(DEFAULT_LAGS))
+    """lags k of the persistence (lag-k autocorrelation of feature activations)"""
+    coherence_threshold: float = COHERENCE_THRESHOLD
+    """|cos| above which a pair of decoder rows counts as near-duplicate"""
+    dense_threshold: float = DENSE_THRESHOLD
+    """density above which a feature counts as dense"""
+
+    def __post_init__(self) -> None:
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches must be >= 1 or None, got {self.max_batches}")
+        if not self.lags or min(self.lags) < 1:
+            raise ValueError(f"lags must be positive ints, got {self.lags}")
 
 
 # ---------------------------------------------------------------------------------------------- coherence

@@ -56,7 +56,7 @@ def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
                 },
                 {
                     "class_path": "callbacks.core_metrics.CoreLMMetrics",
-                    "init_args": {"n_sequences": 8, "batch_size": 4},
+                    "init_args": {"config": {"n_sequences": 8, "batch_size": 4}},
                 },
                 {"class_path": "callbacks.unlearning.Unlearning", "init_args": unlearning},
                 {"class_path": "callbacks.ExportSAE"},

@@ -55,3 +55,28 @@ def test_invalid_setting_is_a_user_error(tmp_path, capsys) -> None:
     assert "position_rule must be one of" in capsys.readouterr().err
     with pytest.raises(ValueError, match="n_sparsity_rows"):
         UnlearningConfig(n_sparsity_rows=0)
+
+
+@pytest.mark.parametrize(
+    ("command", "settings"),
+    [
+        ("core", "CoreConfig"),
+        ("disentanglement", "DisentanglementConfig"),
+        ("unlearning", "UnlearningConfig"),
+    ],
+)
+def test_each_evaluation_has_one_settings_object(command: str, settings: str, capsys) -> None:
+    import mtsae_app.eval as evaluation
+
+    cls = getattr(evaluation, settings)
+    with pytest.raises(SystemExit):
+        evaluation.build_parser().parse_args([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(cls):
+        if not dataclasses.is_dataclass(f.type) and f.name != "grid":
+            assert "--" + f.name.replace("_", "-") in help_text, (command, f.name)
+    assert settings_from_args(cls, evaluation.build_parser().parse_args(_required(command))) is not None
+
+
+def _required(command: str) -> list[str]:
+    return [command, "--sae", "x", "--config", "c.yaml", "--out", "o"]

@@ -206,7 +206,7 @@ def test_callback_logs_scalars_and_figures(tmp_path: Path) -> None:
                 "--trainer.callbacks",
                 "[]",  # the demo config has one already; this test sets its own options
                 "--trainer.callbacks+=callbacks.disentanglement.Disentanglement",
-                "--trainer.callbacks.max_batches",
+                "--trainer.callbacks.config.max_batches",
                 "1",
             ),
         ]
