@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from bench.common import BenchConfig, Row  # noqa: E402
+from bench.common import BenchConfig, Row, sae_step  # noqa: E402
 from mtsae.training.losses import fvu  # noqa: E402
 from mtsae.training.module import SAEModule  # noqa: E402
 
@@ -53,14 +53,7 @@ def _train(
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        xb, vb = m.raw_sae.scale(x[idx]), valid[idx]
-        out = m.sae(xb, vb)
-        loss = m._losses(xb, vb, out)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.sae.project_decoder_grad_()
-        opt.step()
-        m.sae.normalize_decoder_()
+        sae_step(m, opt, m.raw_sae.scale(x[idx]), valid[idx])
     return m
 
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 
-from bench.common import BenchConfig, Row, autocast, interleaved  # noqa: E402
+from bench.common import BenchConfig, Row, autocast, interleaved, sae_step  # noqa: E402
 from mtsae.training.losses import scales_separation  # noqa: E402
 from mtsae.training.module import SAEModule  # noqa: E402
 
@@ -52,14 +52,7 @@ def _step_fn(
     m: SAEModule, opt: torch.optim.Optimizer, x: torch.Tensor, valid: torch.Tensor, cfg: BenchConfig
 ):
     def step() -> None:
-        with autocast(cfg):
-            out = m.sae(x, valid)
-            loss = m._losses(x, valid, out)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.sae.project_decoder_grad_()
-        opt.step()
-        m.sae.normalize_decoder_()
+        sae_step(m, opt, x, valid, autocast(cfg))
 
     return step
 

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from bench.bench_step import DILATIONS, step_flops  # noqa: E402
-from bench.common import BenchConfig, Row, autocast  # noqa: E402
+from bench.common import BenchConfig, Row, autocast, sae_step  # noqa: E402
 from mtsae.training.module import SAEModule  # noqa: E402
 
 # an H100 SXM's dense bf16 peak and the MFU assumed for the SAE step (docs/performance.md)
@@ -82,15 +82,7 @@ def _plain_steps(make: callable, batches: list[dict], cfg: BenchConfig) -> list[
         starts.append(time.perf_counter())
         x = m.raw_sae.scale(batch["acts"].to(cfg.device, non_blocking=True).float())
         valid = batch["valid"].to(cfg.device, non_blocking=True)
-        with autocast(cfg):
-            out = m.sae(x, valid)
-            m.dead_tracker.update(out.f.detach(), valid)
-            loss = m._losses(x, valid, out)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        m.sae.project_decoder_grad_()
-        opt.step()
-        m.sae.normalize_decoder_()
+        sae_step(m, opt, x, valid, autocast(cfg), track_dead=True)
     return _gaps(starts)
 
 

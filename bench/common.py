@@ -74,6 +74,29 @@ def autocast(cfg: BenchConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(cfg.device.type, dtype=cfg.dtype)
 
 
+def sae_step(
+    m: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    forward_ctx: contextlib.AbstractContextManager | None = None,
+    track_dead: bool = False,
+) -> None:
+    """One optimisation step of ``SAEModule``'s maths without the Trainer: forward and losses (inside
+    ``forward_ctx``, e.g. :func:`autocast`), backward, the decoder-norm projection, the optimizer step
+    and the renormalisation. ``x`` is already in the SAE's input units (``m.raw_sae.scale``)."""
+    with forward_ctx or contextlib.nullcontext():
+        out = m.sae(x, valid)
+        if track_dead:
+            m.dead_tracker.update(out.f.detach(), valid)
+        loss = m._losses(x, valid, out)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    m.sae.project_decoder_grad_()
+    opt.step()
+    m.sae.normalize_decoder_()
+
+
 def interleaved(
     fns: dict[str, Callable[[], object]], repeats: int, device: torch.device, warmup: int = 1
 ) -> dict[str, float]:
