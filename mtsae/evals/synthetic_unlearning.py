@@ -166,6 +166,35 @@ def intervention_scores(
     return removed.item(), damage.item()
 
 
+def _split_sparsities(
+    sae: nn.Module, acts: Tensor, valid: Tensor, is_forget: Tensor, batch_size: int
+) -> tuple[Tensor, Tensor]:
+    """Feature sparsities ``[d_sae]`` on the forget sequences and on the retain sequences."""
+    dtype = next(sae.parameters()).dtype
+    d_sae = sae.W_dec.shape[0]
+    sp_forget = SparsityAccumulator(d_sae, device=acts.device)
+    sp_retain = SparsityAccumulator(d_sae, device=acts.device)
+    for lo in range(0, acts.shape[0], batch_size):
+        x = acts[lo : lo + batch_size].to(dtype)  # [b, T, d_in]
+        v, fz = valid[lo : lo + batch_size], is_forget[lo : lo + batch_size]
+        f = sae.encode(x, v)  # [b, T, d_sae]
+        sp_forget.update(f, v & fz[:, None])
+        sp_retain.update(f, v & ~fz[:, None])
+    return sp_forget.compute(), sp_retain.compute()
+
+
+def _clamp_deltas(
+    sae: nn.Module, acts: Tensor, valid: Tensor, feats: Tensor, multiplier: float, batch_size: int
+) -> Tensor:
+    """``x' - x`` ``[N, T, d_in]`` of the clamp of ``feats`` at ``multiplier``, batch by batch."""
+    dtype = next(sae.parameters()).dtype
+    deltas = []
+    for lo in range(0, acts.shape[0], batch_size):
+        x = acts[lo : lo + batch_size].to(dtype)
+        deltas.append(clamp_intervention(x, sae, feats, multiplier, valid[lo : lo + batch_size]) - x)
+    return torch.cat(deltas)
+
+
 @torch.no_grad()
 def synthetic_unlearning(
     sae: nn.Module,
@@ -199,8 +228,7 @@ def synthetic_unlearning(
         ValueError: if there are no forget or no retain sequences (change the forget set).
     """
     grid = grid or SyntheticGrid()
-    p = next(sae.parameters())
-    dev = p.device
+    dev = next(sae.parameters()).device
     acts, valid = acts.to(dev), valid.to(dev, torch.bool)
     coefficients, features = coefficients.to(dev).float(), features.to(dev).float()
     forget = torch.as_tensor(forget, dtype=torch.long, device=dev)
@@ -211,16 +239,7 @@ def synthetic_unlearning(
             f"synthetic unlearning needs both forget and retain sequences, got {n_f} forget and {n_r} "
             "retain; use fewer (or more) forget features, or more validation sequences"
         )
-    d_sae = sae.W_dec.shape[0]
-    sp_forget = SparsityAccumulator(d_sae, device=dev)
-    sp_retain = SparsityAccumulator(d_sae, device=dev)
-    for lo in range(0, acts.shape[0], batch_size):
-        x = acts[lo : lo + batch_size].to(p.dtype)  # [b, T, d_in]
-        v, fz = valid[lo : lo + batch_size], is_forget[lo : lo + batch_size]
-        f = sae.encode(x, v)  # [b, T, d_sae]
-        sp_forget.update(f, v & fz[:, None])
-        sp_retain.update(f, v & ~fz[:, None])
-    forget_sparsity, retain_sparsity = sp_forget.compute(), sp_retain.compute()
+    forget_sparsity, retain_sparsity = _split_sparsities(sae, acts, valid, is_forget, batch_size)
     P = forget_projector(features, forget)
 
     results, cache = [], {}
@@ -228,12 +247,7 @@ def synthetic_unlearning(
         feats = select_features(forget_sparsity, retain_sparsity, thr, n)
         key = (tuple(feats.tolist()), m)
         if key not in cache:
-            deltas = []
-            for lo in range(0, acts.shape[0], batch_size):
-                x = acts[lo : lo + batch_size].to(p.dtype)
-                v = valid[lo : lo + batch_size]
-                deltas.append(clamp_intervention(x, sae, feats, m, v) - x)
-            delta = torch.cat(deltas)  # [N, T, d_in]
+            delta = _clamp_deltas(sae, acts, valid, feats, m, batch_size)  # [N, T, d_in]
             cache[key] = intervention_scores(delta, coefficients, features, forget, valid, is_forget, P)
         removed, damage = cache[key]
         results.append(
