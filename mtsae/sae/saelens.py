@@ -252,6 +252,32 @@ def _expect(state: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], p
     return t
 
 
+def _per_token_sae(cfg: dict[str, Any], threshold: torch.Tensor | None, path: Path) -> MTSAE:
+    """The (empty) per-token SAE with the activation of a SAELens config: ReLU, TopK, BatchTopK (a
+    JumpReLU trained as BatchTopK, with one shared threshold) or JumpReLU."""
+    d_in, d_sae, arch = cfg["d_in"], cfg["d_sae"], cfg["architecture"]
+    batchtopk_k = (cfg.get("training_architecture_details") or {}).get("k")
+    if isinstance(batchtopk_k, float) and batchtopk_k.is_integer():
+        batchtopk_k = int(batchtopk_k)  # SAELens keeps k as a float
+    if arch == "standard":
+        return MTSAE(d_in, d_sae, dilations=[], activation="relu")
+    if arch == "topk":
+        return MTSAE(d_in, d_sae, dilations=[], activation="topk", activation_kwargs={"k": cfg["k"]})
+    if (
+        cfg.get("training_architecture") == "batchtopk"
+        and isinstance(batchtopk_k, int)
+        and torch.all(threshold == threshold[0])
+    ):
+        return MTSAE(d_in, d_sae, dilations=[], activation="batchtopk", activation_kwargs={"k": batchtopk_k})
+    # jumprelu: threshold = exp(log_threshold) must be positive
+    if not bool(torch.all((threshold > 0) & torch.isfinite(threshold))):
+        raise ExportFormatError(
+            f"{path}: a JumpReLU threshold is not positive and finite (min {float(threshold.min()):.3g}); this "
+            "project's JumpReLU keeps log(threshold)"
+        )
+    return MTSAE(d_in, d_sae, dilations=[], activation="jumprelu")
+
+
 def load_saelens(path: str | os.PathLike, fold_decoder_norm: bool = True) -> ImportedSAE:
     """Import a SAELens folder as a per-token SAE of this project (see the module docstring).
 
@@ -289,9 +315,8 @@ def load_saelens(path: str | os.PathLike, fold_decoder_norm: bool = True) -> Imp
         norms = W_dec.norm(dim=1).clamp_min(1e-8)
         W_enc, b_enc, W_dec = W_enc * norms, b_enc * norms, W_dec / norms[:, None]
     norms = W_dec.norm(dim=1)
-    unit = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-5))
-    folded = unit
-    if fold_decoder_norm and not unit:
+    folded = bool(torch.allclose(norms, torch.ones_like(norms), atol=1e-5))
+    if fold_decoder_norm and not folded:
         if arch == "topk":
             log.warning(
                 "%s: a TopK SAE whose decoder rows are not unit norm (max |norm - 1| = %.3g) keeps its "
@@ -304,27 +329,7 @@ def load_saelens(path: str | os.PathLike, fold_decoder_norm: bool = True) -> Imp
             W_enc, b_enc, W_dec = W_enc * n, b_enc * n, W_dec / n[:, None]
             threshold = None if threshold is None else threshold * n
             folded = True
-
-    batchtopk_k = (cfg.get("training_architecture_details") or {}).get("k")
-    if isinstance(batchtopk_k, float) and batchtopk_k.is_integer():
-        batchtopk_k = int(batchtopk_k)  # SAELens keeps k as a float
-    if arch == "standard":
-        sae = MTSAE(d_in, d_sae, dilations=[], activation="relu")
-    elif arch == "topk":
-        sae = MTSAE(d_in, d_sae, dilations=[], activation="topk", activation_kwargs={"k": cfg["k"]})
-    elif (
-        cfg.get("training_architecture") == "batchtopk"
-        and isinstance(batchtopk_k, int)
-        and torch.all(threshold == threshold[0])
-    ):
-        sae = MTSAE(d_in, d_sae, dilations=[], activation="batchtopk", activation_kwargs={"k": batchtopk_k})
-    else:  # jumprelu: threshold = exp(log_threshold) must be positive
-        if not bool(torch.all((threshold > 0) & torch.isfinite(threshold))):
-            raise ExportFormatError(
-                f"{path}: a JumpReLU threshold is not positive and finite (min {float(threshold.min()):.3g}); this "
-                "project's JumpReLU keeps log(threshold)"
-            )
-        sae = MTSAE(d_in, d_sae, dilations=[], activation="jumprelu")
+    sae = _per_token_sae(cfg, threshold, path)
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.W_dec.copy_(W_dec)
