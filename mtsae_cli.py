@@ -1,4 +1,5 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`) and ``mtsae compare ...`` (see ``compare``).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`) and ``mtsae compare ...`` (see
+:mod:`mtsae.compare`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -16,7 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "evaluate",
         "evaluate a checkpoint: mtsae eval {core,unlearning,disentanglement} --ckpt CKPT --config YAML --out DIR",
     ),
-    "compare": ("compare", "compare evaluated runs: mtsae compare ... (see mtsae compare --help)"),
+    "compare": (
+        "mtsae.compare",
+        "train SAEs on equal terms and write a comparison report: mtsae compare --config YAML [--jobs N]",
+    ),
 }
 
 
