@@ -307,3 +307,23 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, caplog: pytest.Lo
         "run 'bad' failed" in caplog.text
         and str(tmp_path / "x" / "runs" / "bad" / "train.log") in caplog.text
     )
+
+
+@pytest.mark.parametrize("preset", sorted(str(p) for p in Path("configs/synthetic").glob("*.yaml")))
+def test_synthetic_presets_parse_and_stop_early(preset: str, capsys: pytest.CaptureFixture) -> None:
+    from train import cli_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", preset, "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    stops = [cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("EarlyStopping")]
+    assert len(stops) == 1 and stops[0]["init_args"]["monitor"] == "val/fvu"
+    assert printed["trainer"]["max_steps"] > 0
+    groups = {g["name"] for g in printed["data"]["source"]["init_args"]["groups"]}
+    forget = next(
+        cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("SyntheticUnlearning")
+    )
+    assert forget["init_args"]["group"] in groups
+    assert groups == ({"local", "slow"} if preset.endswith("temporal.yaml") else {"local"})
