@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare compare-quick compare-demo test test-all bench lint tiny-lm clean
+.PHONY: install demo compare compare-quick compare-demo test test-all bench lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -50,6 +50,22 @@ lint: $(STAMP)
 
 tiny-lm: $(STAMP)
 	$(PY) -m mtsae.tiny_lm --out artifacts/tiny_lm
+
+# `mtsae eval unlearning` and `mtsae unlearn generate` end to end on the tiny LM, offline (under a minute on
+# a 2-core CPU): example corpora and questions, a TopK MTSAE trained with configs/tiny_lm.yaml, the
+# evaluation (this project's conventions: the tiny LM is not an instruct model) and generation with its recipe
+EX := artifacts/tiny_unlearning
+MMLU_FILES := $(foreach s,high_school_us_history college_computer_science high_school_geography human_aging,$(s)=$(EX)/$(s).jsonl)
+unlearning-example: $(STAMP)
+	$(PY) -m mtsae.tiny_unlearning --lm artifacts/tiny_lm --out $(EX)
+	$(PY) train.py fit --config configs/tiny_lm.yaml --model.activation topk --model.activation_kwargs '{k: 8}'
+	$(PY) mtsae_cli.py eval unlearning --ckpt "$$(ls -t runs/tiny_lm/checkpoints/last*.ckpt | head -1)" \
+		--config configs/tiny_lm.yaml --out runs/tiny_unlearning --no-saebench-exact \
+		--forget-corpus $(EX)/bio-forget-corpus.jsonl --retain-corpus $(EX)/retain.jsonl --retain-config "" \
+		--wmdp-source $(EX)/wmdp.jsonl --mmlu-file $(MMLU_FILES) --no-all-perms \
+		--n-sparsity-rows 64 --seq-len 64 --retain-thresholds 0.01 0.05 --n-features 5 10 --multipliers 5 20 100
+	$(PY) mtsae_cli.py unlearn generate --recipe runs/tiny_unlearning/recipe.json \
+		--prompts-file $(EX)/prompts.txt --compare --max-new-tokens 16
 
 clean:
 	rm -rf runs cache lightning_logs

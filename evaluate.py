@@ -53,7 +53,10 @@ def load_module(ckpt: str) -> Any:
             f"checkpoint {str(path)!r} does not exist: pass --ckpt with a Lightning checkpoint of a training "
             "run (e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)"
         )
-    module = SAEModule.load_from_checkpoint(str(path), map_location="cpu")
+    # weights_only: a checkpoint is data, never code (explicit, whatever torch's default is)
+    module = SAEModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
+    module.checkpoint_step = None if step is None else int(step)  # printed in every summary
     return module.eval()
 
 
@@ -165,7 +168,9 @@ def _write(out: Path, results: dict[str, Any], summary: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
     (out / "summary.md").write_text(summary)
-    print(f"wrote {out / 'results.json'} and {out / 'summary.md'}")
+    step = results.get("checkpoint_step")
+    at = f" (checkpoint {results.get('checkpoint')} at step {step})" if step is not None else ""
+    print(f"wrote {out / 'results.json'} and {out / 'summary.md'}{at}")
 
 
 def _fmt(v: Any) -> str:
@@ -202,6 +207,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "command": "core",
         "checkpoint": str(args.ckpt),
+        "checkpoint_step": module.checkpoint_step,
         "config": str(args.config),
         "reconstruction": {k: float(v) for k, v in metrics.compute().items()},
     }
@@ -229,7 +235,14 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
         results["lm"] = finalize_core_metrics(sums)
         results["model_name"], results["layer"] = source.model_name, source.layer
         results["n_sequences"] = int(tokens.shape[0])
-    lines = ["# Core metrics", "", f"- checkpoint: `{args.ckpt}`", "", "| metric | value |", "|---|---|"]
+    lines = [
+        "# Core metrics",
+        "",
+        f"- checkpoint: `{args.ckpt}` (step {module.checkpoint_step})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in results["reconstruction"].items()]
     if "lm" in results:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in results["lm"].items()]
@@ -244,9 +257,11 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
 def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval unlearning``: SAEBench's unlearning evaluation (full setting by default)."""
     from mtsae.core_eval import load_causal_lm, load_tokenizer
+    from mtsae.export import save_sae
     from mtsae.unlearning import GridConfig
     from mtsae.unlearning_eval import (
         UnlearningConfig,
+        best_recipe,
         evaluate_unlearning,
         filter_questions,
         load_unlearning_data,
@@ -277,6 +292,8 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         llm_batch_size=args.llm_batch_size,
         mcq_batch_size=args.mcq_batch_size,
         seed=args.seed,
+        saebench_exact=args.saebench_exact,
+        position_rule=args.position_rule,
     )
     module = load_module(args.ckpt)
     dm = load_datamodule(args.config, _overrides(args))
@@ -300,13 +317,31 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=cache_dir,
         model_id=model_id,
         progress=args.progress,
+        strict_letters=cfg.saebench_exact,
     )
     sae = module.export_sae().to(device)  # raw activations: multipliers in raw units
     results = evaluate_unlearning(
         model, tokenizer, sae, source.layer, data, filtered, cfg, progress=args.progress
     )
-    results = {"command": "unlearning", "checkpoint": str(args.ckpt), "model": model_id, **results}
-    _write(Path(args.out), results, summary_markdown(results))
+    results = {
+        "command": "unlearning",
+        "checkpoint": str(args.ckpt),
+        "checkpoint_step": module.checkpoint_step,
+        "model": model_id,
+        **results,
+    }
+    out = Path(args.out)
+    # the recipe names the SAE it was chosen with: the exported raw-activation SAE, beside the results
+    recipe = best_recipe(results, save_sae(sae.cpu(), out / "sae"), out)
+    if recipe is not None:
+        results["recipe"] = str(recipe.save(out / "recipe.json"))
+    _write(out, results, summary_markdown(results))
+    for w in results["warnings"]:
+        print(f"mtsae eval unlearning: warning: {w}", file=sys.stderr)
+    if recipe is not None:
+        print(
+            f"wrote {out / 'recipe.json'} (apply it: mtsae unlearn generate --recipe {out / 'recipe.json'} ...)"
+        )
     return results
 
 
@@ -323,14 +358,26 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
     res = evaluate_disentanglement(module.sae, batches, act_scale=float(module.act_scale), ground_truth=truth)
-    results = {"command": "disentanglement", "checkpoint": str(args.ckpt), **results_to_json(res)}
+    results = {
+        "command": "disentanglement",
+        "checkpoint": str(args.ckpt),
+        "checkpoint_step": module.checkpoint_step,
+        **results_to_json(res),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(res)
     for name, fig in figs.items():
         fig.savefig(out / f"{name}.png", dpi=120)
     scalars = results["scalars"]
-    lines = ["# Disentanglement", "", f"- checkpoint: `{args.ckpt}`", "", "| metric | value |", "|---|---|"]
+    lines = [
+        "# Disentanglement",
+        "",
+        f"- checkpoint: `{args.ckpt}` (step {module.checkpoint_step})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
     lines += ["", *[f"![{n}]({n}.png)" for n in figs]]
     _write(out, results, "\n".join(lines) + "\n")
@@ -404,6 +451,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--question-cache-dir", default=None, help="cache of filtered questions (default: OUT/question_cache)"
     )
     un.add_argument("--seed", type=int, default=42)
+    un.add_argument(
+        "--saebench-exact",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SAEBench's conventions (default): position 0 left alone, sparsities rounded to 6 decimals, "
+        "SAEBench's row packing, SAE in the model's dtype, instruct model and single-token letters required. "
+        "--no-saebench-exact: this project's choices (docs/saebench_unlearning.md)",
+    )
+    un.add_argument(
+        "--position-rule",
+        choices=["saebench", "special_tokens"],
+        default=None,
+        help="override which positions the clamp may change (default: from --saebench-exact)",
+    )
 
     dis = sub.add_parser("disentanglement", help="decoder coherence, density, persistence, recovery")
     _common(dis)
@@ -420,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     from mtsae.core_eval import LMUnavailableError
     from mtsae.mcq import MCQDatasetError
     from mtsae.unlearning_eval import UnlearningDataError
+    from mtsae.unlearning_recipe import RecipeError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if not logging.getLogger().handlers:
@@ -431,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         MCQDatasetError,
         UnlearningDataError,
         CacheMismatchError,
+        RecipeError,
     )
     try:
         COMMANDS[args.command](args)

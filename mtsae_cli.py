@@ -1,5 +1,6 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`) and ``mtsae compare ...`` (see
-:mod:`mtsae.compare`).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`evaluate`), ``mtsae compare ...`` (see
+:mod:`mtsae.compare`), ``mtsae unlearn ...`` (see :mod:`unlearn`) and ``mtsae cache verify ...`` (see
+:mod:`data.verify`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -20,6 +21,11 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
         "mtsae.compare",
         "train SAEs on equal terms and write a comparison report: mtsae compare --config YAML [--jobs N]",
+    ),
+    "cache": ("data.verify", "check an activation cache: mtsae cache verify PATH [--repair]"),
+    "unlearn": (
+        "unlearn",
+        "apply an unlearning recipe: mtsae unlearn generate --recipe RECIPE --prompt TEXT [--compare]",
     ),
 }
 

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHES = ["bench_conv.py", "bench_capture.py"]
+BENCHES = ["bench_conv.py", "bench_capture.py", "bench_generate.py"]
 
 
 def main() -> int:

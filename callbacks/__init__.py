@@ -1,5 +1,6 @@
 """Lightning callbacks: evaluation during validation, export and run summaries."""
 
+from callbacks.checkpoint import ModelCheckpoint
 from callbacks.core_metrics import CoreLMMetrics
 from callbacks.disentanglement import Disentanglement
 from callbacks.export import ExportSAE
@@ -13,6 +14,7 @@ __all__ = [
     "Disentanglement",
     "ExportSAE",
     "GroundTruthRecovery",
+    "ModelCheckpoint",
     "RunSummary",
     "SyntheticUnlearning",
     "Unlearning",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
@@ -12,6 +13,14 @@ from typing_extensions import override
 from callbacks.export import ExportSAE, run_dir
 
 __all__ = ["RunSummary"]
+
+
+def _step(last: str, best: str, trainer: L.Trainer) -> int | None:
+    if last:  # callbacks.ModelCheckpoint writes last.ckpt at the final step
+        return trainer.global_step
+    if best:
+        return int(torch.load(best, map_location="cpu", weights_only=True, mmap=True)["global_step"])
+    return None
 
 
 class RunSummary(L.Callback):
@@ -27,7 +36,11 @@ class RunSummary(L.Callback):
         summary = {
             "run_dir": str(out),
             "tensorboard": f"tensorboard --logdir {out.parent}",
-            "checkpoint": (ckpts[0].best_model_path or ckpts[0].last_model_path) if ckpts else None,
+            # the final model (last.ckpt at the last step) when the callback keeps one, else the best
+            "checkpoint": (ckpts[0].last_model_path or ckpts[0].best_model_path) if ckpts else None,
+            "checkpoint_step": _step(ckpts[0].last_model_path, ckpts[0].best_model_path, trainer)
+            if ckpts
+            else None,
             "exported_sae": str(exports[0]) if exports else None,
             "global_step": trainer.global_step,
             "final_val_metrics": metrics,
@@ -39,7 +52,7 @@ class RunSummary(L.Callback):
             "",
             "run finished",
             f"  logs:        {out}   (view: {summary['tensorboard']})",
-            f"  checkpoint:  {summary['checkpoint']}",
+            f"  checkpoint:  {summary['checkpoint']} (step {summary['checkpoint_step']})",
             f"  SAE:         {summary['exported_sae']}",
             f"  summary:     {out / 'summary.json'}",
             "  final validation metrics:",

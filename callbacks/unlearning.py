@@ -80,6 +80,9 @@ class Unlearning(EveryNValidations):
         question_cache_dir: where filtered question sets are cached (default ``<default_root_dir>/
             unlearning_cache``).
         seed: seed of document / question sampling and row shuffling.
+        saebench_exact: SAEBench's conventions (needs an instruct ``model_name``; see
+            :class:`mtsae.unlearning_eval.UnlearningConfig`); default: this project's, which work with
+            the training model. ``mtsae eval unlearning`` is SAEBench-exact by default.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class Unlearning(EveryNValidations):
         mcq_batch_size: int = 16,
         question_cache_dir: str | None = None,
         seed: int = 42,
+        saebench_exact: bool = False,
     ) -> None:
         super().__init__(every_n_val)
         self.at_train_end = at_train_end
@@ -126,6 +130,7 @@ class Unlearning(EveryNValidations):
             llm_batch_size=llm_batch_size,
             mcq_batch_size=mcq_batch_size,
             seed=seed,
+            saebench_exact=saebench_exact,
         )
         self.last_step: int | None = None  # global step of the last evaluation
         self.last_results: dict[str, Any] | None = None  # on rank 0
@@ -210,6 +215,8 @@ class Unlearning(EveryNValidations):
                 trainer.strategy.broadcast((None, error), src=0)
                 raise
             self.last_results = results
+            for w in results.get("warnings", []):
+                rank_zero_warn(f"Unlearning at step {trainer.global_step}: {w}")
             self.last_path = save_results(
                 results, run_dir(trainer) / "unlearning" / f"step{trainer.global_step}.json"
             )
@@ -247,6 +254,7 @@ class Unlearning(EveryNValidations):
                 chat_template=self.config.chat_template,
                 cache_dir=cache_dir,
                 model_id=mid,
+                strict_letters=self.config.saebench_exact,
             )
         sae = pl_module.export_sae().to(device)  # acts on raw activations: multipliers in raw units
         results = evaluate_unlearning(

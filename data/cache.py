@@ -3,15 +3,21 @@
 Layout: ``<cache_dir>/<fingerprint>/manifest.json`` and ``shard_00000.h5`` ... Each shard holds
 ``acts [n, T, d_in]`` (bf16 stored as its ``uint16`` bits with attribute ``torch_dtype = "bfloat16"``;
 float16 / float32 natively), ``tokens [n, T] int32``, ``valid [n, T] bool`` and optional
-``ground_truth/...``. Every shard is written as ``*.tmp``, flushed, closed and renamed; the manifest is
-rewritten atomically after each shard, so an interrupted build resumes at the first missing shard
-and never rewrites a finished one. Row order inside a sequence is the temporal order.
+``ground_truth/...``. Every shard is written as ``*.tmp``, flushed, fsynced, closed and renamed; the
+manifest is rewritten atomically after each shard, so an interrupted build resumes at the first missing
+shard and never rewrites a finished one. Row order inside a sequence is the temporal order.
+
+Integrity: the manifest records the SHA-256 of every shard file, of the static ground truth and of the
+statistics. Opening a cache checks that every listed shard exists with the recorded row count, that no
+file is listed twice, that the splits add up, and that the statistics match their checksum;
+:func:`data.verify.verify_cache` (``mtsae cache verify``) re-reads everything.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import os
@@ -24,9 +30,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from data.sources import ActivationSource, SourceChunk
+from mtsae.progress import progress_bar
 
 __all__ = [
     "FORMAT_VERSION",
@@ -38,12 +44,18 @@ __all__ = [
     "from_storage",
     "CacheMismatchError",
     "CacheReadError",
+    "CacheWriteError",
     "read_context",
+    "read_manifest",
+    "check_manifest",
+    "file_sha256",
+    "stats_sha256",
+    "static_ground_truth_sha256",
 ]
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of shards, static ground truth and statistics
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _SPLITS = ("train", "val")
 
@@ -54,6 +66,10 @@ class CacheMismatchError(ValueError):
 
 class CacheReadError(OSError):
     """A shard could not be read; the message names the file, the dataset and the rows."""
+
+
+class CacheWriteError(OSError):
+    """A shard could not be written (disk full, quota, permissions); the message names the file and what to do."""
 
 
 def _row_range(rows: np.ndarray | slice | tuple[int, int]) -> str:
@@ -149,13 +165,43 @@ def fingerprint(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stats_sha256(stats: dict) -> str:
+    """SHA-256 of the manifest's ``stats`` (canonical JSON)."""
+    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
+
+
+def static_ground_truth_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the static ground-truth arrays."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError(
+            err.errno, f"cannot write {path}: {err.strerror or err}. Free space on that disk and run again"
+        ) from None
 
 
 def _shard_name(i: int) -> str:
@@ -163,35 +209,78 @@ def _shard_name(i: int) -> str:
 
 
 def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: str) -> dict:
-    """Write one shard (via ``*.tmp`` + rename); return its manifest entry with statistics."""
+    """Write one shard (via ``*.tmp``, fsync, rename); return its manifest entry with statistics.
+
+    A failed write (``OSError``: disk full, quota, ...) closes the file, removes the ``*.tmp`` and
+    raises :class:`CacheWriteError` naming the file; the finished shards are untouched, so the build
+    resumes once space is freed.
+    """
     acts = torch.cat([c.acts for c in chunks])  # [n, T, d_in]
     tokens = torch.cat([c.tokens for c in chunks]).to(torch.int32)
     valid = torch.cat([c.valid for c in chunks]).to(torch.bool)
-    n, T, d = acts.shape
+    n = acts.shape[0]
     stored = to_storage(acts, dtype)
     # statistics of the stored values (what training will read), over valid tokens, float64 sums
     x = from_storage(stored, dtype).float()[valid]  # [n_valid, d]
     tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w", track_order=False) as h5:
+    gt_rows = {k: np.concatenate([c.ground_truth[k] for c in chunks]) for k in chunks[0].ground_truth}
+    # HDF5 writes the shard into memory; Python writes the bytes to disk. A full disk then raises an
+    # ordinary OSError here, instead of failing inside HDF5's own writes, where h5py can only report it
+    # while deallocating objects and the process later crashes (segmentation fault)
+    image = io.BytesIO()
+    _write_h5(image, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype)
+    data = image.getbuffer()
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())  # on disk before the rename makes it a finished shard
+        os.replace(tmp, path)
+    except OSError as err:
+        reason = f"{os.strerror(err.errno)} (errno {err.errno})" if err.errno else str(err)
+        code = err.errno
+    else:
+        return {
+            "file": path.name,
+            "n_sequences": n,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "n_valid_tokens": int(x.shape[0]),
+            "sum_sq_norm": float(x.pow(2).sum(dtype=torch.float64)),
+            "sum": x.sum(0, dtype=torch.float64).tolist(),
+        }
+    tmp.unlink(missing_ok=True)
+    hint = " Free space on that disk (or point data.cache_dir elsewhere) and run again: the build resumes"
+    raise CacheWriteError(
+        code,
+        f"cannot write cache shard {tmp}: {reason}.{hint} at this shard; finished shards are kept.",
+    )
+
+
+def _write_h5(
+    target: io.BytesIO,
+    stored: np.ndarray,
+    tokens: np.ndarray,
+    valid: np.ndarray,
+    static_gt: dict[str, np.ndarray],
+    gt_rows: dict[str, np.ndarray],
+    dtype: str,
+) -> None:
+    n, T, d = stored.shape
+    h5 = h5py.File(target, "w", track_order=False)
+    try:
         ds = h5.create_dataset("acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False)
         ds.attrs["torch_dtype"] = dtype
-        h5.create_dataset("tokens", data=tokens.numpy(), fletcher32=True, chunks=(1, T), track_times=False)
-        h5.create_dataset("valid", data=valid.numpy(), fletcher32=True, chunks=(1, T), track_times=False)
-        gt_rows = {k: np.concatenate([c.ground_truth[k] for c in chunks]) for k in chunks[0].ground_truth}
+        del ds
+        h5.create_dataset("tokens", data=tokens, fletcher32=True, chunks=(1, T), track_times=False)
+        h5.create_dataset("valid", data=valid, fletcher32=True, chunks=(1, T), track_times=False)
         for name, arr in {**static_gt, **gt_rows}.items():
             kw = {}
             if name in gt_rows and arr.ndim >= 2:
                 kw = dict(chunks=(1, *arr.shape[1:]), compression="gzip", compression_opts=1, fletcher32=True)
             h5.create_dataset(f"ground_truth/{name}", data=arr, track_times=False, **kw)
         h5.flush()
-    os.replace(tmp, path)
-    return {
-        "file": path.name,
-        "n_sequences": n,
-        "n_valid_tokens": int(x.shape[0]),
-        "sum_sq_norm": float(x.pow(2).sum(dtype=torch.float64)),
-        "sum": x.sum(0, dtype=torch.float64).tolist(),
-    }
+    finally:
+        h5.close()  # explicitly, also when a write failed
 
 
 def _stats(shards: list[dict]) -> dict:
@@ -242,18 +331,18 @@ def _build_locked(
     plan = spec.shard_plan()
     done: list[dict] = []
     if mpath.exists():
-        manifest = json.loads(mpath.read_text())
+        manifest = read_manifest(mpath)
         if manifest.get("fingerprint_inputs") != inputs:
             raise CacheMismatchError(f"{mpath} does not belong to this configuration (hash collision?)")
         if manifest.get("complete"):
             return root
-        for entry in manifest["shards"]:  # keep the finished prefix whose files are on disk
-            if not (root / entry["file"]).exists():
-                break
-            done.append(entry)
+        # keep the finished shards whose files are on disk (a repaired cache has gaps: exactly the
+        # deleted shards are regenerated)
+        done = [e for e in manifest["shards"] if (root / e["file"]).exists()]
     for stale in root.glob("*.tmp"):
         stale.unlink()
     source.check()
+    static_gt = source.static_ground_truth()
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": root.name,
@@ -266,23 +355,26 @@ def _build_locked(
         "val_sequences": spec.val_sequences,
         "shards": done,
         "stats": _stats(done),
+        "static_ground_truth_sha256": static_ground_truth_sha256(static_gt),
         "complete": False,
     }
-    todo = plan[len(done) :]
+    manifest["stats_sha256"] = stats_sha256(manifest["stats"])
+    have = {e["file"] for e in done}
+    todo = [(i, split, a, b) for i, (split, a, b) in enumerate(plan) if _shard_name(i) not in have]
     if done:
-        log.info("resuming cache build in %s at shard %d of %d", root, len(done), len(plan))
-    static_gt = source.static_ground_truth()
-    n_rows = sum(b - a for _, a, b in todo)
-    bar = tqdm(total=n_rows, unit="seq", desc="caching activations", disable=not progress, dynamic_ncols=True)
+        log.info("resuming cache build in %s: %d of %d shards to write", root, len(todo), len(plan))
+    n_rows = sum(b - a for _, _, a, b in todo)
+    bar = progress_bar(total=n_rows, unit="seq", desc="caching activations", disable=not progress)
 
     def record(write: Future, i: int, split: str) -> None:
         entry = write.result()
         if any(s["file"] == entry["file"] for s in manifest["shards"]):
             return  # already recorded (an interrupt landed while the manifest was being written)
         entry["split"] = split
-        manifest["shards"].append(entry)
+        manifest["shards"] = sorted([*manifest["shards"], entry], key=lambda e: e["file"])  # plan order
         manifest["stats"] = _stats(manifest["shards"])
-        manifest["complete"] = i == len(plan) - 1
+        manifest["stats_sha256"] = stats_sha256(manifest["stats"])
+        manifest["complete"] = len(manifest["shards"]) == len(plan)
         _write_json_atomic(mpath, manifest)
 
     # shard i is written by a background thread while shard i + 1 is generated (the source's forward
@@ -290,7 +382,7 @@ def _build_locked(
     pending: tuple[Future, int, str] | None = None
     try:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer:
-            for i, (split, a, b) in enumerate(todo, start=len(done)):
+            for i, split, a, b in todo:
                 chunks = []
                 for chunk in source.generate(a, b, source_batch_size):
                     chunks.append(chunk)
@@ -311,10 +403,80 @@ def _build_locked(
             record(*pending)  # an interrupted build keeps the last shard that was fully written
         bar.close()
         source.close()
-    if not plan[len(done) :] and not manifest["complete"]:  # every shard was already there
+    if not todo and not manifest["complete"]:  # every shard was already there
         manifest["complete"] = True
         _write_json_atomic(mpath, manifest)
     return root
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The parsed ``manifest.json``; an unreadable or truncated one raises a :class:`CacheMismatchError` naming it."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheMismatchError(
+            f"the cache manifest {path} is not valid JSON ({err}); it is truncated or was edited. "
+            f"Delete the folder {path.parent} and build the cache again"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise CacheMismatchError(
+            f"the cache manifest {path} has no list of shards; delete {path.parent} and rebuild"
+        )
+    return manifest
+
+
+def check_manifest(root: Path, manifest: dict) -> None:
+    """Open-time checks of a finished cache (cheap: shard metadata only, no data read).
+
+    Every listed shard exists, holds the recorded number of rows and is listed once; the splits add
+    up to the configured ``n_sequences`` / ``val_sequences`` with the training shards first; the
+    statistics match their checksum and the per-shard sums they derive from.
+    """
+    where = f"the cache at {root}"
+    rebuild = f"delete {root} and build again, or run `mtsae cache verify {root} --repair`"
+    shards = manifest["shards"]
+    files = [e.get("file") for e in shards]
+    dup = sorted({f for f in files if files.count(f) > 1})
+    if dup:
+        raise CacheMismatchError(f"{where}: the manifest lists {dup} more than once; {rebuild}")
+    splits = [e.get("split") for e in shards]
+    if any(s not in _SPLITS for s in splits) or splits != sorted(splits, key=_SPLITS.index):
+        raise CacheMismatchError(
+            f"{where}: the manifest's shard splits {splits} are not training shards followed by validation "
+            f"shards; {rebuild}"
+        )
+    for split, key in (("train", "n_sequences"), ("val", "val_sequences")):
+        n = sum(int(e["n_sequences"]) for e in shards if e["split"] == split)
+        want = manifest["fingerprint_inputs"].get(key, manifest.get(key))
+        if n != want or manifest.get(key) != want:
+            raise CacheMismatchError(
+                f"{where}: the manifest's {split} shards hold {n} rows but the cache was built with "
+                f"{key}={want}; {rebuild}"
+            )
+    if manifest.get("stats_sha256") != stats_sha256(manifest["stats"]):
+        raise CacheMismatchError(
+            f"{where}: the statistics in manifest.json (mean_sq_norm, mean) do not match their checksum "
+            f"(stats_sha256): they were edited or corrupted; {rebuild}"
+        )
+    recomputed = _stats(shards)
+    if recomputed["n_valid_tokens"] != manifest["stats"].get("n_valid_tokens") or not np.isclose(
+        recomputed["mean_sq_norm"] or 0.0, manifest["stats"].get("mean_sq_norm") or 0.0, rtol=1e-9
+    ):
+        raise CacheMismatchError(
+            f"{where}: the statistics in manifest.json do not match the per-shard sums; {rebuild}"
+        )
+    for e in shards:
+        path = root / e["file"]
+        if not path.is_file():
+            raise CacheMismatchError(f"{where}: shard {path} listed in manifest.json is missing; {rebuild}")
+        with read_context(path, "acts", (0, int(e["n_sequences"]))):
+            with h5py.File(path, "r") as h5:
+                n = h5["acts"].shape[0]
+        if n != e["n_sequences"]:
+            raise CacheMismatchError(
+                f"{where}: shard {path} holds {n} rows, manifest.json says {e['n_sequences']}; {rebuild}"
+            )
 
 
 class ActivationCache:
@@ -328,7 +490,7 @@ class ActivationCache:
         mpath = self.root / "manifest.json"
         if not mpath.exists():
             raise FileNotFoundError(f"no activation cache at {self.root} (missing manifest.json)")
-        self.manifest = json.loads(mpath.read_text())
+        self.manifest = read_manifest(mpath)
         if self.manifest.get("format_version") != FORMAT_VERSION:
             raise CacheMismatchError(
                 f"{self.root} has cache format {self.manifest.get('format_version')}, this code reads "
@@ -338,6 +500,7 @@ class ActivationCache:
             raise CacheMismatchError(
                 f"the cache at {self.root} is incomplete; run the build again (it resumes) before training"
             )
+        check_manifest(self.root, self.manifest)
         starts = np.cumsum([0] + [s["n_sequences"] for s in self.manifest["shards"]])
         self._shard_start = starts  # global row index of each shard's first row
         self._files: dict[int, h5py.File] = {}
@@ -407,18 +570,30 @@ class ActivationCache:
         }
 
     def ground_truth(self) -> dict[str, np.ndarray]:
-        """Static ground truth (true feature directions, groups) stored in the shards, if any."""
-        h5 = self._file(0)
-        if "ground_truth" not in h5:
-            return {}
-        return {k: v[()] for k, v in h5["ground_truth"].items() if k != "coefficients"}
+        """Static ground truth (true feature directions, groups) stored in the shards, checked against its checksum."""
+        path = self.root / self.manifest["shards"][0]["file"]
+        with read_context(path, "ground_truth", (0, 0)):
+            h5 = self._file(0)
+            if "ground_truth" not in h5:
+                return {}
+            out = {k: v[()] for k, v in h5["ground_truth"].items() if k != "coefficients"}
+        if static_ground_truth_sha256(out) != self.manifest.get("static_ground_truth_sha256"):
+            raise CacheReadError(
+                f"cannot read {path}: dataset 'ground_truth' does not match the checksum in manifest.json "
+                f"(static_ground_truth_sha256): the shard is corrupted; `mtsae cache verify {self.root} "
+                "--repair` deletes bad shards so that the next build regenerates them"
+            )
+        return out
 
     def ground_truth_rows(self, name: str, rows: np.ndarray | list[int]) -> np.ndarray:
         """Per-row ground truth ``name`` (e.g. ``coefficients``) for the given global rows."""
         out = []
         for r in np.asarray(rows, dtype=np.int64):
             i = int(np.searchsorted(self._shard_start, r, side="right") - 1)
-            out.append(self._file(i)[f"ground_truth/{name}"][r - self._shard_start[i]])
+            local = int(r - self._shard_start[i])
+            path = self.root / self.manifest["shards"][i]["file"]
+            with read_context(path, f"ground_truth/{name}", (local, local + 1)):
+                out.append(self._file(i)[f"ground_truth/{name}"][local])
         return np.stack(out)
 
     def close(self) -> None:

@@ -161,6 +161,11 @@ class ActivationDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if val_sequences < 1:
             raise ValueError("val_sequences must be >= 1: validation metrics need held-out sequences")
+        if n_sequences < val_sequences:
+            raise ValueError(
+                f"data.n_sequences ({n_sequences}) is smaller than data.val_sequences ({val_sequences}): the "
+                "training split must be the larger one (were the two values swapped?)"
+            )
         self.source = source
         self.spec = CacheSpec(n_sequences, val_sequences, shard_size, dtype)  # validates
         self.cache_dir, self.cache_path = cache_dir, cache_path

@@ -29,7 +29,9 @@ from typing import Any
 import torch
 
 from data.sources import ActivationSource, SourceChunk
+from mtsae.hub import HubUnavailableError, check_hub, download_command
 from mtsae.lm import capture_resid_post, decoder_layers, hf_dtype_kwargs, lm_hidden_size, n_layers
+from mtsae.progress import no_library_bars, progress_bar
 
 __all__ = ["LMSource", "SourceUnavailableError", "pack_documents", "MODEL_DTYPES", "LOCAL_DATA_BUILDERS"]
 
@@ -123,7 +125,7 @@ class LMSource(ActivationSource):
         progress: show a progress bar (tokens/s, ETA) while generating.
 
     Gated models (Gemma) need their license accepted on the hub and a token (``HF_TOKEN`` or
-    ``huggingface-cli login``); offline, point ``model_name`` and ``dataset`` at local copies.
+    ``hf auth login``); offline, point ``model_name`` and ``dataset`` at local copies.
     """
 
     kind = "lm"
@@ -237,8 +239,7 @@ class LMSource(ActivationSource):
         else:
             hint = (
                 f"If the machine has no network access, or the model is gated (Gemma: accept its license on "
-                f"the hub and set HF_TOKEN), download it once elsewhere (`huggingface-cli download "
-                f"{self.model_name} --local-dir {local}`) and point the config at the local copy:"
+                f"the hub and set HF_TOKEN), download it once elsewhere (`{download_command(self.model_name)}`) and point the config at the local copy:"
             )
         return SourceUnavailableError(
             f"LMSource cannot load the {what} of model_name={self.model_name!r}{rev}: {type(e).__name__}: {e}\n"
@@ -250,6 +251,12 @@ class LMSource(ActivationSource):
         if _looks_like_path(self.model_name) and not path.exists():
             e = FileNotFoundError(f"local path {str(path.resolve())!r} does not exist")
             raise self._model_error("config", e) from e
+        try:  # offline or unreachable hub: fail now, before transformers retries with back-off
+            check_hub(
+                self.model_name, "the model", self.revision, "model", "data.source.init_args.model_name"
+            )
+        except HubUnavailableError as e:
+            raise SourceUnavailableError(str(e)) from e
 
     def _load_config(self) -> Any:
         if self._config is None:
@@ -300,12 +307,13 @@ class LMSource(ActivationSource):
             device = self.torch_device
             log.info("loading %s (%s) on %s", self.model_name, self.model_dtype, device)
             try:
-                model = AutoModelForCausalLM.from_pretrained(
-                    self.model_name,
-                    revision=self.revision,
-                    **hf_dtype_kwargs(MODEL_DTYPES[self.model_dtype]),
-                    trust_remote_code=self.trust_remote_code,
-                )
+                with no_library_bars():
+                    model = AutoModelForCausalLM.from_pretrained(
+                        self.model_name,
+                        revision=self.revision,
+                        **hf_dtype_kwargs(MODEL_DTYPES[self.model_dtype]),
+                        trust_remote_code=self.trust_remote_code,
+                    )
             except Exception as e:
                 raise self._model_error("weights", e) from e
             self._model = model.to(device).eval()
@@ -320,8 +328,8 @@ class LMSource(ActivationSource):
             )
         else:
             hint = (
-                f"Without network access, download the dataset once elsewhere (`huggingface-cli download "
-                f"--repo-type dataset {self.dataset} --local-dir {local}`) and point the config at the local "
+                f"Without network access, download the dataset once elsewhere (`"
+                f"{download_command(self.dataset, 'dataset')}`) and point the config at the local "
                 f"copy:"
             )
         return SourceUnavailableError(
@@ -350,6 +358,7 @@ class LMSource(ActivationSource):
             elif _looks_like_path(self.dataset):
                 raise FileNotFoundError(f"local path {str(path.resolve())!r} does not exist")
             else:
+                check_hub(self.dataset, "the dataset", None, "dataset", "data.source.init_args.dataset")
                 ds = load_dataset(self.dataset, self.dataset_config, split=self.split, streaming=streaming)
         except Exception as e:
             raise self._dataset_error(e) from e
@@ -429,8 +438,6 @@ class LMSource(ActivationSource):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if start == stop:
             return
-        from tqdm.auto import tqdm
-
         model = self._load_model()
         device = next(model.parameters()).device
         special = torch.tensor([t for t in self.special_ids if t is not None], dtype=torch.int32)
@@ -443,7 +450,7 @@ class LMSource(ActivationSource):
             raise self._exhausted(stop)
 
         T = self.ctx_len
-        bar = tqdm(
+        bar = progress_bar(
             total=(stop - start) * T,
             unit="tok",
             unit_scale=True,

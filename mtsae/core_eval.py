@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtsae.hub import HubUnavailableError, check_hub, download_command
 from mtsae.lm import hf_dtype_kwargs, splice_resid_post
 from mtsae.unlearning import ce_loss_score, kl_div_score, kl_per_token, next_token_ce, valid_token_mask
 
@@ -73,11 +74,10 @@ class LMUnavailableError(RuntimeError):
 
 def _lm_error(what: str, name: str, revision: str | None, err: Exception) -> LMUnavailableError:
     rev = f" (revision {revision!r})" if revision else ""
-    local = f"/path/to/local/{Path(name.rstrip('/')).name or 'model'}"
     return LMUnavailableError(
         f"cannot load the {what} of {name!r}{rev}: {type(err).__name__}: {err}\n"
         f"Without network access, or for a gated model (Gemma: accept its license on the hub and set "
-        f"HF_TOKEN), download it once elsewhere (`huggingface-cli download {name} --local-dir {local}`) "
+        f"HF_TOKEN), download it once elsewhere (`{download_command(name)}`) "
         f"and pass the local folder instead."
     )
 
@@ -87,6 +87,10 @@ def _check_local(name: str, revision: str | None, what: str) -> None:
     if looks_local and not Path(name).expanduser().exists():
         err = FileNotFoundError(f"local path {name!r} does not exist")
         raise _lm_error(what, name, revision, err) from err
+    try:  # offline or unreachable hub: fail now, before transformers retries with back-off
+        check_hub(name, f"the {what} of", revision)
+    except HubUnavailableError as err:
+        raise LMUnavailableError(str(err)) from err
 
 
 def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:

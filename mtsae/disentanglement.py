@@ -360,7 +360,9 @@ def disentanglement_results(
     }
     scalars |= {f"density/{k}": v for k, v in density_summary(density, dense_threshold).items()}
     dilations = [int(r) for r in getattr(sae, "dilations", [])]
-    share = scale_attribution(sae.W_enc, len(dilations))
+    # a mix encoder averages the branches before W_enc: its rows carry no per-dilation blocks
+    mixed = getattr(sae, "encoder", "concat") == "mix"
+    share = None if mixed else scale_attribution(sae.W_enc, len(dilations))
     entropy = None
     if share is not None:
         entropy = scale_entropy(share)

@@ -40,5 +40,5 @@ def load_sae_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device
     """The raw-activation SAE of a Lightning checkpoint of :class:`mtsae.SAEModule`."""
     from mtsae.module import SAEModule
 
-    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
     return module.export_sae().to(device)

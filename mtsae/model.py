@@ -2,7 +2,10 @@
 
 Encoder: ``u = x - b_dec`` (zero at invalid positions), one causal depth-wise dilated ``Conv1d`` per
 dilation (kernel 3, left padding only, so position ``t`` sees ``t, t-r, t-2r``), the branch outputs
-concatenated and mapped by ``W_enc`` to ``d_sae`` pre-activations, then a sparsifying activation.
+concatenated and mapped by ``W_enc`` to ``d_sae`` pre-activations, then a sparsifying activation
+(``encoder="concat"``, ``W_enc: [n_scales * d_in, d_sae]``). With ``encoder="mix"`` the branch outputs are
+averaged instead, which is one causal depth-wise kernel over the union of the branches' taps, before a
+single ``[d_in, d_sae]`` ``W_enc``: the encoder matmul costs what a per-token SAE's does.
 Decoder: per token and linear, ``x_hat = f @ W_dec + b_dec`` with unit-norm rows of ``W_dec``.
 
 With ``dilations=[]`` the encoder is ``(x - b_dec) @ W_enc + b_enc``: the ordinary per-token SAE.
@@ -19,9 +22,10 @@ from torch import Tensor, nn
 
 from mtsae.activations import Activation, make_activation
 
-__all__ = ["MTSAE", "ForwardOutput", "KERNEL_SIZE", "conv1d_scale_branches"]
+__all__ = ["MTSAE", "ForwardOutput", "KERNEL_SIZE", "ENCODERS", "conv1d_scale_branches"]
 
 KERNEL_SIZE = 3
+ENCODERS = ("concat", "mix")
 
 
 class ForwardOutput(NamedTuple):
@@ -48,6 +52,12 @@ class MTSAE(nn.Module):
             dilations position ``t`` sees ``t - 2·max(r) .. t`` (17 tokens). If True, branch ``s``
             convolves the output of branch ``s - 1`` (a WaveNet-style stack), so the last branch sees
             ``1 + 2·sum(r)`` tokens (31 with the default). Both start as the identity.
+        encoder: how the branches reach ``W_enc``. ``concat`` (default): side by side, ``W_enc`` is
+            ``[n_scales * d_in, d_sae]`` and every feature weighs every scale separately. ``mix``: the
+            mean of the branches (equivalently one causal depth-wise kernel; see :meth:`mix_kernel`)
+            times one ``[d_in, d_sae]`` ``W_enc``, so the encoder matmul is ``n_scales`` times cheaper;
+            the per-branch outputs are still returned (``z_scales``) for the ``scales`` separation loss.
+            Both start equal to the per-token SAE with ``W_enc = W_dec^T``.
         context_init_std: standard deviation of the Gaussian noise added at initialisation to the
             context taps (offsets ``-r``, ``-2r``) of every branch; the tap at offset 0 stays 1. Exactly
             equal branches give every cosine-based separation loss a zero gradient; this small
@@ -65,9 +75,12 @@ class MTSAE(nn.Module):
         activation: str = "relu",
         activation_kwargs: dict | None = None,
         cascade: bool = False,
+        encoder: str = "concat",
         context_init_std: float = 0.01,
     ) -> None:
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
         if context_init_std < 0:
             raise ValueError(f"context_init_std must be non-negative, got {context_init_std}")
         if d_in <= 0 or d_sae <= 0:
@@ -78,10 +91,10 @@ class MTSAE(nn.Module):
         if len(set(dilations)) != len(dilations):
             raise ValueError(f"dilations must be distinct, got {dilations}")
         self.d_in, self.d_sae, self.dilations = d_in, d_sae, dilations
-        self.cascade = cascade
+        self.cascade, self.encoder = cascade, encoder
         self.activation_name = activation
         self.activation_kwargs = dict(activation_kwargs or {})
-        n_blocks = max(1, len(dilations))
+        n_blocks = len(dilations) if dilations and encoder == "concat" else 1
 
         # conv_weight[s, c, k]: tap k of channel c in scale s; k = KERNEL_SIZE-1 is offset 0 (the token
         # itself), k = KERNEL_SIZE-2 is offset -r, ... Identity initialisation: tap at offset 0 = 1.
@@ -94,7 +107,8 @@ class MTSAE(nn.Module):
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)
         # every dilation block starts as W_dec^T, so the untrained MTSAE equals a per-token SAE whose
-        # W_enc is n_scales * block (scaled down to keep the pre-activation magnitude of one block)
+        # W_enc is n_scales * block (scaled down to keep the pre-activation magnitude of one block);
+        # with the mix encoder the branch mean is u at initialisation, and W_enc = W_dec^T
         self.W_enc = nn.Parameter(W_dec.t().repeat(n_blocks, 1).clone() / n_blocks)
         self.b_enc = nn.Parameter(torch.zeros(d_sae))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
@@ -136,6 +150,45 @@ class MTSAE(nn.Module):
             outs.append(acc)
         return torch.stack(outs, dim=2)  # [B, T, S, d_in]
 
+    def mix_kernel(self) -> Tensor:
+        """The single causal depth-wise kernel ``[d_in, 1 + 2·max(r)]`` of the ``mix`` encoder.
+
+        Tap ``j`` multiplies the input ``L - 1 - j`` tokens back (``L`` the kernel length, so the last tap
+        is the token itself), as in ``F.conv1d`` with ``L - 1`` zeros of left padding. Side-by-side
+        branches only: a cascade composes its branches, which is not a sum of their taps.
+        """
+        if self.cascade or not self.dilations:
+            raise ValueError("mix_kernel needs side-by-side dilation branches (cascade=False, dilations set)")
+        L = 1 + (KERNEL_SIZE - 1) * max(self.dilations)
+        kernel = self.conv_weight.new_zeros(self.d_in, L)
+        for s, r in enumerate(self.dilations):
+            for k in range(KERNEL_SIZE):
+                kernel[:, L - 1 - (KERNEL_SIZE - 1 - k) * r] += self.conv_weight[s, :, k]
+        return kernel / self.n_scales
+
+    def encoder_input(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``u = x - b_dec``, zero at invalid positions: ``[B, T, d_in]``, the input of the branches."""
+        u = x - self.b_dec.to(x.dtype)
+        if valid is not None:
+            u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
+        return u
+
+    def codes_from_branches(self, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(f, pre)`` from the branch outputs ``z: [B, T, S, d_in]`` (per-token SAE: ``u [B, T, d_in]``).
+
+        Per token: position ``t`` of the output depends on position ``t`` of ``z`` only, so a streaming
+        encoder (:mod:`mtsae.streaming`) can compute the branches over a window and call this on the
+        new positions.
+        """
+        if not self.dilations:
+            flat = z  # per-token SAE: u [B, T, d_in]
+        elif self.encoder == "mix":
+            flat = z.mean(2)  # [B, T, d_in]: one causal depth-wise kernel (mix_kernel)
+        else:
+            flat = z.flatten(2)  # [B, T, S·d_in]
+        pre = flat @ self.W_enc.to(z.dtype) + self.b_enc.to(z.dtype)
+        return self.act(pre, valid), pre
+
     def _encode(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         squeeze = x.dim() == 2
         if squeeze:
@@ -149,16 +202,9 @@ class MTSAE(nn.Module):
             raise ValueError(
                 f"valid mask {tuple(valid.shape)} does not match activations {tuple(x.shape[:2])}"
             )
-        u = x - self.b_dec.to(x.dtype)  # [B, T, d_in]
-        if valid is not None:
-            u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
-        if self.dilations:
-            z = self.scale_branches(u)  # [B, T, S, d_in]
-            pre = z.flatten(2) @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype)
-        else:
-            z = None
-            pre = u @ self.W_enc.to(x.dtype) + self.b_enc.to(x.dtype)
-        f = self.act(pre, valid)
+        u = self.encoder_input(x, valid)  # [B, T, d_in]
+        z = self.scale_branches(u) if self.dilations else None  # [B, T, S, d_in]
+        f, pre = self.codes_from_branches(u if z is None else z, valid)
         if squeeze:
             f, pre = f.squeeze(0), pre.squeeze(0)
             z = None if z is None else z.squeeze(0)
@@ -214,6 +260,7 @@ class MTSAE(nn.Module):
             "activation": self.activation_name,
             "activation_kwargs": dict(self.activation_kwargs),
             "cascade": self.cascade,
+            "encoder": self.encoder,
         }
 
 

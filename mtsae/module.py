@@ -50,6 +50,8 @@ class SAEModule(L.LightningModule):
             parameterisation without temporal context; ``context_init_std`` is then not applied).
         cascade: stack the conv branches (receptive field ``1 + 2·sum(dilations)``) instead of running
             them side by side on the input (``1 + 2·max(dilations)``); see :class:`mtsae.MTSAE`.
+        encoder: ``concat`` (the branches side by side before ``W_enc``) or ``mix`` (their mean, one
+            causal kernel, before a ``d_in x d_sae`` ``W_enc``: a step costs about a per-token SAE's).
         sparsity_coeff: weight of the sparsity penalty: L1 of the codes for ``relu``, the (straight-through)
             L0 for ``jumprelu``; unused by ``topk`` / ``batchtopk``, whose sparsity is fixed by ``k``.
         sparsity_warmup_steps: steps of linear warm-up of ``sparsity_coeff`` from 0.
@@ -78,6 +80,7 @@ class SAEModule(L.LightningModule):
         activation: str = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         cascade: bool = False,
+        encoder: str = "concat",
         freeze_conv: bool = False,
         context_init_std: float = 0.01,
         sparsity_coeff: float = 5.0,
@@ -120,6 +123,7 @@ class SAEModule(L.LightningModule):
             activation=activation,
             activation_kwargs=activation_kwargs,
             cascade=cascade,
+            encoder=encoder,
             context_init_std=0.0 if freeze_conv else context_init_std,
         )
         self.sae.conv_weight.requires_grad_(bool(self.sae.dilations) and not freeze_conv)

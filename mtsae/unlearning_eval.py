@@ -23,9 +23,11 @@ The unlearning model may differ from the one the SAE was trained on (SAEBench ev
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -54,6 +56,7 @@ from mtsae.unlearning import (
     unlearning_score,
     valid_token_mask,
 )
+from mtsae.unlearning_recipe import UnlearningRecipe, sae_sha256
 
 __all__ = [
     "FORGET_CORPUS_HELP",
@@ -64,6 +67,9 @@ __all__ = [
     "load_texts",
     "load_forget_texts",
     "pack_rows",
+    "pack_rows_saebench",
+    "check_instruct",
+    "best_recipe",
     "load_questions",
     "load_unlearning_data",
     "feature_sparsities",
@@ -135,8 +141,28 @@ class UnlearningConfig:
     """prompts per forward when scoring questions"""
     seed: int = 42
     """seeds the document sample, row shuffle and question sample (SAEBench ``random_seed``)"""
+    saebench_exact: bool = True
+    """SAEBench's conventions: the clamp leaves position 0 alone, sparsities rounded to 6 decimals before
+    selection, SAEBench's row packing, the SAE in the model's dtype, an instruct model (a chat template)
+    and single-token answer letters required. False: this project's choices (special tokens skipped by
+    id, exact sparsities, ``[BOS] + seq_len - 1`` packing, the SAE in its own dtype, any model, letters
+    scored by their single-token variants); see ``docs/saebench_unlearning.md``"""
+    position_rule: str | None = None
+    """override of the clamp's position rule (``saebench`` or ``special_tokens``); None: from
+    ``saebench_exact``"""
+
+    @property
+    def rule(self) -> str:
+        """The position rule in effect."""
+        if self.position_rule is not None:
+            return self.position_rule
+        return "saebench" if self.saebench_exact else "special_tokens"
 
     def __post_init__(self) -> None:
+        from mtsae.unlearning import POSITION_RULES
+
+        if self.position_rule is not None and self.position_rule not in POSITION_RULES:
+            raise ValueError(f"position_rule must be one of {sorted(POSITION_RULES)} or None")
         if isinstance(self.grid, Mapping):  # from JSON / YAML
             self.grid = GridConfig(**self.grid)
         for name in ("n_sparsity_rows", "llm_batch_size", "mcq_batch_size"):
@@ -214,8 +240,8 @@ def load_texts(
             cfg = f" {config}" if config else ""
             raise UnlearningDataError(
                 f"cannot load dataset {source!r}{cfg} split {split!r} ({type(err).__name__}: {err}). Without "
-                f"access to the Hugging Face hub, download it once elsewhere (`huggingface-cli download "
-                f"{source} --repo-type dataset --local-dir DIR`) and pass the folder, or pass a local "
+                f"access to the Hugging Face hub, download it once elsewhere (`hf download --repo-type "
+                f"dataset {source} --local-dir DIR`) and pass the folder, or pass a local "
                 f".jsonl/.txt/.parquet file with a {text_column!r} column."
             ) from err
     texts = _texts_of(rows, text_column, min_chars, source)
@@ -237,10 +263,12 @@ def load_forget_texts(path: str | None, text_column: str = "text", min_chars: in
 
 
 def pack_rows(tokenizer: Any, texts: Sequence[str], seq_len: int, n_rows: int, seed: int = 42) -> Tensor:
-    """SAEBench's ``tokenize_and_concat_dataset``: rows ``[n, seq_len]`` of ``[BOS] + seq_len - 1`` tokens.
+    """This project's packing: rows ``[n, seq_len]`` of ``[BOS] + seq_len - 1`` tokens.
 
-    Documents are tokenized without special tokens and joined with EOS; the stream is cut into rows (the
-    incomplete last row is dropped), the rows shuffled with ``seed`` and the first ``n_rows`` kept.
+    Documents are tokenized without special tokens and joined with EOS; the stream is cut into rows of
+    ``seq_len - 1`` (the incomplete last row is dropped), each row gets a BOS, the rows are shuffled with
+    ``seed`` and the first ``n_rows`` kept. Unlike SAEBench's packing (:func:`pack_rows_saebench`) no token
+    is overwritten and no BOS appears inside a row.
     """
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
@@ -259,6 +287,50 @@ def pack_rows(tokenizer: Any, texts: Sequence[str], seq_len: int, n_rows: int, s
     rows = torch.cat([torch.full((n_full, 1), bos, dtype=torch.long), rows], dim=1)  # [n, seq_len]
     order = torch.randperm(n_full, generator=torch.Generator().manual_seed(seed))
     return rows[order[:n_rows]]
+
+
+def pack_rows_saebench(
+    tokenizer: Any, texts: Sequence[str], seq_len: int, n_rows: int, generator: torch.Generator
+) -> Tensor:
+    """SAEBench's ``tokenize_and_concat_dataset`` followed by its shuffle: rows ``[n, seq_len]``.
+
+    The documents are joined with the EOS *text*, the string is cut into 20 equal character chunks, each
+    chunk is tokenized as the tokenizer does by default (Gemma's adds a BOS to each), every PAD id is
+    removed, the stream is cut into rows of ``seq_len`` (the incomplete last row is dropped), position 0 of
+    every row is overwritten with BOS (its token is lost), the rows are shuffled with ``generator``
+    (``torch.randperm``) and the first ``n_rows`` kept.
+    """
+    if tokenizer.eos_token is None or tokenizer.bos_token_id is None:
+        raise ValueError("SAEBench's packing needs a tokenizer with both an EOS and a BOS token")
+    full = tokenizer.eos_token.join(texts)
+    n_chunks = 20
+    length = (len(full) - 1) // n_chunks + 1
+    stream: list[int] = []
+    for i in range(n_chunks):
+        stream.extend(tokenizer(full[i * length : (i + 1) * length])["input_ids"])
+    if tokenizer.pad_token_id is not None:
+        stream = [t for t in stream if t != tokenizer.pad_token_id]
+    n_full = len(stream) // seq_len
+    if n_full == 0:
+        raise UnlearningDataError(f"the corpus has {len(stream)} tokens: not one row of {seq_len}")
+    rows = torch.tensor(stream[: n_full * seq_len], dtype=torch.long).view(n_full, seq_len)
+    rows[:, 0] = tokenizer.bos_token_id
+    return rows[torch.randperm(n_full, generator=generator)[:n_rows]]
+
+
+def check_instruct(tokenizer: Any, name: str = "the model") -> None:
+    """SAEBench's instruct-model requirement: the tokenizer must have a chat template.
+
+    SAEBench raises unless the model name contains "it" and prompts it in Gemma's instruct format; here an
+    instruct model is one whose tokenizer has a chat template (the prompt then uses it).
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise UnlearningDataError(
+            f"{name} has no chat template, and SAEBench's unlearning evaluation requires an instruct model "
+            "(it evaluates gemma-2-2b-it with SAEs trained on gemma-2-2b): pass the instruct model "
+            "(mtsae eval unlearning --model-name google/gemma-2-2b-it), or run this project's variant on "
+            "this model with --no-saebench-exact (plain 'Answer:' prompt)"
+        )
 
 
 def _sample(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQuestion]:
@@ -283,17 +355,25 @@ def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningDat
     The forget corpus is sampled to ``n_sparsity_rows`` documents first (SAEBench); the retain corpus is
     used whole. The question sets are loaded first (they are smaller), then the corpora.
     """
+    if cfg.saebench_exact:
+        check_instruct(tokenizer)
+        from mtsae.mcq import letter_token_ids
+
+        letter_token_ids(tokenizer, "ABCD", strict=True)  # before any dataset is read
     questions = load_questions(cfg)
     forget = load_forget_texts(cfg.forget_corpus, cfg.text_column, cfg.min_chars)
     forget = random.Random(cfg.seed).sample(forget, min(cfg.n_sparsity_rows, len(forget)))
     retain = load_texts(
         cfg.retain_corpus, cfg.retain_config, cfg.retain_split, cfg.text_column, cfg.min_chars
     )
-    return UnlearningData(
-        forget_rows=pack_rows(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed),
-        retain_rows=pack_rows(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed),
-        questions=questions,
-    )
+    if cfg.saebench_exact:  # one generator for both shuffles, as SAEBench's global torch seed
+        g = torch.Generator().manual_seed(cfg.seed)
+        forget_rows = pack_rows_saebench(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, g)
+        retain_rows = pack_rows_saebench(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, g)
+    else:
+        forget_rows = pack_rows(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
+        retain_rows = pack_rows(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
+    return UnlearningData(forget_rows=forget_rows, retain_rows=retain_rows, questions=questions)
 
 
 # ---------------------------------------------------------------------------------------------- sparsity
@@ -351,6 +431,7 @@ def filter_questions(
     cache_dir: str | Path | None = None,
     model_id: Mapping[str, Any] | None = None,
     progress: bool = False,
+    strict_letters: bool = True,
 ) -> dict[str, list[MCQuestion]]:
     """Questions the unmodified model answers correctly (:func:`mtsae.mcq.filter_correct`), per set.
 
@@ -360,9 +441,10 @@ def filter_questions(
     """
     from tqdm.auto import tqdm
 
-    key = questions_fingerprint(
-        questions, model=dict(model_id or {}), all_perms=all_perms, chat_template=chat_template
-    )
+    settings = {"all_perms": all_perms, "chat_template": chat_template}
+    if not strict_letters:  # keys of caches written before the setting existed stay valid
+        settings["strict_letters"] = False
+    key = questions_fingerprint(questions, model=dict(model_id or {}), **settings)
     path = None if cache_dir is None else Path(cache_dir) / f"filtered_{key}.json"
     if path is not None and path.exists():
         kept_idx = {n: set(v) for n, v in json.loads(path.read_text())["kept"].items()}
@@ -371,7 +453,13 @@ def filter_questions(
     kept: dict[str, list[MCQuestion]] = {}
     for name, qs in tqdm(questions.items(), desc="filter questions", disable=not progress, leave=False):
         kept[name] = filter_correct(
-            model, tokenizer, qs, all_perms=all_perms, batch_size=batch_size, chat_template=chat_template
+            model,
+            tokenizer,
+            qs,
+            all_perms=all_perms,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            strict_letters=strict_letters,
         )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,13 +537,17 @@ def evaluate_unlearning(
             "no MMLU question is answered correctly by the unmodified model: cannot measure side effects"
         )
     special = special_token_ids(tokenizer)
+    exact = cfg.saebench_exact
+    model_dtype = next(model.parameters()).dtype
+    if exact and sae.W_dec.dtype != model_dtype:  # SAEBench runs the SAE in the model's dtype
+        sae = copy.deepcopy(sae).to(dtype=model_dtype)
     forget_acc = feature_sparsities(
         model, sae, layer, data.forget_rows, special, cfg.llm_batch_size, progress, "forget sparsity"
     )
     retain_acc = feature_sparsities(
         model, sae, layer, data.retain_rows, special, cfg.llm_batch_size, progress, "retain sparsity"
     )
-    forget_sp, retain_sp = forget_acc.compute(), retain_acc.compute()  # [d_sae]
+    forget_sp, retain_sp = forget_acc.compute(exact), retain_acc.compute(exact)  # [d_sae]
     n_max = max(cfg.grid.n_features)
     selected = {t: select_features(forget_sp, retain_sp, t, n_max) for t in cfg.grid.retain_thresholds}
 
@@ -466,11 +558,19 @@ def evaluate_unlearning(
         if key not in memo:
             iv = None
             if features:
-                iv = ClampIntervention(model, layer, sae, list(features), multiplier, special)
+                iv = ClampIntervention(
+                    model, layer, sae, list(features), multiplier, special, position_rule=cfg.rule
+                )
             memo[key] = {
                 name: _counts(
                     score_mcq(
-                        model, tokenizer, qs, cfg.mcq_batch_size, iv, chat_template=cfg.chat_template
+                        model,
+                        tokenizer,
+                        qs,
+                        cfg.mcq_batch_size,
+                        iv,
+                        chat_template=cfg.chat_template,
+                        strict_letters=exact,
                     ).correct
                 )
                 for name, qs in filtered.items()
@@ -498,7 +598,26 @@ def evaluate_unlearning(
                 "mmlu_accuracy_per_subset": {n: _acc(c) for n, c in mmlu.items()},
             }
         )
-    score_value, best = unlearning_score(configs, cfg.grid.min_mmlu_accuracy)
+    warnings: list[str] = []
+    with_features = [c for c in configs if c["features"]]
+    for c in configs:
+        if not c["features"]:
+            c["skipped"] = "no eligible feature at this retain threshold: nothing was clamped"
+    if with_features:
+        score_value, best = unlearning_score(with_features, cfg.grid.min_mmlu_accuracy)
+        if best is None:
+            top = max(with_features, key=lambda c: c["mmlu_accuracy"])
+            warnings.append(
+                f"no grid point keeps pooled MMLU accuracy >= {cfg.grid.min_mmlu_accuracy} (the highest is "
+                f"{top['mmlu_accuracy']:.4f}, at threshold {top['retain_threshold']}, n {top['n_features']}, "
+                f"multiplier {top['multiplier']}): the score is 0 and there is no best config; try smaller "
+                "multipliers, fewer features (--n-features) or a lower retain threshold"
+            )
+    else:
+        score_value, best = 0.0, None
+        warnings.append(_no_eligible_message(forget_sp, retain_sp, cfg.grid.retain_thresholds))
+    for w in warnings:
+        log.warning("unlearning: %s", w)
     baseline = {
         "wmdp_accuracy": _acc(base[WMDP_NAME]),
         "mmlu_accuracy": _pooled({n: base[n] for n in mmlu_names}),
@@ -539,8 +658,81 @@ def evaluate_unlearning(
             n: {"loaded": len(data.questions.get(n, [])), "kept": len(filtered[n])} for n in filtered
         },
         "n_sparsity_tokens": {"forget": int(forget_acc.n_tokens), "retain": int(retain_acc.n_tokens)},
+        "warnings": warnings,
+        "conventions": {
+            "saebench_exact": exact,
+            "position_rule": cfg.rule,
+            "sparsity_decimals": 6 if exact else None,
+            "packing": "saebench" if exact else "bos_rows",
+            "sae_dtype": str(sae.W_dec.dtype).removeprefix("torch."),
+            "sae_in_model_dtype": exact,
+            "strict_letters": exact,
+        },
+        "special_ids": special,
         "settings": settings,
     }
+
+
+def _no_eligible_message(forget_sp: Tensor, retain_sp: Tensor, thresholds: Sequence[float]) -> str:
+    fires = forget_sp > 0
+    n_fire = int(fires.sum())
+    cause = (
+        "no feature fires on the forget corpus at all"
+        if n_fire == 0
+        else f"{n_fire} features fire on the forget corpus, but the lowest retain sparsity among them is "
+        f"{float(retain_sp[fires].min()):.6g}, not below the largest retain threshold {max(thresholds)}"
+    )
+    return (
+        f"no feature is eligible at any retain threshold ({cause}), so nothing was clamped: there is no best "
+        "config and the score is 0. Raise --retain-thresholds, use more or longer sparsity rows "
+        "(--n-sparsity-rows, --seq-len), or check that the SAE is trained (dead features never fire)"
+    )
+
+
+def best_recipe(
+    results: Mapping[str, Any], sae_path: str | Path, recipe_dir: str | Path | None = None
+) -> UnlearningRecipe | None:
+    """The recipe of the best grid point of :func:`evaluate_unlearning` results (``None`` if there is none).
+
+    Args:
+        results: what :func:`evaluate_unlearning` returned (with ``model`` added by the caller, if known).
+        sae_path: the SAE the results were computed with, on disk (its hash is recorded).
+        recipe_dir: the folder the recipe will be written to: ``sae_path`` is stored relative to it.
+    """
+    best = results.get("best")
+    if best is None:
+        return None
+    sel = results["selected_features"][str(best["retain_threshold"])]
+    n = len(best["features"])
+    sae_path = Path(sae_path)
+    stored = str(sae_path)
+    if recipe_dir is not None:
+        stored = os.path.relpath(sae_path.resolve(), Path(recipe_dir).resolve())
+    conv = results["conventions"]
+    return UnlearningRecipe(
+        sae_path=stored,
+        sae_sha256=sae_sha256(sae_path),
+        layer=int(results["layer"]),
+        features=list(best["features"]),
+        multiplier=float(best["multiplier"]),
+        position_rule=conv["position_rule"],
+        sae_in_model_dtype=bool(conv["sae_in_model_dtype"]),
+        special_ids=list(results.get("special_ids", [])),
+        model=dict(results.get("model", {})),
+        selection={
+            "retain_threshold": best["retain_threshold"],
+            "n_features": best["n_features"],
+            "rounding": conv["sparsity_decimals"],
+            "forget_sparsity": sel["forget_sparsity"][:n],
+            "retain_sparsity": sel["retain_sparsity"][:n],
+            "n_tokens": results["n_sparsity_tokens"],
+        },
+        scores={
+            "unlearning_score": results["unlearning_score"],
+            "wmdp_accuracy": best["wmdp_accuracy"],
+            "mmlu_accuracy": best["mmlu_accuracy"],
+        },
+    )
 
 
 def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
@@ -556,27 +748,32 @@ def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
 def summary_markdown(results: Mapping[str, Any]) -> str:
     """A short markdown summary of :func:`evaluate_unlearning` results."""
     best = results.get("best")
+    exact = results.get("conventions", {}).get("saebench_exact")
+    title = {True: "SAEBench-exact", False: "this project's conventions", None: "SAEBench"}[exact]
+    which = "unmodified model" if best is None else "best"
     lines = [
-        "# Unlearning (SAEBench)",
+        f"# Unlearning ({title})",
         "",
+        *[f"> **Warning:** {w}\n" for w in results.get("warnings", [])],
         f"- unlearning score: **{results['unlearning_score']:.4f}**",
-        f"- best config: {'none keeps MMLU accuracy (no intervention)' if best is None else ''}"
+        "- best config: "
         + (
-            ""
+            "none (see the warning above)"
             if best is None
-            else f"threshold {best['retain_threshold']}, n {best['n_features']}, multiplier {best['multiplier']}"
+            else f"threshold {best['retain_threshold']}, n {best['n_features']}, multiplier {best['multiplier']}, "
+            f"features {best['features']}"
         ),
-        f"- WMDP-bio accuracy (best): {results['wmdp_acc_best']:.4f}",
-        f"- MMLU accuracy (best, pooled): {results['mmlu_acc_best']:.4f}",
+        f"- WMDP-bio accuracy ({which}): {results['wmdp_acc_best']:.4f}",
+        f"- MMLU accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
         "- questions kept / loaded: "
         + ", ".join(f"{n} {v['kept']}/{v['loaded']}" for n, v in results["n_questions"].items()),
         "",
-        "| threshold | n | multiplier | WMDP acc | MMLU acc |",
-        "|---|---|---|---|---|",
+        "| threshold | n | multiplier | features | WMDP acc | MMLU acc |",
+        "|---|---|---|---|---|---|",
     ]
     for c in results["configs"]:
         lines.append(
-            f"| {c['retain_threshold']} | {c['n_features']} | {c['multiplier']} | "
-            f"{c['wmdp_accuracy']:.4f} | {c['mmlu_accuracy']:.4f} |"
+            f"| {c['retain_threshold']} | {c['n_features']} | {c['multiplier']} | {len(c['features'])} | "
+            + ("— | — |" if not c["features"] else f"{c['wmdp_accuracy']:.4f} | {c['mmlu_accuracy']:.4f} |")
         )
     return "\n".join(lines) + "\n"

@@ -135,7 +135,7 @@ def test_unreachable_model_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.
     offline_hub(monkeypatch)
     with pytest.raises(LMUnavailableError, match="does not exist"):
         load_causal_lm(str(tmp_path / "no" / "model"))
-    with pytest.raises(LMUnavailableError, match="huggingface-cli download google/gemma-2-2b"):
+    with pytest.raises(LMUnavailableError, match="hf download google/gemma-2-2b"):
         load_causal_lm("google/gemma-2-2b")
 
 

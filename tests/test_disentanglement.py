@@ -231,3 +231,13 @@ def test_callback_logs_scalars_and_figures(tmp_path: Path) -> None:
     ea = EventAccumulator(cli.trainer.logger.log_dir)
     ea.Reload()
     assert {"disentanglement/density", "disentanglement/persistence"} <= set(ea.Tags()["images"])
+
+
+def test_mix_encoder_has_no_per_scale_attribution() -> None:
+    """A mix encoder's W_enc has d_in rows (no dilation blocks): no scale share, even when d_in % S == 0."""
+    sae = tiny_sae(d_in=16, encoder="mix")
+    acc = DisentanglementAccumulator(sae.d_sae, (1, 2))
+    acc.update(torch.relu(torch.randn(2, 10, sae.d_sae)))
+    res = disentanglement_results(sae, acc)
+    assert res["scale_share"] is None and not any(k.startswith("scale/") for k in res["scalars"])
+    assert res["scalars"]["coherence/max"] >= 0

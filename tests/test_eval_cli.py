@@ -141,7 +141,9 @@ def test_eval_core_writes_results(run: dict, tmp_path: Path, monkeypatch: pytest
     assert "ce_loss_score" in (out / "summary.md").read_text()
 
 
-def test_eval_unlearning_writes_results(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_unlearning_writes_results(
+    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     offline_hub(monkeypatch)
     f, out = run["files"], tmp_path / "unlearning"
     mmlu = [f"{k}={v}" for k, v in f["mmlu_source"].items()]
@@ -173,12 +175,36 @@ def test_eval_unlearning_writes_results(run: dict, tmp_path: Path, monkeypatch: 
         "16",
     ]
     argv += ["--n-sparsity-rows", "8", "--seq-len", "32", "--retain-thresholds", "1.0", "--n-features", "2"]
-    argv += ["--multipliers", "10", "--device", "cpu", "--no-progress"]
-    assert mtsae_cli.main(argv) == 0
+    argv += ["--multipliers", "10", "--device", "cpu", "--no-progress", "--min-mmlu-accuracy", "0"]
+    # SAEBench-exact (the default) refuses a model without a chat template, before loading it
+    assert mtsae_cli.main([*argv, "--out", str(tmp_path / "exact")]) == 2
+    err = capsys.readouterr().err
+    assert "instruct model" in err and "--no-saebench-exact" in err
+    assert mtsae_cli.main([*argv, "--no-saebench-exact"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert len(res["configs"]) == 1 and 0 <= res["unlearning_score"] <= 1
+    assert (
+        res["conventions"]["position_rule"] == "special_tokens" and not res["conventions"]["saebench_exact"]
+    )
     assert "unlearning score" in (out / "summary.md").read_text()
     assert list((out / "question_cache").glob("filtered_*.json"))
+    # the best config's recipe, beside the results, with the exported SAE it names
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["features"] == res["best"]["features"] and recipe["layer"] == 1
+    assert recipe["sae_path"] == "sae" and (out / "sae" / "config.json").exists()
+    assert recipe["model"]["name"] == res["model"]["name"]
+    # ... which `mtsae unlearn generate` applies
+    gen = ["unlearn", "generate", "--recipe", str(out / "recipe.json"), "--prompt", "The cell binds"]
+    gen += ["--prompt", "A virus", "--max-new-tokens", "6", "--compare", "--device", "cpu"]
+    assert mtsae_cli.main([*gen, "--out", str(tmp_path / "gen.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["The cell binds", "A virus"]
+    assert all(r["clamped"] and r["original"] for r in rows)
+    assert "[clamped]" in capsys.readouterr().out
+    assert (
+        mtsae_cli.main(["unlearn", "generate", "--recipe", str(tmp_path / "none.json"), "--prompt", "x"]) == 2
+    )
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_eval_disentanglement_writes_results(run: dict, tmp_path: Path) -> None:
@@ -204,7 +230,7 @@ def test_clear_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) 
     argv = ["eval", "unlearning", "--ckpt", str(run["ckpt"]), "--config", str(run["config"])]
     argv += ["--out", str(tmp_path / "z"), "--wmdp-source", run["files"]["wmdp_source"]]
     argv += ["--mmlu-file", *[f"{k}={v}" for k, v in run["files"]["mmlu_source"].items()]]
-    assert mtsae_cli.main(argv) == 2
+    assert mtsae_cli.main([*argv, "--no-saebench-exact"]) == 2
     assert "cais/wmdp-bio-forget-corpus" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
@@ -212,7 +238,7 @@ def test_clear_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) 
 def test_mtsae_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
     assert mtsae_cli.main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "eval" in out and "compare" in out
+    assert "eval" in out and "compare" in out and "unlearn" in out
     assert mtsae_cli.main(["eval", "--help"]) == 0
     assert "core,unlearning,disentanglement" in capsys.readouterr().out
     assert mtsae_cli.main(["nope"]) == 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-FORBIDDEN = {"data", "callbacks", "tests", "train", "evaluate", "compare", "mtsae_cli"}
+FORBIDDEN = {"data", "callbacks", "tests", "train", "evaluate", "unlearn", "compare", "mtsae_cli"}
 
 
 def test_library_does_not_import_application_layers() -> None:

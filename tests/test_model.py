@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mtsae.model import MTSAE, conv1d_scale_branches
 from tests.conftest import tiny_sae
@@ -185,3 +186,74 @@ def test_every_trainable_parameter_gets_a_gradient(dilations: list[int]) -> None
     ((out.x_hat - 1).pow(2).sum() + out.f.sum()).backward()
     missing = [n for n, p in sae.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+
+
+# ---------------------------------------------------------------- the mix encoder
+def test_mix_encoder_is_one_causal_depthwise_conv1d() -> None:
+    """The mean of the branches is one ``F.conv1d`` kernel holding the union of their taps."""
+    sae = _randomise(tiny_sae(encoder="mix"))
+    assert sae.W_enc.shape == (32, 64)
+    x = torch.randn(3, 40, 32)
+    valid = torch.rand(3, 40) > 0.1
+    u = (x - sae.b_dec) * valid.unsqueeze(-1)
+    L = 1 + 2 * 8  # offsets 0, r, 2r for r in (1, 2, 4, 8)
+    kernel = torch.zeros(32, L)
+    for s, r in enumerate([1, 2, 4, 8]):
+        for k, lag in enumerate([2 * r, r, 0]):  # tap k of the conv looks (2 - k) * r tokens back
+            kernel[:, L - 1 - lag] += sae.conv_weight[s, :, k].detach() / 4
+    torch.testing.assert_close(sae.mix_kernel().detach(), kernel)
+    mixed = F.conv1d(F.pad(u.transpose(1, 2), (L - 1, 0)), kernel.unsqueeze(1), groups=32).transpose(1, 2)
+    pre = mixed @ sae.W_enc + sae.b_enc
+    out = sae(x, valid)
+    torch.testing.assert_close(out.pre, pre, atol=1e-4, rtol=1e-4)
+    assert out.z_scales.shape == (3, 40, 4, 32)  # per-branch outputs stay available (scales separation)
+    torch.testing.assert_close(out.z_scales.mean(2), mixed, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_untrained_mix_encoder_equals_per_token_sae(cascade: bool) -> None:
+    mt = tiny_sae(encoder="mix", cascade=cascade, context_init_std=0.0)
+    torch.testing.assert_close(mt.W_enc, mt.W_dec.t())  # per-token identity at initialisation
+    with torch.no_grad():
+        mt.W_enc.normal_()
+        mt.b_enc.normal_()
+        mt.b_dec.normal_()
+    base = tiny_sae(dilations=[])
+    base.load_state_dict({k: v for k, v in mt.state_dict().items() if k != "conv_weight"}, strict=False)
+    x = torch.randn(2, 20, 32)
+    valid = torch.rand(2, 20) > 0.2
+    a, b = mt(x, valid), base(x, valid)
+    torch.testing.assert_close(a.f, b.f, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.x_hat, b.x_hat, atol=1e-5, rtol=1e-5)
+    assert torch.all(a.f[~valid] == 0)
+
+
+@pytest.mark.parametrize("cascade", [False, True])
+def test_mix_encoder_is_causal_and_isolates_invalid_positions(cascade: bool) -> None:
+    sae = _randomise(tiny_sae(encoder="mix", cascade=cascade))
+    x = torch.randn(2, 40, 32)
+    valid = torch.ones(2, 40, dtype=torch.bool)
+    valid[:, 0] = False
+    x2 = x.clone()
+    x2[:, 0] = 1e4  # a huge BOS
+    x2[:, 21:] += 10 * torch.randn_like(x2[:, 21:])  # the future
+    f, f2 = sae.encode(x, valid), sae.encode(x2, valid)
+    torch.testing.assert_close(f[:, :21], f2[:, :21], atol=0, rtol=0)
+    assert not torch.allclose(f[:, 21:], f2[:, 21:])
+
+
+def test_mix_encoder_export_round_trip(tmp_path) -> None:
+    from mtsae.export import load_sae, save_sae
+
+    sae = _randomise(tiny_sae(encoder="mix", cascade=True))
+    loaded = load_sae(save_sae(sae, tmp_path / "sae"))
+    assert loaded.encoder == "mix" and loaded.cascade and loaded.config() == sae.config()
+    x = torch.randn(2, 24, 32)
+    torch.testing.assert_close(loaded(x).x_hat, sae(x).x_hat)
+
+
+def test_unknown_encoder_is_refused() -> None:
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        tiny_sae(encoder="sum")
+    with pytest.raises(ValueError, match="side-by-side"):
+        tiny_sae(encoder="mix", cascade=True).mix_kernel()

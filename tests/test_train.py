@@ -104,7 +104,7 @@ def test_resume_continues_without_reinitialising(tmp_path: Path) -> None:
     first = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "16")])
     ckpt = first.trainer.checkpoint_callback.last_model_path
     assert ckpt and Path(ckpt).exists()
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["global_step"] == 16 and bool(state["state_dict"]["data_initialised"])
 
     second = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "24"), "--ckpt_path", ckpt])

@@ -19,6 +19,7 @@ from mtsae.unlearning import (
     ce_loss_score,
     clamp_intervention,
     feature_sparsity,
+    intervention_mask,
     kl_div_score,
     kl_per_token,
     next_token_ce,
@@ -121,6 +122,25 @@ def test_clamp_matches_formula_and_error_term(dilations: list[int]) -> None:
     assert torch.equal(out[untouched], x[untouched])
 
 
+def test_saebench_rule_matches_saebench_clamp_for_a_per_token_sae() -> None:
+    """SAEBench's hook: encode unmasked, zero the codes at position 0, clamp, add the error term back.
+    An EOS inside the row is clamped like any token under that rule."""
+    sae = _random_sae([])
+    ids = torch.tensor([[1, 5, 2, 6, 7, 8, 9], [1, 4, 4, 2, 2, 3, 5]])  # BOS 1, EOS 2 inside the rows
+    x = torch.randn(2, 7, 6)
+    feats, m = [0, 3, 5], 4.0
+    f = sae.encode(x).detach()
+    f[:, 0, :] = 0.0
+    error = x - sae.decode(f)
+    sel = f[..., feats]
+    assert ((sel > 0) & (ids == 2)[..., None]).any()  # a selected feature fires at an EOS
+    f[..., feats] = torch.where(sel > 0, torch.full_like(sel, -m), sel)
+    reference = (error + sae.decode(f)).detach()
+    ours = clamp_intervention(x, sae, feats, m, intervention_mask(ids, None, "saebench"))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[:, 0], x[:, 0])
+
+
 def test_clamp_edge_cases() -> None:
     sae = _random_sae([])
     x = torch.randn(5, 6)  # [T, d_in]
@@ -142,6 +162,33 @@ def test_valid_token_mask() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- grid + score
+def test_intervention_mask_rules() -> None:
+    ids = torch.tensor([[0, 0, 1, 7, 2, 8], [1, 5, 6, 2, 7, 9]])  # pad 0, BOS 1, EOS 2; row 0 left-padded
+    mask = (ids != 0).long()
+    special = [0, 1, 2]
+    # SAEBench: everything attended but the first attended position, whatever its token (EOS is clamped)
+    assert intervention_mask(ids, mask, "saebench", special).tolist() == [
+        [False, False, False, True, True, True],
+        [False, True, True, True, True, True],
+    ]
+    # this project's rule: special tokens by id
+    assert intervention_mask(ids, mask, "special_tokens", special).tolist() == [
+        [False, False, False, True, False, True],
+        [False, True, True, False, True, True],
+    ]
+    # a decode step: one new position after 6 cached ones; the first position lies in the past
+    step = torch.tensor([[2], [4]])
+    full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1)
+    assert intervention_mask(step, full, "saebench", special, n_past=6).tolist() == [[True], [True]]
+    assert intervention_mask(step, full, "special_tokens", special, n_past=6).tolist() == [[False], [True]]
+    # a prompt whose first token is not BOS (a tokenizer without one): SAEBench still skips position 0
+    assert intervention_mask(torch.tensor([[5, 6]]), None, "saebench").tolist() == [[False, True]]
+    with pytest.raises(ValueError, match="does not cover"):
+        intervention_mask(step, mask, "saebench", special, n_past=6)
+    with pytest.raises(ValueError, match="unknown position rule"):
+        intervention_mask(ids, mask, "first", special)
+
+
 def test_grid_config() -> None:
     grid = GridConfig()
     pts = grid.points()

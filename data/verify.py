@@ -1,0 +1,179 @@
+"""``mtsae cache verify PATH [--repair]``: read a whole activation cache and report every bad shard.
+
+A shard is bad when its file is missing, its bytes do not match the SHA-256 recorded in
+``manifest.json``, its row count differs from the manifest, any dataset fails to read (HDF5's
+fletcher32 checksums are checked on every chunk) or its static ground truth differs from the
+manifest's checksum. ``--repair`` deletes the bad shards and marks the manifest incomplete, so the
+next build (``python train.py fit ...`` or anything that calls ``build_cache``) regenerates exactly
+those shards and leaves the good ones untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+
+from data.cache import (
+    CacheMismatchError,
+    _stats,
+    _write_json_atomic,
+    file_sha256,
+    read_manifest,
+    static_ground_truth_sha256,
+    stats_sha256,
+)
+from mtsae.progress import progress_bar
+
+__all__ = ["BadShard", "verify_cache", "repair_cache", "main"]
+
+log = logging.getLogger(__name__)
+
+
+class BadShard(NamedTuple):
+    """One shard that failed verification."""
+
+    file: Path
+    """the shard file"""
+    reason: str
+    """what is wrong with it"""
+
+
+def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
+    """The reason ``path`` is bad, or None."""
+    if not path.is_file():
+        return "missing"
+    sha_differs = "sha256" in entry and file_sha256(path) != entry["sha256"]
+    try:
+        with h5py.File(path, "r") as h5:
+            n = h5["acts"].shape[0]
+            if n != entry["n_sequences"]:
+                return f"holds {n} rows, manifest.json says {entry['n_sequences']}"
+            names: list[str] = []
+            h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+            for name in names:
+                ds = h5[name]
+                if ds.ndim == 0:
+                    ds[()]
+                    continue
+                step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
+                for a in range(0, ds.shape[0], step):  # chunk by chunk: bounded memory
+                    try:
+                        ds[a : a + step]
+                    except (OSError, ValueError) as err:
+                        return f"dataset {name!r}, rows {a}..{min(a + step, ds.shape[0]) - 1}: {err}"
+            if "ground_truth" in h5 and gt_sha is not None:
+                static = {k: v[()] for k, v in h5["ground_truth"].items() if k != "coefficients"}
+                if static_ground_truth_sha256(static) != gt_sha:
+                    return "static ground truth does not match static_ground_truth_sha256 in manifest.json"
+    except (OSError, ValueError, KeyError) as err:
+        return f"cannot open or read: {err}"
+    if sha_differs:  # every dataset read, yet the bytes changed (e.g. in a dataset without checksums)
+        return "file bytes do not match the sha256 in manifest.json"
+    return None
+
+
+def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShard]:
+    """Read every shard of the cache at ``root``; return the bad ones (empty: the cache is sound).
+
+    Raises :class:`~data.cache.CacheMismatchError` when the manifest itself is unusable.
+    """
+    root = Path(root)
+    mpath = root / "manifest.json"
+    if not mpath.is_file():
+        raise CacheMismatchError(f"no activation cache at {root} (missing manifest.json)")
+    manifest = read_manifest(mpath)
+    shards = manifest["shards"]
+    bad: list[BadShard] = []
+    seen: set[str] = set()
+    bar = progress_bar(total=len(shards), desc="verifying shards", unit="shard", disable=not progress)
+    try:
+        for entry in shards:
+            path = root / entry["file"]
+            if entry["file"] in seen:
+                bad.append(BadShard(path, "listed more than once in manifest.json"))
+            else:
+                seen.add(entry["file"])
+                reason = _check_shard(path, entry, manifest.get("static_ground_truth_sha256"))
+                if reason is not None:
+                    bad.append(BadShard(path, reason))
+            bar.update(1)
+    finally:
+        bar.close()
+    return bad
+
+
+def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
+    """Delete the bad shards, drop them from the manifest and mark it incomplete (the next build regenerates them)."""
+    root = Path(root)
+    mpath = root / "manifest.json"
+    manifest = read_manifest(mpath)
+    names = {b.file.name for b in bad}
+    for name in sorted(names):
+        (root / name).unlink(missing_ok=True)
+    kept, seen = [], set()
+    for e in manifest["shards"]:
+        if e["file"] not in names and e["file"] not in seen:
+            kept.append(e)
+            seen.add(e["file"])
+    manifest["shards"] = kept
+    manifest["stats"] = _stats(kept)
+    manifest["stats_sha256"] = stats_sha256(manifest["stats"])
+    manifest["complete"] = False
+    _write_json_atomic(mpath, manifest)
+
+
+def _say(msg: str, err: bool = False) -> None:
+    (sys.stderr if err else sys.stdout).write(msg + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mtsae cache",
+        description="Check an activation cache: read every shard, report every bad one.",
+        allow_abbrev=False,
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    v = sub.add_parser("verify", help="read every shard and report the bad ones", allow_abbrev=False)
+    v.add_argument("path", help="the cache directory (the one holding manifest.json)")
+    v.add_argument(
+        "--repair",
+        action="store_true",
+        help="delete bad shards and mark the cache incomplete, so the next build regenerates exactly those",
+    )
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mtsae cache verify PATH [--repair]``: exit status 0 when sound (or repaired), 1 when bad shards remain."""
+    args = build_parser().parse_args(argv)
+    try:
+        bad = verify_cache(args.path, progress=args.progress)
+    except CacheMismatchError as err:
+        _say(f"mtsae cache verify: {err}", err=True)
+        return 1
+    n = len(read_manifest(Path(args.path) / "manifest.json")["shards"])
+    if not bad:
+        _say(f"{args.path}: all {n} shards verified")
+        return 0
+    for b in bad:
+        _say(f"bad shard {b.file}: {b.reason}", err=True)
+    if not args.repair:
+        _say(
+            f"{len(bad)} of {n} shards are bad; `mtsae cache verify {args.path} --repair` deletes them so that "
+            "the next build regenerates them",
+            err=True,
+        )
+        return 1
+    repair_cache(args.path, bad)
+    _say(
+        f"deleted {len(bad)} bad shards and marked the cache incomplete; run the build again (e.g. the same "
+        "`python train.py fit --config ...`) to regenerate them"
+    )
+    return 0
