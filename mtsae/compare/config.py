@@ -276,13 +276,14 @@ def _frontier(raw: Any, path: str) -> Frontier:
 
 
 def frontier_runs(frontier: Frontier, seeds: list[int]) -> list[RunSpec]:
-    """Every frontier run: activation × family × knob value × seed (in that nesting order)."""
+    """Every frontier run: seed × activation × family × knob value (in that nesting order, so that a grid
+    stopped part-way has every model at the seeds it finished)."""
     runs = []
-    for act in frontier.activations:
-        for family, fargs in frontier.families.items():
-            for point, value in enumerate(act.values):
-                knob = as_cli({act.knob: value}, act.knob)
-                for seed in seeds:
+    for seed in seeds:
+        for act in frontier.activations:
+            for family, fargs in frontier.families.items():
+                for point, value in enumerate(act.values):
+                    knob = as_cli({act.knob: value}, act.knob)
                     runs.append(
                         RunSpec(
                             name=f"{act.name}-{family}-{point}-s{seed}",
