@@ -326,4 +326,4 @@ def test_synthetic_presets_parse_and_stop_early(preset: str, capsys: pytest.Capt
         cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("SyntheticUnlearning")
     )
     assert forget["init_args"]["group"] in groups
-    assert groups == ({"local", "slow"} if preset.endswith("temporal.yaml") else {"local"})
+    assert groups == ({"local", "slow"} if preset.endswith("temporal.yaml") else {"local", "rare"})
