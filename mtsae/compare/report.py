@@ -21,6 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
 
 from mtsae.compare.config import CompareConfig  # noqa: E402
 from mtsae.compare.frontier import ActivationFrontier, Point, frontier_analysis  # noqa: E402
@@ -362,6 +363,10 @@ def _verdict_lines(fa: ActivationFrontier) -> list[str]:
     """The claims about one activation, one line per contrast and metric, written from the numbers."""
     if fa.l0_range is None:
         ranges = "; ".join(f"{f} {lo:.1f}–{hi:.1f}" for f, (lo, hi) in fa.ranges.items()) or "none"
+        if not fa.ranges:
+            return [
+                f"- **{fa.activation}**: no family has two finished runs at different L0 yet: nothing is compared."
+            ]
         return [
             f"- **{fa.activation}**: the families share no L0 range (covered: {ranges}), so nothing is "
             "compared; widen the knob values so that every family's frontier covers a common range."
@@ -410,6 +415,35 @@ def _frontier_tables(fa: ActivationFrontier) -> list[str]:
             )
         lines.append("")
     return lines
+
+
+def _budget_text(cfg: CompareConfig, results: list[RunResult]) -> str:
+    """How long the runs trained: the base config's early-stopping rule and step cap, and how many stopped."""
+    callbacks = ((yaml.safe_load(Path(cfg.base).read_text()) or {}).get("trainer") or {}).get(
+        "callbacks"
+    ) or []
+    stops = [
+        cb.get("init_args") or {}
+        for cb in callbacks
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("EarlyStopping")
+    ]
+    caps = sorted({r.max_steps for r in results if r.max_steps is not None})
+    cap = f"at most {', '.join(map(str, caps))} steps" if caps else "no step cap"
+    if stops:
+        es = stops[0]
+        rule = (
+            f"Each run stops when `{es.get('monitor')}` has not improved by {es.get('min_delta', 0.0)} for "
+            f"{es.get('patience', 3)} validations ({cap})"
+        )
+    else:
+        rule = f"Each run trains for the base config's budget ({cap}; no early stopping)"
+    early = sum(
+        1 for r in results if r.max_steps and r.global_step is not None and r.global_step < r.max_steps
+    )
+    return (
+        f"{rule}: {early} of {len(results)} runs stopped early, the others reached the cap; the validation "
+        "curves below show whether they had converged."
+    )
 
 
 def _timing_lines(results: list[RunResult], timing: dict[str, Any] | None) -> list[str]:
@@ -480,9 +514,7 @@ def write_report(
             f"{fr.n_l0} common L0 values spread over the range that every frontier covers (no "
             "extrapolation), then averaged over seeds (mean ± std, ddof 1; n = seeds). A family is "
             "*better* or *worse* than another only when the intervals mean ± std do not overlap; "
-            "otherwise the report says *no difference*. Every run trains until val/fvu stops improving "
-            "(early stopping) or reaches the step cap of the base config; the curves below show where "
-            "each run stood.",
+            "otherwise the report says *no difference*. " + _budget_text(cfg, grid),
             "",
             "### Verdicts",
             "",
@@ -507,7 +539,7 @@ def write_report(
                 "",
                 f"Knob `{knob.knob}` over {knob.values}; common L0 range {rng}; "
                 + "covered per family: "
-                + "; ".join(f"{f} {lo:.1f}–{hi:.1f}" for f, (lo, hi) in fa.ranges.items())
+                + ("; ".join(f"{f} {lo:.1f}–{hi:.1f}" for f, (lo, hi) in fa.ranges.items()) or "none")
                 + ".",
                 "",
             ]
