@@ -3,16 +3,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare compare-quick compare-demo test test-all bench lint tiny-lm unlearning-example clean
+.PHONY: install demo compare compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
-# torch is pinned through constraints.txt so that CPU machines do not pull a CUDA build.
+# torch is pinned through constraints.txt so that CPU machines do not pull a CUDA build. The saelens
+# extra (about 15 s more; torch stays pinned) lets the tests check the SAELens round trips for real.
 $(STAMP): setup.cfg constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,saelens]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -41,8 +42,12 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# every benchmark, one table of ratios (bench/RESULTS.md: the last full run); bench-quick: a smoke run
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/run_all.py --quick
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -1,8 +1,10 @@
 """Offline evaluation of a trained SAE: ``mtsae eval {core,unlearning,disentanglement}``.
 
-Each command takes the Lightning checkpoint (``--ckpt``, the :class:`mtsae.SAEModule`) and the training
-YAML (``--config``, e.g. the ``config.yaml`` saved beside the run) that says which data source, cache
-and LM the SAE was trained on, and writes ``results.json`` and ``summary.md`` to ``--out``:
+Each command takes the SAE, either a Lightning checkpoint (``--ckpt``, the :class:`mtsae.SAEModule`) or
+an exported SAE folder (``--sae``: this project's export or a SAELens folder, e.g. a public SAE, read by
+:func:`mtsae.load_sae`), and the training YAML (``--config``, e.g. the ``config.yaml`` saved beside the
+run) that says which data source, cache and LM to evaluate on, and writes ``results.json`` and
+``summary.md`` to ``--out``:
 
 - ``core``: reconstruction metrics over the validation split of the cache (FVU, MSE, L0, ...) and
   SAEBench's CE-loss / KL scores with the SAE spliced into the LM (:mod:`mtsae.core_eval`);
@@ -24,11 +26,11 @@ import math
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["EvalError", "build_parser", "main", "load_module", "load_datamodule"]
+__all__ = ["EvalError", "EvalSAE", "build_parser", "main", "load_module", "load_eval_sae", "load_datamodule"]
 
 log = logging.getLogger("mtsae.eval")
 
@@ -58,6 +60,58 @@ def load_module(ckpt: str) -> Any:
     step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
     module.checkpoint_step = None if step is None else int(step)  # printed in every summary
     return module.eval()
+
+
+class EvalSAE(NamedTuple):
+    sae: Any
+    """the :class:`mtsae.MTSAE` acting on raw activations (eval mode, on CPU)"""
+    label: dict[str, Any]
+    """where it came from, for results.json: ``{"checkpoint": path, "checkpoint_step": step}`` or
+    ``{"sae": path}``"""
+    metadata: Any
+    """its :class:`mtsae.SAEMetadata` (``None`` for a checkpoint)"""
+
+
+def load_eval_sae(args: argparse.Namespace) -> EvalSAE:
+    """The SAE of ``--ckpt`` (exported: the input scale folded in) or of ``--sae`` (an SAE folder)."""
+    if args.ckpt is not None:
+        module = load_module(args.ckpt)
+        label = {"checkpoint": str(args.ckpt), "checkpoint_step": module.checkpoint_step}
+        return EvalSAE(module.export_sae(), label, None)
+    from mtsae.export import ExportFormatError, load_sae, read_metadata
+
+    path = Path(args.sae).expanduser()
+    if not path.is_dir():
+        raise EvalError(
+            f"--sae {str(path)!r} is not a folder: pass an exported SAE (runs/<name>/version_<n>/sae) or a "
+            "SAELens folder (cfg.json + sae_weights.safetensors)"
+        )
+    try:
+        return EvalSAE(load_sae(path), {"sae": str(args.sae)}, read_metadata(path))
+    except ExportFormatError as e:
+        raise EvalError(str(e)) from e
+
+
+def _check_sae_source(loaded: EvalSAE, source: Any, config: str) -> None:
+    """An SAE folder that names its layer / hook must match the config's language model source."""
+    meta = loaded.metadata
+    if meta is None:
+        return
+    where = f"the SAE {loaded.label.get('sae')!r}"
+    hook = str(meta.hook_name or "")
+    if meta.hook_name is not None and (meta.layer is None or not hook.endswith(("resid_post", "resid_pre"))):
+        raise EvalError(
+            f"{where} reads {meta.hook_name!r}; the evaluations read the residual stream after a decoder "
+            "layer (blocks.L.hook_resid_post, or blocks.L+1.hook_resid_pre)"
+        )
+    if meta.layer is not None and int(meta.layer) != int(source.layer):
+        raise EvalError(
+            f"{where} was trained on layer {meta.layer} but the config {config!r} reads layer {source.layer}: "
+            f"pass --set data.source.init_args.layer={meta.layer} (or the config of that layer)"
+        )
+    ours, theirs = str(source.model_name).rstrip("/"), str(meta.model_name or "").rstrip("/")
+    if theirs and ours.split("/")[-1].lower() != theirs.split("/")[-1].lower():
+        log.warning("%s was trained on %r; the config's model is %r", where, theirs, ours)
 
 
 def load_datamodule(config: str, overrides: list[str] | None = None) -> Any:
@@ -93,12 +147,13 @@ def load_datamodule(config: str, overrides: list[str] | None = None) -> Any:
     return cli.datamodule
 
 
-def _check_d_in(module: Any, dm: Any, config: str, ckpt: str) -> None:
-    d_ckpt, d_cfg = int(module.hparams.d_in), int(dm.d_in)
-    if d_ckpt != d_cfg:
+def _check_d_in(loaded: EvalSAE, dm: Any, config: str) -> None:
+    d_sae_in, d_cfg = int(loaded.sae.d_in), int(dm.d_in)
+    if d_sae_in != d_cfg:
+        kind, path = next(iter(loaded.label.items()))  # ("checkpoint", path) or ("sae", path)
         raise EvalError(
-            f"the checkpoint {ckpt!r} has d_in={d_ckpt} but the config {config!r} gives activations of "
-            f"width {d_cfg}: pass the config the checkpoint was trained with (the config.yaml in its run dir)"
+            f"the {kind} {path!r} has d_in={d_sae_in} but the config {config!r} gives activations of "
+            f"width {d_cfg}: pass the config the {kind} was trained with (the config.yaml in its run dir)"
         )
 
 
@@ -173,6 +228,14 @@ def _write(out: Path, results: dict[str, Any], summary: str) -> None:
     print(f"wrote {out / 'results.json'} and {out / 'summary.md'}{at}")
 
 
+def _label_lines(loaded: EvalSAE) -> list[str]:
+    """The summary's first lines: where the SAE came from (a checkpoint with its step, or a folder)."""
+    label = dict(loaded.label)
+    if "checkpoint" in label:
+        return [f"- checkpoint: `{label['checkpoint']}` (step {label.get('checkpoint_step')})"]
+    return [f"- {k}: `{v}`" for k, v in label.items()]
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -185,29 +248,29 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     from mtsae.core_eval import core_lm_metrics, finalize_core_metrics, load_causal_lm
     from mtsae.metrics import ReconstructionMetrics
 
-    module = load_module(args.ckpt)
+    loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
-    _check_d_in(module, dm, args.config, args.ckpt)
+    _check_d_in(loaded, dm, args.config)
     source = _lm_source(dm, "eval core") if not args.no_lm else None
+    if source is not None:
+        _check_sae_source(loaded, source, args.config)
     _setup_cache(dm)
     device = _device(args.device)
     model = None
     if source is not None:  # unreachable model: fails here, before the reconstruction pass
         dtype = args.model_dtype or source.model_dtype
         model = load_causal_lm(source.model_name, source.revision, dtype, device, source.trust_remote_code)
-    module = module.to(device)
+    sae = loaded.sae.to(device)  # acts on raw activations
 
-    metrics = ReconstructionMetrics(module.hparams.d_in, module.hparams.d_sae).to(device)
-    c = module.act_scale
+    metrics = ReconstructionMetrics(sae.d_in, sae.d_sae).to(device)
     with torch.no_grad():
         for batch in _val_batches(dm, args.max_batches, args.progress, "reconstruction"):
             x, valid = batch["acts"].to(device).float(), batch["valid"].to(device)
-            out = module(x, valid)
-            metrics.update(x, out.x_hat / c, out.f / c, valid)
+            out = sae(x, valid)
+            metrics.update(x, out.x_hat, out.f, valid)
     results: dict[str, Any] = {
         "command": "core",
-        "checkpoint": str(args.ckpt),
-        "checkpoint_step": module.checkpoint_step,
+        **loaded.label,
         "config": str(args.config),
         "reconstruction": {k: float(v) for k, v in metrics.compute().items()},
     }
@@ -223,26 +286,19 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
         )  # [N, T]
         sums = core_lm_metrics(
             model,
-            module.sae,
+            sae,
             source.layer,
             tokens,
             None,
             source.special_ids,
             args.batch_size,
-            act_scale=module.act_scale,
+            act_scale=1.0,
             progress=args.progress,
         )
         results["lm"] = finalize_core_metrics(sums)
         results["model_name"], results["layer"] = source.model_name, source.layer
         results["n_sequences"] = int(tokens.shape[0])
-    lines = [
-        "# Core metrics",
-        "",
-        f"- checkpoint: `{args.ckpt}` (step {module.checkpoint_step})",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
+    lines = ["# Core metrics", "", *_label_lines(loaded), "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in results["reconstruction"].items()]
     if "lm" in results:
         lines += [f"| {k} | {_fmt(v)} |" for k, v in results["lm"].items()]
@@ -295,10 +351,11 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         saebench_exact=args.saebench_exact,
         position_rule=args.position_rule,
     )
-    module = load_module(args.ckpt)
+    loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
-    _check_d_in(module, dm, args.config, args.ckpt)
+    _check_d_in(loaded, dm, args.config)
     source = _lm_source(dm, "eval unlearning")
+    _check_sae_source(loaded, source, args.config)
     name = args.model_name or source.model_name
     revision = args.revision if args.model_name else (args.revision or source.revision)
     dtype = args.model_dtype or source.model_dtype
@@ -319,14 +376,13 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         progress=args.progress,
         strict_letters=cfg.saebench_exact,
     )
-    sae = module.export_sae().to(device)  # raw activations: multipliers in raw units
+    sae = loaded.sae.to(device)  # raw activations: multipliers in raw units
     results = evaluate_unlearning(
         model, tokenizer, sae, source.layer, data, filtered, cfg, progress=args.progress
     )
     results = {
         "command": "unlearning",
-        "checkpoint": str(args.ckpt),
-        "checkpoint_step": module.checkpoint_step,
+        **loaded.label,
         "model": model_id,
         **results,
     }
@@ -349,35 +405,23 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval disentanglement``: diagnostics over the validation rows, with figures."""
     from mtsae.disentanglement import evaluate_disentanglement, figures, results_to_json
 
-    module = load_module(args.ckpt)
+    loaded = load_eval_sae(args)
     dm = load_datamodule(args.config, _overrides(args))
-    _check_d_in(module, dm, args.config, args.ckpt)
+    _check_d_in(loaded, dm, args.config)
     _setup_cache(dm)
     device = _device(args.device)
-    module = module.to(device)
+    sae = loaded.sae.to(device)  # acts on raw activations
     truth = dm.ground_truth or None
     batches = _val_batches(dm, args.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(module.sae, batches, act_scale=float(module.act_scale), ground_truth=truth)
-    results = {
-        "command": "disentanglement",
-        "checkpoint": str(args.ckpt),
-        "checkpoint_step": module.checkpoint_step,
-        **results_to_json(res),
-    }
+    res = evaluate_disentanglement(sae, batches, act_scale=1.0, ground_truth=truth)
+    results = {"command": "disentanglement", **loaded.label, **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     figs = figures(res)
     for name, fig in figs.items():
         fig.savefig(out / f"{name}.png", dpi=120)
     scalars = results["scalars"]
-    lines = [
-        "# Disentanglement",
-        "",
-        f"- checkpoint: `{args.ckpt}` (step {module.checkpoint_step})",
-        "",
-        "| metric | value |",
-        "|---|---|",
-    ]
+    lines = ["# Disentanglement", "", *_label_lines(loaded), "", "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {_fmt(v)} |" for k, v in scalars.items()]
     lines += ["", *[f"![{n}]({n}.png)" for n in figs]]
     _write(out, results, "\n".join(lines) + "\n")
@@ -386,7 +430,11 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint of the SAEModule (.ckpt)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="Lightning checkpoint of the SAEModule (.ckpt)")
+    which.add_argument(
+        "--sae", help="exported SAE folder instead: this project's (run_dir/sae) or SAELens's (a public SAE)"
+    )
     p.add_argument("--config", required=True, help="training YAML of the run (its saved config.yaml)")
     p.add_argument("--out", required=True, help="output folder for results.json and summary.md")
     p.add_argument(
@@ -403,7 +451,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``mtsae eval`` argument parser."""
-    p = argparse.ArgumentParser(prog="mtsae eval", description="Evaluate a trained SAE checkpoint.")
+    p = argparse.ArgumentParser(
+        prog="mtsae eval", description="Evaluate a trained SAE (checkpoint or folder)."
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="{core,unlearning,disentanglement}")
 
     core = sub.add_parser("core", help="reconstruction metrics and CE-loss / KL scores with the LM")

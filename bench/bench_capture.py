@@ -63,7 +63,8 @@ def _report(times: dict[str, list[float]], baseline: str, unit_rows: int | None 
         )
 
 
-def bench_capture(model_dir: Path, repeats: int, batch: int, ctx_len: int) -> None:
+def bench_capture(model_dir: Path, repeats: int, batch: int, ctx_len: int) -> float:
+    """Print the timings; return full forward (hidden states) / early-stopped capture."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, **hf_dtype_kwargs(torch.float32)).eval()
@@ -101,6 +102,7 @@ def bench_capture(model_dir: Path, repeats: int, batch: int, ctx_len: int) -> No
         f"  => full / early-stop = {ratio:.2f}  (expected about {N_LAYERS}/{LAYER + 1} = "
         f"{N_LAYERS / (LAYER + 1):.2f}, a little more for the logits)"
     )
+    return ratio
 
 
 # ------------------------------------------------------------------------------------------------

@@ -533,6 +533,16 @@ class ActivationCache:
         ]
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
+    def shard_ranges(self, split: str) -> list[tuple[int, int]]:
+        """Global ``(start, stop)`` rows of each shard of ``split``, in shard order."""
+        if split not in _SPLITS:
+            raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
+        return [
+            (int(self._shard_start[i]), int(self._shard_start[i + 1]))
+            for i, s in enumerate(self.manifest["shards"])
+            if s["split"] == split
+        ]
+
     # ------------------------------------------------------------------ reading
     def _file(self, i: int) -> h5py.File:
         if os.getpid() != self._pid:  # forked into a worker: never reuse the parent's handles
@@ -542,31 +552,69 @@ class ActivationCache:
         return self._files[i]
 
     def read(self, rows: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
-        """Rows by global index, in the order given: ``acts [n, T, d]``, ``tokens [n, T]``, ``valid [n, T]``."""
+        """Rows by global index, in the order given: ``acts [n, T, d]``, ``tokens [n, T]``, ``valid [n, T]``.
+
+        Runs of consecutive indices are read as one contiguous slice each (see :meth:`read_ranges`).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"row index out of range [0, {len(self)})")
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        shard_of = np.searchsorted(self._shard_start, sorted_rows, side="right") - 1
-        parts: dict[str, list] = {"acts": [], "tokens": [], "valid": []}
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1  # where a run of consecutive rows ends
+        runs = [(int(r[0]), int(r[-1]) + 1) for r in np.split(uniq, breaks) if r.size]
+        data = self.read_ranges(runs)
+        if np.array_equal(inverse, np.arange(len(uniq))):
+            return data  # already in the order asked for
+        back = torch.from_numpy(inverse.reshape(-1))
+        return {k: v[back] for k, v in data.items()}
+
+    def read_ranges(self, ranges: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Rows ``lo .. hi - 1`` of every global ``(lo, hi)`` range, concatenated in the order given.
+
+        Each range is read as contiguous slices (one per shard it touches) straight into one
+        preallocated array per dataset: the HDF5 chunks (one row each) are read in file order and
+        every one is checked against its fletcher32 checksum. This is the loader's read path.
+        """
+        n = 0
+        for lo, hi in ranges:
+            if not 0 <= lo <= hi <= len(self):
+                raise IndexError(f"row range ({lo}, {hi}) out of [0, {len(self)}]")
+            n += hi - lo
+        out: dict[str, np.ndarray] = {}
         torch_dtype = None
-        for i in np.unique(shard_of):
-            local = sorted_rows[shard_of == i] - self._shard_start[i]
-            uniq, inverse = np.unique(local, return_inverse=True)  # h5py needs increasing indices
-            path = self.root / self.manifest["shards"][int(i)]["file"]
-            with read_context(path, "(file)", uniq):
-                h5 = self._file(int(i))
+        pos = 0
+        for lo, hi in ranges:
+            while lo < hi:
+                i = int(np.searchsorted(self._shard_start, lo, side="right") - 1)
+                a, b = (
+                    lo - int(self._shard_start[i]),
+                    min(hi, int(self._shard_start[i + 1])) - int(self._shard_start[i]),
+                )
+                path = self.root / self.manifest["shards"][i]["file"]
+                with read_context(path, "(file)", (a, b)):
+                    h5 = self._file(i)
+                    if torch_dtype is None:
+                        torch_dtype = h5["acts"].attrs["torch_dtype"]
+                for k in ("acts", "tokens", "valid"):
+                    with read_context(path, k, (a, b)):
+                        ds = h5[k]
+                        if k not in out:
+                            out[k] = np.empty((n, *ds.shape[1:]), dtype=ds.dtype)
+                        if b > a:
+                            ds.read_direct(out[k][pos : pos + b - a], np.s_[a:b])
+                pos += b - a
+                lo += b - a
+        if torch_dtype is None:  # no rows asked for: empty arrays of the right shapes
+            with read_context(self.root / self.manifest["shards"][0]["file"], "(file)", (0, 0)):
+                h5 = self._file(0)
                 torch_dtype = h5["acts"].attrs["torch_dtype"]
-            for k in parts:
-                with read_context(path, k, uniq):
-                    parts[k].append(h5[k][uniq][inverse])
-        back = np.argsort(order, kind="stable")
-        acts = np.concatenate(parts["acts"])[back]
+                out = {
+                    k: np.empty((0, *h5[k].shape[1:]), dtype=h5[k].dtype) for k in ("acts", "tokens", "valid")
+                }
         return {
-            "acts": from_storage(acts, torch_dtype),
-            "tokens": torch.from_numpy(np.concatenate(parts["tokens"])[back]),
-            "valid": torch.from_numpy(np.concatenate(parts["valid"])[back]),
+            "acts": from_storage(out["acts"], torch_dtype),
+            "tokens": torch.from_numpy(out["tokens"]),
+            "valid": torch.from_numpy(out["valid"]),
         }
 
     def ground_truth(self) -> dict[str, np.ndarray]:

@@ -1,7 +1,7 @@
 """mtsae: Multi-Scale Temporal Sparse Autoencoders."""
 
 from mtsae.activations import ACTIVATIONS, make_activation
-from mtsae.export import load_sae, load_sae_from_checkpoint, save_sae
+from mtsae.export import SAEMetadata, load_sae, load_sae_from_checkpoint, read_metadata, save_sae
 from mtsae.model import MTSAE, ForwardOutput
 from mtsae.module import SAEModule
 
@@ -9,9 +9,11 @@ __all__ = [
     "ACTIVATIONS",
     "ForwardOutput",
     "MTSAE",
+    "SAEMetadata",
     "SAEModule",
     "load_sae",
     "load_sae_from_checkpoint",
     "make_activation",
+    "read_metadata",
     "save_sae",
 ]

@@ -191,6 +191,14 @@ class MTSAE(nn.Module):
 
     def _encode(self, x: Tensor, valid: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
         squeeze = x.dim() == 2
+        if squeeze and self.dilations and x.shape[0] > 1:
+            raise ValueError(
+                f"an MTSAE encodes sequences, but got a 2-D input {tuple(x.shape)}: one sequence of "
+                f"{x.shape[0]} tokens, or tokens of several sequences flattened together (which the "
+                f"convolutions would mix)? Pass [B, T, {self.d_in}]: x[None] for one sequence, "
+                f"x.view(B, T, {self.d_in}) for B flattened sequences of T tokens. Per-token SAEs "
+                f"(dilations=[]) take [N, {self.d_in}]."
+            )
         if squeeze:
             x = x.unsqueeze(0)
             valid = None if valid is None else valid.unsqueeze(0)
@@ -211,7 +219,11 @@ class MTSAE(nn.Module):
         return f, pre, z
 
     def encode(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
-        """Feature codes of ``x`` (``[B, T, d_in]`` or ``[T, d_in]``; rows are sequences in order)."""
+        """Feature codes of ``x``: ``[B, T, d_in]`` (rows are sequences in order) -> ``[B, T, d_sae]``.
+
+        A 2-D input is unambiguous only for a per-token SAE (``[N, d_in]`` tokens) or a single token;
+        an MTSAE refuses any other 2-D input (one sequence, or flattened tokens of many?).
+        """
         return self._encode(x, valid)[0]
 
     # ------------------------------------------------------------------ decoder

@@ -68,7 +68,9 @@ class SAEModule(L.LightningModule):
         dead_after_tokens: a latent that has not fired for this many training tokens counts as dead.
         scale_activations: multiply inputs by a constant so that ``E||x||^2 = d_in`` (from the cache).
         init_b_dec_from_data: initialise ``b_dec`` to the mean training activation.
-        optimizer: optimizer factory (YAML ``class_path``/``init_args``); Adam by default.
+        optimizer: optimizer factory (YAML ``class_path``/``init_args``); Adam by default. The configs
+            ask for ``fused: true``: one kernel for all parameters, several times faster than the
+            per-parameter loop on CPU and GPU (``bench/bench_step.py``).
         lr_scheduler: LR scheduler factory, stepped every optimizer step; ``None`` for a constant LR.
     """
 
@@ -201,15 +203,27 @@ class SAEModule(L.LightningModule):
         out = self.sae(x, valid)
         self.dead_tracker.update(out.f.detach(), valid)
         terms = self._losses(x, valid, out)
-        with torch.no_grad():
-            l0 = (out.f[valid] > 0).float().sum(-1).mean()
-            batch_fvu = fvu(x, out.x_hat, valid)
-        self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
-        self.log_dict({"train/l0": l0, "train/fvu": batch_fvu}, prog_bar=True)
-        dead = self.dead_tracker.dead_mask(self.hparams.dead_after_tokens)
-        self.log("train/dead_fraction", dead.float().mean())
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        if self._writes_step_logs():
+            with torch.no_grad():
+                l0 = (out.f[valid] > 0).float().sum(-1).mean()
+                batch_fvu = fvu(x, out.x_hat, valid)
+            self.log_dict({f"train/{k}": v.detach() for k, v in terms.items()}, prog_bar=False)
+            self.log_dict({"train/l0": l0, "train/fvu": batch_fvu}, prog_bar=True)
+            dead = self.dead_tracker.dead_mask(self.hparams.dead_after_tokens)
+            self.log("train/dead_fraction", dead.float().mean())
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return terms["loss"]
+
+    def _writes_step_logs(self) -> bool:
+        """Whether the loggers record this step (every ``trainer.log_every_n_steps``).
+
+        The training metrics are computed and passed to ``self.log`` only then: on other steps Lightning
+        would discard them, and their reductions and bookkeeping are per-step host work that a GPU-sized
+        step cannot hide (``bench/bench_trainer.py`` measures it).
+        """
+        if self._trainer is None:
+            return True
+        return self.trainer._logger_connector.should_update_logs
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, valid = batch["acts"].float() * self.act_scale, batch["valid"]

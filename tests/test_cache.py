@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.cache import ActivationCache, CacheMismatchError, CacheSpec, build_cache
+from data.cache import ActivationCache, CacheMismatchError, CacheReadError, CacheSpec, build_cache
 from data.datamodule import ActivationDataModule
 from data.sources import ActivationSource
 from tests.conftest import tiny_source
@@ -64,6 +64,41 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str) -> None:
     assert gt["features"].shape == (20, 16)
     coeff = cache.ground_truth_rows("coefficients", [12, 1])
     np.testing.assert_array_equal(coeff, expected.ground_truth["coefficients"][[12, 1]])
+
+
+def test_read_ranges_reads_contiguous_slices_across_shards(tmp_path: Path) -> None:
+    src = tiny_source()
+    root = build_cache(src, tmp_path, CacheSpec(10, 3, 4, "bfloat16"), source_batch_size=3, progress=False)
+    cache = ActivationCache(root)
+    expected = next(src.generate(0, 13, 13))
+    assert cache.shard_ranges("train") == [(0, 4), (4, 8), (8, 10)] and cache.shard_ranges("val") == [
+        (10, 13)
+    ]
+    got = cache.read_ranges([(9, 12), (2, 6), (7, 7)])  # crosses shards 2 -> 3 and 0 -> 1; an empty range
+    rows = [9, 10, 11, 2, 3, 4, 5]
+    assert torch.equal(got["acts"], expected.acts[rows].to(torch.bfloat16))
+    assert torch.equal(got["valid"], expected.valid[rows]) and torch.equal(
+        got["tokens"], expected.tokens[rows]
+    )
+    assert cache.read_ranges([])["acts"].shape == (0, 16, 16)
+    with pytest.raises(IndexError):
+        cache.read_ranges([(11, 14)])
+
+
+def test_a_corrupted_chunk_fails_the_checksum_with_its_location(tmp_path: Path) -> None:
+    root = build_cache(tiny_source(), tmp_path, CacheSpec(8, 2, 4, "float32"), progress=False)
+    path = root / "shard_00001.h5"
+    with h5py.File(path) as h5:
+        offset = h5["acts"].id.get_chunk_info(2).byte_offset  # row 2 of the shard = global row 6
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 100)
+        byte = fh.read(1)
+        fh.seek(offset + 100)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    cache = ActivationCache(root)
+    assert cache.read_ranges([(0, 6)])["acts"].shape[0] == 6  # the rows before it are fine
+    with pytest.raises(CacheReadError, match=r"shard_00001.h5: dataset 'acts', rows 1..3"):
+        cache.read_ranges([(5, 8)])
 
 
 def test_manifest_contents(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@ import torch
 import yaml
 
 import mtsae_cli
+from mtsae import MTSAE, SAEMetadata, load_sae, load_sae_from_checkpoint, read_metadata, save_sae
+from mtsae.saelens import save_saelens
 from tests.lm_helpers import offline_hub
 from tests.test_unlearning_eval import build_mcq_lm, write_unlearning_files
 from train import cli_main
@@ -55,6 +57,7 @@ def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
                     "init_args": {"n_sequences": 8, "batch_size": 4},
                 },
                 {"class_path": "callbacks.unlearning.Unlearning", "init_args": unlearning},
+                {"class_path": "callbacks.ExportSAE"},
             ],
         },
         "model": {"d_sae": 128, "dilations": [1, 2], "separation": "none", "sparsity_coeff": 0.1},
@@ -242,3 +245,117 @@ def test_mtsae_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
     assert mtsae_cli.main(["eval", "--help"]) == 0
     assert "core,unlearning,disentanglement" in capsys.readouterr().out
     assert mtsae_cli.main(["nope"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- --sae
+def _unlearning_args(run: dict) -> list[str]:
+    f = run["files"]
+    argv = [
+        "--no-saebench-exact",  # the tiny LM is not an instruct model
+        "--forget-corpus",
+        f["forget_corpus"],
+        "--retain-corpus",
+        f["retain_corpus"],
+        "--retain-config",
+        "",
+    ]
+    argv += [
+        "--wmdp-source",
+        f["wmdp_source"],
+        "--mmlu-file",
+        *[f"{k}={v}" for k, v in f["mmlu_source"].items()],
+    ]
+    argv += ["--no-all-perms", "--max-questions", "16", "--n-sparsity-rows", "8", "--seq-len", "32"]
+    return argv + [
+        "--retain-thresholds",
+        "1.0",
+        "--n-features",
+        "2",
+        "--multipliers",
+        "10",
+        "--device",
+        "cpu",
+    ]
+
+
+def test_export_records_the_language_model(run: dict) -> None:
+    meta = read_metadata(run["run_dir"] / "sae")
+    source = run["cli"].datamodule.source
+    assert meta.model_name == source.model_name and meta.model_revision is None
+    assert meta.layer == 1 and meta.hook_name == "blocks.1.hook_resid_post"
+    assert meta.context_size == 16 and meta.prepend_bos and meta.model_dtype == "float32"
+    assert meta.activation_dtype == run["cli"].datamodule.spec.dtype
+    assert meta.training_tokens == 6 * 8 * 16  # 6 steps of 8 rows of 16 tokens
+    assert 0 < meta.training_valid_tokens < meta.training_tokens  # the BOS of every row is not valid
+    assert meta.act_scale == pytest.approx(float(run["cli"].model.act_scale)) and meta.global_step == 6
+    assert meta.data["dataset"] == source.dataset
+    assert meta.git_commit is None or len(meta.git_commit.split("+")[0]) == 40
+
+
+def test_eval_sae_folder_equals_checkpoint(
+    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--sae` on the export of a checkpoint gives the checkpoint's numbers, with the same code."""
+    offline_hub(monkeypatch)
+    exported = save_sae(load_sae_from_checkpoint(run["ckpt"]), tmp_path / "exported")
+    res = {}
+    for flag, value in (("--ckpt", run["ckpt"]), ("--sae", exported)):
+        out = tmp_path / flag.strip("-")
+        argv = ["eval", "core", flag, str(value), "--config", str(run["config"]), "--out", str(out)]
+        assert mtsae_cli.main([*argv, "--n-sequences", "8", "--device", "cpu", "--no-progress"]) == 0
+        res[flag] = json.loads((out / "results.json").read_text())
+    assert res["--sae"]["sae"] == str(exported) and "checkpoint" not in res["--sae"]
+    for part in ("reconstruction", "lm"):
+        for k, v in res["--ckpt"][part].items():
+            assert res["--sae"][part][k] == pytest.approx(v, rel=1e-5, abs=1e-7), (part, k)
+
+
+def _public_like_sae(run: dict, tmp_path: Path, layer: int) -> Path:
+    """A per-token JumpReLU SAE in SAELens's format, as a public release would be (random weights)."""
+    d_in = int(run["cli"].datamodule.d_in)
+    sae = MTSAE(d_in, 96, dilations=[], activation="jumprelu")
+    with torch.no_grad():
+        sae.W_enc.normal_(0, d_in**-0.5)
+        sae.b_enc.normal_(0, 0.01)
+    meta = SAEMetadata(model_name="tiny-gemma", layer=layer, hook_name=f"blocks.{layer}.hook_resid_post")
+    return save_saelens(sae, tmp_path / f"public_l{layer}", meta)
+
+
+def test_eval_a_saelens_sae(run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    offline_hub(monkeypatch)
+    path = _public_like_sae(run, tmp_path, layer=1)
+    assert load_sae(path).d_sae == 96
+    base = ["--sae", str(path), "--config", str(run["config"]), "--no-progress"]
+    out = tmp_path / "dis"
+    assert mtsae_cli.main(["eval", "disentanglement", *base, "--out", str(out), "--device", "cpu"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["sae"] == str(path) and "coherence/max" in res["scalars"]
+    assert "scale_attribution" not in res["scalars"]  # a per-token SAE has no scales
+    out = tmp_path / "unl"
+    assert mtsae_cli.main(["eval", "unlearning", *base, "--out", str(out), *_unlearning_args(run)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["sae"] == str(path) and 0 <= res["unlearning_score"] <= 1
+
+
+def test_eval_sae_errors(run: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["eval", "core", "--config", str(run["config"]), "--no-progress", "--device", "cpu"]
+    # an SAE of another layer than the config's
+    path = _public_like_sae(run, tmp_path, layer=0)
+    assert mtsae_cli.main([*base, "--sae", str(path), "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "layer 0" in err and "layer 1" in err and "data.source.init_args.layer=0" in err
+    # an SAE of another hook point than the residual stream
+    mlp = save_saelens(
+        load_sae(path), tmp_path / "mlp", SAEMetadata(model_name="m", hook_name="blocks.1.hook_mlp_out")
+    )
+    assert mtsae_cli.main([*base, "--sae", str(mlp), "--out", str(tmp_path / "a")]) == 2
+    assert "'blocks.1.hook_mlp_out'" in capsys.readouterr().err
+    # a folder that holds no SAE
+    (tmp_path / "empty").mkdir()
+    assert mtsae_cli.main([*base, "--sae", str(tmp_path / "empty"), "--out", str(tmp_path / "b")]) == 2
+    assert "not an SAE folder" in capsys.readouterr().err
+    # --ckpt and --sae together
+    argv = [*base, "--sae", str(path), "--ckpt", str(run["ckpt"]), "--out", str(tmp_path / "c")]
+    assert mtsae_cli.main(argv) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in "abc")

@@ -127,10 +127,18 @@ def test_invalid_positions_do_not_leak() -> None:
     assert torch.all(f[:, 0] == 0)  # no features at invalid positions
 
 
-def test_encode_accepts_unbatched_and_rejects_bad_shapes() -> None:
+def test_encode_refuses_ambiguous_2d_input_and_bad_shapes() -> None:
     sae = _randomise(tiny_sae())
     x = torch.randn(20, 32)
-    torch.testing.assert_close(sae.encode(x), sae.encode(x[None])[0])
+    # [20, 32] could be one sequence or 20 tokens of different sequences: the MTSAE asks for [B, T, d]
+    with pytest.raises(ValueError, match=r"2-D input \(20, 32\).*x\[None\] for one sequence"):
+        sae.encode(x)
+    with pytest.raises(ValueError, match="Pass \\[B, T, 32\\]"):
+        sae(x, torch.ones(20, dtype=torch.bool))
+    # one token is one sequence either way; a per-token SAE takes [N, d] tokens as before
+    torch.testing.assert_close(sae.encode(x[:1]), sae.encode(x[None, :1])[0])
+    base = _randomise(tiny_sae(dilations=[]))
+    torch.testing.assert_close(base.encode(x), base.encode(x[:, None])[:, 0])
     with pytest.raises(ValueError, match="expected activations"):
         sae.encode(torch.randn(2, 20, 31))
     with pytest.raises(ValueError, match="valid mask"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtsae import SAEModule, load_sae
+from mtsae import SAEModule, load_sae, read_metadata
 from train import cli_main
 
 # training configs; overlays (configs/baselines) and compare configs have tests of their own
@@ -71,6 +71,12 @@ def test_fast_dev_run(tmp_path: Path) -> None:
     assert cli.model.hparams.d_in == 16  # linked from the data
 
 
+def test_fast_dev_run_with_the_mix_encoder(tmp_path: Path) -> None:
+    cli = cli_main(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run", "true", "--model.encoder", "mix")])
+    assert cli.trainer.global_step == 1
+    assert cli.model.sae.encoder == "mix" and cli.model.sae.W_enc.shape == (16, 64)
+
+
 def test_training_lowers_val_fvu(tmp_path: Path) -> None:
     cli = cli_main(tiny_args(tmp_path, "--trainer.max_epochs", "3"), run=False)
     cli.datamodule.prepare_data()
@@ -91,6 +97,10 @@ def test_training_lowers_val_fvu(tmp_path: Path) -> None:
 
     # the exported SAE acts on raw activations and reproduces the module's reconstructions
     sae = load_sae(run_dir / "sae")
+    meta = read_metadata(run_dir / "sae")
+    assert meta.act_scale == pytest.approx(float(cli.model.act_scale)) and meta.global_step == 3 * 32
+    assert meta.training_tokens == 3 * 32 * 16 * 16 and meta.context_size == 16  # steps x rows x tokens
+    assert meta.model_name is None and meta.data["source"] == "synthetic"
     batch = next(iter(cli.datamodule.val_dataloader()))
     module = cli.model.eval()
     with torch.no_grad():
@@ -153,8 +163,13 @@ def _fingerprints(path: Path) -> dict[int, float]:
     return {step: fp for step, fp in (json.loads(line) for line in path.read_text().splitlines())}
 
 
-def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None:
-    """Interrupted mid-epoch and resumed, training sees exactly the batches of an uninterrupted run."""
+@pytest.mark.parametrize("window", [[], ["--data.shuffle_buffer_rows", "64", "--data.block_rows", "4"]])
+def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path, window: list[str]) -> None:
+    """Interrupted mid-epoch and resumed, training sees exactly the batches of an uninterrupted run.
+
+    With the default 1024-row shuffle window the epoch (512 rows) is one window; with 64-row windows
+    the interruption (after 11 batches of 16) falls in the third window.
+    """
     probe = "--trainer.callbacks+=tests.batch_probe.BatchProbe"
     every = "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint"
     full = tmp_path / "full.jsonl"
@@ -162,7 +177,13 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
         [
             "fit",
             *tiny_args(
-                tmp_path / "a", "--trainer.max_steps", "40", probe, "--trainer.callbacks.path", str(full)
+                tmp_path / "a",
+                "--trainer.max_steps",
+                "40",
+                probe,
+                "--trainer.callbacks.path",
+                str(full),
+                *window,
             ),
         ]
     )
@@ -183,7 +204,7 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
         "--trainer.callbacks.filename",
         "mid",
     ]
-    cli_main(["fit", *tiny_args(tmp_path / "b", *first)])
+    cli_main(["fit", *tiny_args(tmp_path / "b", *first, *window)])
     second = [
         "--trainer.max_steps",
         "40",
@@ -193,5 +214,31 @@ def test_mid_epoch_resume_continues_with_the_unseen_rows(tmp_path: Path) -> None
         "--ckpt_path",
         str(ckpt_dir / "mid.ckpt"),
     ]
-    cli_main(["fit", *tiny_args(tmp_path / "b", *second)])
+    cli_main(["fit", *tiny_args(tmp_path / "b", *second, *window)])
     assert _fingerprints(part) == _fingerprints(full)
+
+
+def test_training_metrics_are_computed_only_on_logged_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per-step host work: train/* metrics are reduced and passed to self.log every log_every_n_steps."""
+    logged_at: list[int] = []
+    original = SAEModule.log_dict
+
+    def spy(self, metrics, *args, **kwargs):
+        if "train/l0" in metrics:
+            logged_at.append(self.global_step)
+        return original(self, metrics, *args, **kwargs)
+
+    monkeypatch.setattr(SAEModule, "log_dict", spy)
+    args = [
+        "--trainer.max_steps",
+        "12",
+        "--trainer.log_every_n_steps",
+        "4",
+        "--trainer.val_check_interval",
+        "1.0",
+    ]
+    cli = cli_main(["fit", *tiny_args(tmp_path, *args)])
+    assert logged_at == [3, 7, 11]  # Lightning writes steps 4, 8, 12 (global_step counts finished steps)
+    assert "train/fvu" in cli.trainer.logged_metrics and "train/loss" in cli.trainer.logged_metrics
