@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install demo compare compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -19,9 +19,22 @@ $(STAMP): setup.cfg constraints.txt
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
 
-# the synthetic comparison of MTSAEs, baselines and ablations (reports/demo/report.md)
+# the synthetic comparisons: L0-matched frontiers over 3 seeds on the preset where context should help
+# and on the one where every feature is token-local (reports/temporal/, reports/local/); JOBS processes
+# at once, one core each. Resumable: finished runs are skipped.
+JOBS ?= 2
 compare: $(STAMP)
-	$(PY) compare.py --config configs/compare/demo.yaml
+	$(PY) -m mtsae.compare --config configs/compare/temporal.yaml --jobs $(JOBS)
+	$(PY) -m mtsae.compare --config configs/compare/local.yaml --jobs $(JOBS)
+
+# the same machinery on a tiny problem, about two minutes (not a result; output under /tmp)
+compare-quick: $(STAMP)
+	$(PY) -m mtsae.compare --config configs/compare/quick.yaml --jobs $(JOBS) --out /tmp/mtsae-reports \
+		--set data.cache_dir=/tmp/mtsae-reports/cache
+
+# the earlier single-seed comparison of MTSAE, baselines and ablations (reports/demo/)
+compare-demo: $(STAMP)
+	$(PY) -m mtsae.compare --config configs/compare/demo.yaml --jobs $(JOBS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider

@@ -1,5 +1,6 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`mtsae_app.eval`), ``mtsae compare ...`` (see ``compare``),
-``mtsae unlearn ...`` (see :mod:`mtsae_app.unlearn`) and ``mtsae cache verify ...`` (see :mod:`data.verify`).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`mtsae_app.eval`), ``mtsae compare ...`` (see
+:mod:`mtsae.compare`), ``mtsae unlearn ...`` (see :mod:`mtsae_app.unlearn`) and ``mtsae cache verify ...``
+(see :mod:`data.verify`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -22,7 +23,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mtsae_app.eval",
         "evaluate a checkpoint: mtsae eval {core,unlearning,disentanglement} --ckpt CKPT --config YAML --out DIR",
     ),
-    "compare": ("compare", "compare evaluated runs: mtsae compare ... (see mtsae compare --help)"),
+    "compare": (
+        "mtsae.compare",
+        "train SAEs on equal terms and write a comparison report: mtsae compare --config YAML [--jobs N]",
+    ),
     "cache": ("data.verify", "check an activation cache: mtsae cache verify PATH [--repair]"),
     "unlearn": (
         "mtsae_app.unlearn",

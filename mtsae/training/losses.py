@@ -15,11 +15,14 @@ __all__ = [
     "fvu",
     "l1_sparsity",
     "scales_separation",
+    "scales_decorrelation",
     "decoder_separation",
     "codes_separation",
 ]
 
-SEPARATION_KINDS = ("none", "scales", "decoder", "codes")
+SEPARATION_KINDS = ("none", "scales", "scales_decorr", "decoder", "codes")
+#: kinds that compare the per-dilation branch outputs (they need at least two dilations)
+SCALE_KINDS = ("scales", "scales_decorr")
 
 
 def _valid_rows(t: Tensor, valid: Tensor | None) -> Tensor:
@@ -63,6 +66,23 @@ def scales_separation(z: Tensor, valid: Tensor | None) -> Tensor:
     if z.shape[2] < 2:
         raise ValueError("the 'scales' separation loss needs at least two dilations")
     return _mean_offdiag_relu_cos(_valid_rows(z, valid))
+
+
+def scales_decorrelation(z: Tensor, valid: Tensor | None) -> Tensor:
+    """Per valid token, the mean over scale pairs ``i != j`` of ``cos(z_i, z_j)^2``; averaged.
+
+    The decorrelation form of :func:`scales_separation`: ``relu(cos)`` is met by flipping the sign of a
+    branch (which ``W_enc`` undoes at no cost), ``cos^2`` is not, since it is zero only for orthogonal
+    branch outputs. Like ``relu(cos)`` it has a zero gradient when branches are exactly equal, which is
+    why :class:`mtsae.MTSAE` perturbs the context taps at initialisation (``context_init_std``).
+    """
+    if z.shape[2] < 2:
+        raise ValueError("the 'scales_decorr' separation loss needs at least two dilations")
+    v = _valid_rows(z, valid)
+    u = F.normalize(v, dim=-1, eps=1e-8)
+    cos = u @ u.transpose(-1, -2)  # [N, S, S]
+    off = ~torch.eye(v.shape[1], dtype=torch.bool, device=v.device)
+    return cos[:, off].pow(2).mean()
 
 
 def _generator_like(t: Tensor, seed: int | None) -> torch.Generator | None:

@@ -20,12 +20,14 @@ from mtsae.sae.model import MTSAE, ForwardOutput
 from mtsae.sae.scale import ScaledSAE, input_scale
 from mtsae.training.aux_losses import DeadLatentTracker, auxk_loss
 from mtsae.training.losses import (
+    SCALE_KINDS,
     SEPARATION_KINDS,
     codes_separation,
     decoder_separation,
     fvu,
     l1_sparsity,
     recon_loss,
+    scales_decorrelation,
     scales_separation,
 )
 from mtsae.training.metrics import ReconstructionMetrics
@@ -43,8 +45,8 @@ class SAEModule(L.LightningModule):
         dilations: dilations of the causal depth-wise conv branches; ``[]`` = per-token SAE.
         activation: ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``.
         activation_kwargs: options of the activation (``k: 32`` for top-k variants, ...).
-        freeze_conv: keep the convolutions at their identity initialisation (a control: the MTSAE's
-            encoder parameterisation without temporal context).
+        freeze_conv: keep the convolutions at the exact identity (a control: the MTSAE's encoder
+            parameterisation without temporal context; ``context_init_std`` is then not applied).
         cascade: stack the conv branches (receptive field ``1 + 2·sum(dilations)``) instead of running
             them side by side on the input (``1 + 2·max(dilations)``); see :class:`mtsae.MTSAE`.
         encoder: ``concat`` (the branches side by side before ``W_enc``) or ``mix`` (their mean, one
@@ -52,7 +54,11 @@ class SAEModule(L.LightningModule):
         sparsity_coeff: weight of the sparsity penalty: L1 of the codes for ``relu``, the (straight-through)
             L0 for ``jumprelu``; unused by ``topk`` / ``batchtopk``, whose sparsity is fixed by ``k``.
         sparsity_warmup_steps: steps of linear warm-up of ``sparsity_coeff`` from 0.
-        separation: cosine feature-separation loss: ``scales``, ``decoder``, ``codes`` or ``none``.
+        context_init_std: size of the seeded perturbation of the conv context taps at initialisation
+            (see :class:`mtsae.MTSAE`); it lets the ``scales`` kinds act from the first step.
+        separation: cosine feature-separation loss: ``scales`` (``relu(cos)`` between dilation branches),
+            ``scales_decorr`` (``cos^2`` between them: not met by a sign flip), ``decoder``, ``codes`` or
+            ``none``.
         separation_coeff: its weight.
         separation_max_tokens: tokens sampled per batch by the ``codes`` kind (bounds its cost).
         separation_max_pairs: co-active feature pairs sampled per batch by the ``decoder`` kind.
@@ -77,6 +83,7 @@ class SAEModule(L.LightningModule):
         cascade: bool = False,
         encoder: str = "concat",
         freeze_conv: bool = False,
+        context_init_std: float = 0.01,
         sparsity_coeff: float = 5.0,
         sparsity_warmup_steps: int = 0,
         separation: str = "scales",
@@ -94,9 +101,9 @@ class SAEModule(L.LightningModule):
         super().__init__()
         if separation not in SEPARATION_KINDS:
             raise ValueError(f"separation must be one of {SEPARATION_KINDS}, got {separation!r}")
-        if separation == "scales" and len(dilations) < 2:
+        if separation in SCALE_KINDS and len(dilations) < 2:
             raise ValueError(
-                f"separation 'scales' compares dilation branches and needs at least two dilations, got "
+                f"separation {separation!r} compares dilation branches and needs at least two dilations, got "
                 f"{list(dilations)}; use separation: none, decoder or codes for this model"
             )
         for name, v in [
@@ -118,6 +125,7 @@ class SAEModule(L.LightningModule):
             activation_kwargs=activation_kwargs,
             cascade=cascade,
             encoder=encoder,
+            context_init_std=0.0 if freeze_conv else context_init_std,
         )
         self.sae.conv_weight.requires_grad_(bool(self.sae.dilations) and not freeze_conv)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -182,6 +190,8 @@ class SAEModule(L.LightningModule):
         if hp.separation != "none" and hp.separation_coeff > 0:
             if hp.separation == "scales":
                 terms["separation"] = scales_separation(out.z_scales, valid)
+            elif hp.separation == "scales_decorr":
+                terms["separation"] = scales_decorrelation(out.z_scales, valid)
             elif hp.separation == "decoder":
                 terms["separation"] = decoder_separation(
                     self.sae.W_dec, out.f, valid, hp.separation_max_pairs

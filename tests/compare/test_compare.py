@@ -1,16 +1,21 @@
-"""``mtsae compare``: config validation, two tiny runs -> report + figures, skip/resume, --only-report."""
+"""``mtsae compare``: config validation, runs as processes -> report + figures, skip/resume, --only-report,
+the frontier grid (``configs/compare/quick.yaml``) end to end, and the frontier statistics."""
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import pytest
 import yaml
 
-import compare
+import mtsae.compare as compare
+from mtsae.compare import frontier
+from mtsae.compare.config import frontier_runs
 
 TINY = "configs/compare/tiny.yaml"
+TINY_BASE = "configs/demo.yaml"
 COMPARE_CONFIGS = sorted(str(p) for p in Path("configs/compare").glob("*.yaml"))
 
 
@@ -112,8 +117,11 @@ def test_compare_tiny_report_skip_resume_only_report(
     assert "run mtsae: finished, skipped" in caplog.text and "run topk: resuming" in caplog.text
     assert "--ckpt_path" in caplog.text
     assert summaries["mtsae"].stat().st_mtime_ns == mtime
-    resumed = yaml.safe_load(summaries["topk"].read_text())
-    assert resumed["final_val_metrics"]["val/fvu"] == pytest.approx(topk["final_val_metrics"]["val/fvu"])
+    # a run resumed at its very end has no final metrics of its own: the report reads its curves' last values
+    cfg = compare.load_compare_config(TINY)
+    resumed = {r.name: r for r in compare.collect_results(tmp_path, cfg, argv[-1:])}["topk"]
+    assert resumed.metrics["val/fvu"] == pytest.approx(topk["final_val_metrics"]["val/fvu"])
+    assert resumed.curves["val/fvu"][-1][0] == topk["global_step"] - 1
 
     # --only-report trains nothing and rebuilds the report and figures
     for f in ("report.md", "frontier.png", "recovery.png"):
@@ -159,3 +167,163 @@ def test_pinned_checkpoint_folder_moves_into_the_run_folder(
     logger = printed["trainer"]["logger"]["init_args"]
     assert (logger["save_dir"], logger["name"], logger["version"]) == (str(rd.parent), run.name, "")
     assert printed["model"]["activation"] == "topk" and printed["model"]["d_sae"] == base["model"]["d_sae"]
+
+
+def test_frontier_grid_expands_to_one_run_per_family_point_and_seed(tmp_path: Path) -> None:
+    cfg = compare.load_compare_config("configs/compare/temporal.yaml")
+    fr = cfg.frontier
+    n_points = sum(len(a.values) for a in fr.activations)
+    assert len(cfg.runs) == len(fr.families) * n_points * len(cfg.seeds) == 5 * 6 * 3
+    run = next(r for r in cfg.runs if r.name == "topk-mtsae_decorr-2-s1")
+    assert (run.family, run.activation, run.point, run.seed) == ("mtsae_decorr", "topk", 2, 1)
+    assert run.args == [
+        "--model.separation=scales_decorr",
+        "--model.activation=topk",
+        '--model.activation_kwargs={"k": 8}',
+        "--seed_everything=1",
+    ]
+    assert ("mtsae", "token") in fr.contrasts and fr.n_l0 == 3
+    # the default contrasts: every family against the first
+    assert frontier_runs(fr, [0])[0].name == "relu-token-0-s0"
+    base = {"name": "x", "base": "configs/synthetic/temporal.yaml"}
+    fam = {"a": {"model.dilations": []}, "b": {}}
+    act = {"relu": {"knob": "model.sparsity_coeff", "values": [1, 2]}}
+    cfg = compare.load_compare_config(
+        _write(tmp_path, {**base, "frontier": {"families": fam, "activations": act}})
+    )
+    assert cfg.frontier.contrasts == [("b", "a")] and cfg.seeds == [0]
+    bad = [
+        ({"families": fam, "activations": {"relu": {"knob": "data.batch_size", "values": [1, 2]}}}, "model"),
+        ({"families": fam, "activations": {"relu": {"knob": "model.sparsity_coeff", "values": [1]}}}, "two"),
+        ({"families": {"a-b": {}}, "activations": act}, "family name"),
+        ({"families": {"a": {"trainer.max_steps": 3}}, "activations": act}, "only model"),
+        ({"families": fam, "activations": act, "contrasts": [["a", "c"]]}, "pair of family names"),
+    ]
+    for frontier_cfg, match in bad:
+        with pytest.raises(ValueError, match=match):
+            compare.load_compare_config(_write(tmp_path, {**base, "frontier": frontier_cfg}))
+    with pytest.raises(ValueError, match="seeds"):
+        compare.load_compare_config(
+            _write(tmp_path, {**base, "seeds": [1, 1], "frontier": {"families": fam, "activations": act}})
+        )
+
+
+def test_interpolation_stays_inside_the_covered_range() -> None:
+    assert frontier.interpolate([2.0, 4.0, 8.0], [1.0, 3.0, 0.0], 3.0) == pytest.approx(2.0)
+    assert frontier.interpolate([8.0, 2.0, 4.0], [0.0, 1.0, 3.0], 6.0) == pytest.approx(1.5)  # unsorted
+    assert frontier.interpolate([2.0, 2.0, 4.0], [1.0, 3.0, 4.0], 3.0) == pytest.approx(3.0)  # ties averaged
+    assert math.isnan(frontier.interpolate([2.0, 4.0], [1.0, 3.0], 4.5))
+    assert math.isnan(frontier.interpolate([2.0, 4.0], [1.0, 3.0], 1.9))
+    assert frontier.common_l0_range([[1, 5], [2, 9], [0, 4]]) == (2, 4)
+    assert frontier.common_l0_range([[1, 2], [3, 4]]) is None
+
+
+def test_claims_follow_non_overlapping_intervals() -> None:
+    a, b = frontier.summarise([0.2, 0.22, 0.24]), frontier.summarise([0.3, 0.31, 0.32])
+    assert (a.mean, a.n) == (pytest.approx(0.22), 3) and a.std == pytest.approx(0.02)
+    assert frontier.compare_stats(a, b, "min") == "better"  # e.g. a lower FVU
+    assert frontier.compare_stats(a, b, "max") == "worse"
+    close = frontier.summarise([0.27, 0.33])
+    assert frontier.compare_stats(close, b, "min") == "no difference"
+    assert frontier.compare_stats(frontier.summarise([0.1]), b, "min") == "no claim (n < 2)"
+    assert (
+        frontier.better_direction("val/fvu") == "min" and frontier.better_direction("val/recovered") == "max"
+    )
+
+
+def _points(family: str, offset: float, seeds: range, l0s: list[float]) -> list[frontier.Point]:
+    """A frontier whose FVU falls linearly with L0, shifted by ``offset`` (+ a small per-seed jitter)."""
+    return [
+        frontier.Point(family, "topk", s, l0, {"val/fvu": 1.0 - 0.05 * l0 + offset + 0.001 * s})
+        for s in seeds
+        for l0 in l0s
+    ]
+
+
+def test_frontier_analysis_interpolates_at_common_l0_and_writes_verdicts() -> None:
+    pts = _points("token", 0.1, range(3), [2, 4, 8]) + _points("mtsae", 0.0, range(3), [3, 6, 10])
+    pts += _points("same", 0.0, range(3), [3, 6, 10])
+    fa = frontier.frontier_analysis(
+        pts,
+        "topk",
+        ["token", "mtsae", "same"],
+        ["val/fvu", "val/absent"],
+        [("mtsae", "token"), ("same", "mtsae")],
+    )
+    assert fa.l0_range == (3, 8) and fa.l0_values == [3.0, 5.5, 8.0]
+    assert fa.ranges == {"token": (2, 8), "mtsae": (3, 10), "same": (3, 10)}
+    assert list(fa.table) == ["val/fvu"]  # a metric no run logged is left out
+    token_at = fa.table["val/fvu"]["token"]
+    assert [s.mean for s in token_at] == pytest.approx([1.0 - 0.05 * x + 0.1 + 0.001 for x in fa.l0_values])
+    assert all(s.n == 3 for s in token_at)
+    outcomes = {(v.a, v.b): {w.outcome for w in fa.verdicts if (w.a, w.b) == (v.a, v.b)} for v in fa.verdicts}
+    assert outcomes == {("mtsae", "token"): {"better"}, ("same", "mtsae"): {"no difference"}}
+    text = "\n".join(compare.report._verdict_lines(fa))
+    assert "mtsae is **better** than token" in text and "**no difference** between same and mtsae" in text
+    # frontiers that share no L0 range are not compared, and the report says so
+    apart = _points("token", 0.0, range(2), [1, 2]) + _points("mtsae", 0.0, range(2), [5, 6])
+    fa = frontier.frontier_analysis(apart, "topk", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")])
+    assert fa.l0_range is None and not fa.verdicts
+    assert "share no L0 range" in compare.report._verdict_lines(fa)[0]
+
+
+def test_quick_frontier_comparison_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """configs/compare/quick.yaml with two processes at once: 16 runs, frontiers, verdicts, curves; a second
+    call trains nothing."""
+    argv = ["--config", "configs/compare/quick.yaml", "--out", str(tmp_path), "--jobs", "2",
+            "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    caplog.set_level(logging.INFO, logger="mtsae.compare")
+    assert compare.main(argv) == 0
+    root = tmp_path / "quick"
+    cfg = compare.load_compare_config("configs/compare/quick.yaml")
+    results = compare.collect_results(tmp_path, cfg, argv[-1:])
+    assert len(results) == len(cfg.runs) == 16
+    for r in results:
+        assert 0 < r.global_step <= 40 and r.curves["val/fvu"] and r.tokens_per_step == 16 * 15
+        assert (root / "runs" / r.name / "train.log").exists()
+    topk = [r for r in results if r.spec.activation == "topk"]
+    assert {r.metrics["val/l0"] <= 6 + 1e-6 for r in topk} == {True}
+    report, summary = (root / "report.md").read_text(), (root / "summary.md").read_text()
+    for name in ("frontier_relu.png", "frontier_topk.png", "curves_relu.png", "curves_topk.png"):
+        assert (root / name).stat().st_size > 1000 and f"]({name})" in report
+    assert "### Verdicts" in report and "wall time of the comparison" in report and "--jobs 2" in report
+    verdicts = [line for line in summary.splitlines() if line.startswith("- **")]
+    # one line per activation x contrast (mtsae vs token) x metric (fvu, recovered and mmcs per group, unlearning)
+    assert len(verdicts) == 2 * 1 * 6, verdicts
+    assert all(("better" in v or "worse" in v or "no difference" in v) for v in verdicts)
+    assert "| token |" in summary and "| mtsae |" in summary
+    caplog.clear()
+    assert compare.main(argv) == 0
+    assert caplog.text.count("finished, skipped") == 16 and "training" not in caplog.text
+
+
+def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _write(
+        tmp_path, {"name": "x", "base": TINY_BASE, "runs": [{"name": "bad", "args": {"model.d_sae": -1}}]}
+    )
+    caplog.set_level(logging.INFO, logger="mtsae.compare")
+    assert compare.main(["--config", path, "--out", str(tmp_path)]) == 1
+    assert (
+        "run 'bad' failed" in caplog.text
+        and str(tmp_path / "x" / "runs" / "bad" / "train.log") in caplog.text
+    )
+
+
+@pytest.mark.parametrize("preset", sorted(str(p) for p in Path("configs/synthetic").glob("*.yaml")))
+def test_synthetic_presets_parse_and_stop_early(preset: str, capsys: pytest.CaptureFixture) -> None:
+    from train import cli_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", preset, "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    stops = [cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("EarlyStopping")]
+    assert len(stops) == 1 and stops[0]["init_args"]["monitor"] == "val/fvu"
+    assert printed["trainer"]["max_steps"] > 0
+    groups = {g["name"] for g in printed["data"]["source"]["init_args"]["groups"]}
+    forget = next(
+        cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("SyntheticUnlearning")
+    )
+    assert forget["init_args"]["group"] in groups
+    assert groups == ({"local", "slow"} if preset.endswith("temporal.yaml") else {"local", "rare"})

@@ -66,24 +66,53 @@ def test_cascade_feeds_each_branch_the_previous_one() -> None:
     torch.testing.assert_close(z[:, :, 1], single.scale_branches(z1[:, :, 0])[:, :, 0])
 
 
+def _per_token_twin(mt: MTSAE) -> MTSAE:
+    """The per-token SAE that an MTSAE with identity convolutions equals (W_enc = sum of its blocks)."""
+    base = tiny_sae(dilations=[])
+    with torch.no_grad():
+        base.W_enc.copy_(mt.W_enc.view(mt.n_scales, mt.d_in, mt.d_sae).sum(0))
+        base.W_dec.copy_(mt.W_dec)
+        base.b_enc.copy_(mt.b_enc)
+        base.b_dec.copy_(mt.b_dec)
+    return base
+
+
 def test_untrained_mtsae_equals_per_token_sae() -> None:
-    mt = tiny_sae()
+    mt = tiny_sae(context_init_std=0.0)
     with torch.no_grad():  # arbitrary (different) blocks and biases; convs stay at their identity init
         mt.W_enc.normal_()
         mt.b_enc.normal_()
         mt.b_dec.normal_()
-    base = tiny_sae(dilations=[])
-    with torch.no_grad():
-        base.W_enc.copy_(mt.W_enc.view(4, 32, 64).sum(0))
-        base.W_dec.copy_(mt.W_dec)
-        base.b_enc.copy_(mt.b_enc)
-        base.b_dec.copy_(mt.b_dec)
+    base = _per_token_twin(mt)
     x = torch.randn(2, 20, 32)
     valid = torch.rand(2, 20) > 0.2
     a, b = mt(x, valid), base(x, valid)
     torch.testing.assert_close(a.f, b.f, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.x_hat, b.x_hat, atol=1e-5, rtol=1e-5)
     assert b.z_scales is None and a.z_scales.shape == (2, 20, 4, 32)
+
+
+def test_context_init_std_perturbs_only_context_taps_and_stays_close() -> None:
+    """The default symmetry-breaking perturbation: offset-0 taps stay 1, context taps get N(0, 0.01), the
+    other initial weights are those of the unperturbed model, and the untrained MTSAE's pre-activations are
+    within 2% (relative norm) of the equivalent per-token SAE's."""
+    torch.manual_seed(3)
+    mt = tiny_sae()
+    torch.manual_seed(3)
+    exact = tiny_sae(context_init_std=0.0)
+    for name, p in exact.named_parameters():
+        if name != "conv_weight":
+            assert torch.equal(p, dict(mt.named_parameters())[name]), name
+    w = mt.conv_weight
+    assert torch.equal(w[:, :, -1], torch.ones_like(w[:, :, -1]))
+    assert 0.007 < w[:, :, :-1].std().item() < 0.013
+    base = _per_token_twin(mt)
+    x = torch.randn(4, 40, 32)
+    pre_mt, pre_tok = mt(x).pre, base(x).pre
+    rel = ((pre_mt - pre_tok).norm() / pre_tok.norm()).item()
+    assert 0 < rel < 0.02
+    with pytest.raises(ValueError, match="context_init_std"):
+        tiny_sae(context_init_std=-0.1)
 
 
 def test_invalid_positions_do_not_leak() -> None:
@@ -191,7 +220,7 @@ def test_mix_encoder_is_one_causal_depthwise_conv1d() -> None:
 
 @pytest.mark.parametrize("cascade", [False, True])
 def test_untrained_mix_encoder_equals_per_token_sae(cascade: bool) -> None:
-    mt = tiny_sae(encoder="mix", cascade=cascade)
+    mt = tiny_sae(encoder="mix", cascade=cascade, context_init_std=0.0)
     torch.testing.assert_close(mt.W_enc, mt.W_dec.t())  # per-token identity at initialisation
     with torch.no_grad():
         mt.W_enc.normal_()

@@ -13,6 +13,7 @@ from mtsae.training.losses import (
     fvu,
     l1_sparsity,
     recon_loss,
+    scales_decorrelation,
     scales_separation,
 )
 from tests.helpers.factories import tiny_sae
@@ -84,6 +85,7 @@ def _grads(kind: str) -> dict[str, bool]:
     out = sae(x, valid)
     loss = {
         "scales": lambda: scales_separation(out.z_scales, valid),
+        "scales_decorr": lambda: scales_decorrelation(out.z_scales, valid),
         "decoder": lambda: decoder_separation(sae.W_dec, out.f, valid),
         "codes": lambda: codes_separation(out.f, valid),
     }[kind]()
@@ -96,6 +98,7 @@ def _grads(kind: str) -> dict[str, bool]:
     "kind, reached",
     [
         ("scales", {"conv_weight", "b_dec"}),
+        ("scales_decorr", {"conv_weight", "b_dec"}),
         ("decoder", {"W_dec"}),
         ("codes", {"conv_weight", "W_enc", "b_enc", "b_dec"}),
     ],
@@ -103,3 +106,37 @@ def _grads(kind: str) -> dict[str, bool]:
 def test_separation_gradients_reach_only_their_parameters(kind: str, reached: set[str]) -> None:
     got = _grads(kind)
     assert {n for n, g in got.items() if g} == reached
+
+
+@pytest.mark.parametrize("loss_fn", [scales_separation, scales_decorrelation])
+def test_scale_separation_has_a_gradient_at_initialisation(loss_fn) -> None:
+    """With exactly equal (identity) branches the cosine is at its maximum and the gradient vanishes; the
+    default context-tap perturbation of an untrained MTSAE gives a nonzero gradient from step 0."""
+    x = torch.randn(2, 24, 32)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    norms = {}
+    for std in (0.0, 0.01):
+        torch.manual_seed(0)
+        sae = tiny_sae(context_init_std=std)
+        loss = loss_fn(sae(x, valid).z_scales, valid)
+        assert loss.item() == pytest.approx(1.0, abs=1e-3)  # branches (nearly) equal
+        loss.backward()
+        norms[std] = sae.conv_weight.grad.norm().item()
+    assert norms[0.0] < 1e-5 < 1e-3 < norms[0.01]
+
+
+def test_sign_flipped_branch_is_not_rewarded_by_decorrelation() -> None:
+    z = torch.randn(3, 10, 1, 16)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    same, flipped = torch.cat([z, z], dim=2), torch.cat([z, -z], dim=2)
+    orth = torch.zeros(3, 10, 2, 16)
+    orth[..., 0, 0], orth[..., 1, 1] = 1.0, 2.0
+    # relu(cos) is fully satisfied by flipping the sign of a branch ...
+    assert scales_separation(same, valid).item() == pytest.approx(1.0)
+    assert scales_separation(flipped, valid).item() == pytest.approx(0.0)
+    # ... cos^2 is not: only orthogonal branches score 0
+    assert scales_decorrelation(flipped, valid).item() == pytest.approx(1.0)
+    assert scales_decorrelation(same, valid).item() == pytest.approx(1.0)
+    assert scales_decorrelation(orth, valid).item() == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="two dilations"):
+        scales_decorrelation(z, valid)

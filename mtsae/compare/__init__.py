@@ -1,0 +1,33 @@
+"""``mtsae compare``: train a set of SAEs on equal terms and write a comparison report.
+
+    mtsae compare --config configs/compare/temporal.yaml --jobs 2     # or: python -m mtsae.compare ...
+    mtsae compare --config configs/compare/temporal.yaml --only-report
+
+Modules: :mod:`~mtsae.compare.config` (the YAML schema), :mod:`~mtsae.compare.runner` (one ``train.py fit``
+process per run, ``--jobs`` at a time, resumable), :mod:`~mtsae.compare.curves` (validation curves from
+TensorBoard event files), :mod:`~mtsae.compare.results` (finished runs), :mod:`~mtsae.compare.frontier`
+(L0-matched interpolation, statistics over seeds and verdicts) and :mod:`~mtsae.compare.report`.
+"""
+
+from mtsae.compare.cli import build_parser, main
+from mtsae.compare.config import CompareConfig, RunSpec, load_compare_config
+from mtsae.compare.frontier import frontier_analysis
+from mtsae.compare.report import write_report
+from mtsae.compare.results import RunResult, collect_results
+from mtsae.compare.runner import run_dir, train_all, train_args, train_run
+
+__all__ = [
+    "CompareConfig",
+    "RunResult",
+    "RunSpec",
+    "build_parser",
+    "collect_results",
+    "frontier_analysis",
+    "load_compare_config",
+    "main",
+    "run_dir",
+    "train_all",
+    "train_args",
+    "train_run",
+    "write_report",
+]

@@ -1,0 +1,83 @@
+"""Finished runs of a comparison, as the report reads them (``summary.json``, config, curves, wall time)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtsae.compare.config import CompareConfig, RunSpec
+from mtsae.compare.curves import read_curves, tokens_per_step
+from mtsae.compare.runner import SPEC_FILE, run_dir, train_args
+
+__all__ = ["RunResult", "collect_results"]
+
+
+@dataclass
+class RunResult:
+    """A finished run as the report sees it."""
+
+    name: str
+    spec: RunSpec
+    metrics: dict[str, float]
+    """final validation metrics (``summary.json``; the last logged values where it has none)"""
+    hparams: dict[str, Any]
+    global_step: int | None
+    wall_s: float | None
+    command: str
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    """validation curves ``metric -> [(step, value)]``"""
+    tokens_per_step: int | None = None
+    max_steps: int | None = None
+    """the step cap of the run's trainer (``None``: none)"""
+
+
+def _saved_config(rd: Path) -> dict[str, Any]:
+    """The run's resolved config (LightningCLI saves it beside the run)."""
+    path = rd / "config.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
+
+
+def collect_results(
+    out: Path, cfg: CompareConfig, extra: Sequence[str] = (), runs: Sequence[RunSpec] | None = None
+) -> list[RunResult]:
+    """The finished runs of a comparison, in config order (unfinished ones are left out).
+
+    A run resumed from a checkpoint taken at its very end has no final validation metrics in its
+    ``summary.json`` (fit had nothing left to do); its metrics are then the last values of its curves.
+    """
+    results = []
+    for run in cfg.runs if runs is None else runs:
+        rd = run_dir(out, cfg, run)
+        if not (rd / "summary.json").exists():
+            continue
+        summary = json.loads((rd / "summary.json").read_text())
+        record = json.loads((rd / SPEC_FILE).read_text()) if (rd / SPEC_FILE).exists() else {}
+        curves = read_curves(rd)
+        metrics = {k: float(v) for k, v in summary.get("final_val_metrics", {}).items()}
+        if "val/fvu" not in metrics:
+            metrics = {k: c[-1][1] for k, c in curves.items() if c} | metrics
+        metrics = {k: v for k, v in metrics.items() if not math.isinf(v)}
+        saved = _saved_config(rd)
+        max_steps = (saved.get("trainer") or {}).get("max_steps")
+        results.append(
+            RunResult(
+                name=run.name,
+                spec=run,
+                metrics=metrics,
+                hparams=saved.get("model") or {},
+                global_step=summary.get("global_step"),
+                wall_s=record.get("wall_s"),
+                command="python train.py " + shlex.join(train_args(out, cfg, run, extra)),
+                curves=curves,
+                tokens_per_step=tokens_per_step(rd),
+                max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
+            )
+        )
+    return results
