@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from mtsae.lm.hooks.hooks import capture_resid_post, hf_dtype_kwargs  # noqa: E402
-from mtsae.lm.hooks.tiny_lm import build_tiny_lm  # noqa: E402
+from mtsae.lm.hooks import capture_resid_post, hf_dtype_kwargs  # noqa: E402
+from mtsae.lm.tiny_lm import build_tiny_lm  # noqa: E402
 
 N_LAYERS = 26
 LAYER = 19

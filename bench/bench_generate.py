@@ -16,9 +16,9 @@ import tempfile
 import time
 
 import torch
-from mtsae.lm.hooks.tiny_lm import build_tiny_lm
 
 from mtsae.evals.unlearning.intervention import GenerationClamp
+from mtsae.lm.tiny_lm import build_tiny_lm
 from mtsae.sae.model import MTSAE
 from mtsae.sae.streaming import StreamingEncoder
 

@@ -29,3 +29,16 @@ def test_fp8_per_token_scale_isolates_a_huge_token() -> None:
 def test_step_flops_count_the_concat_encoder() -> None:
     assert step_flops("per-token", 8, 16, 10) == step_flops("MTSAE mix", 8, 16, 10) == 6 * 10 * 16 * 16
     assert step_flops("MTSAE concat", 8, 16, 10) == 6 * 10 * 16 * (4 * 8 + 8)
+
+
+def test_every_benchmark_module_imports() -> None:
+    """``make bench`` imports each benchmark lazily: a stale import would only show after minutes."""
+    import importlib
+    from pathlib import Path
+
+    from bench.run_all import BENCHES
+
+    names = {p.stem for p in Path("bench").glob("bench_*.py")}
+    assert {f"bench_{b}" for b in BENCHES} <= names
+    for name in sorted(names):
+        importlib.import_module(f"bench.{name}")
