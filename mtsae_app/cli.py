@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(module.main(rest) or 0)
-    except SystemExit as e:  # argparse --help / usage errors inside the subcommand
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except SystemExit as e:  # argparse --help / usage errors inside the subcommand, or sys.exit("message")
+        if isinstance(e.code, int):
+            return e.code
+        if e.code is not None:
+            print(f"mtsae {name}: {e.code}", file=sys.stderr)
+            return 1
+        return 0
 
 
 if __name__ == "__main__":

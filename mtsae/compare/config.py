@@ -299,6 +299,8 @@ def frontier_runs(frontier: Frontier, seeds: list[int]) -> list[RunSpec]:
 
 def load_compare_config(path: str | os.PathLike) -> CompareConfig:
     """Read and validate a compare config; raises ``ValueError`` with what to change."""
+    if not Path(path).is_file():
+        raise ValueError(f"no compare config at {str(path)!r} (the configs are in configs/compare/)")
     raw = yaml.safe_load(Path(path).read_text())
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a compare config is a YAML mapping (see `mtsae compare --help`)")
