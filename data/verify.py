@@ -19,14 +19,14 @@ from typing import NamedTuple
 
 import h5py
 
-from data.cache import (
+from data.cache_format import (
     CacheMismatchError,
-    _stats,
-    _write_json_atomic,
     file_sha256,
+    manifest_stats,
     read_manifest,
     static_ground_truth_sha256,
     stats_sha256,
+    write_json_atomic,
 )
 from mtsae.progress import progress_bar
 
@@ -122,10 +122,10 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
             kept.append(e)
             seen.add(e["file"])
     manifest["shards"] = kept
-    manifest["stats"] = _stats(kept)
+    manifest["stats"] = manifest_stats(kept)
     manifest["stats_sha256"] = stats_sha256(manifest["stats"])
     manifest["complete"] = False
-    _write_json_atomic(mpath, manifest)
+    write_json_atomic(mpath, manifest)
 
 
 def _say(msg: str, err: bool = False) -> None:

@@ -14,13 +14,17 @@ from mtsae import MTSAE, SAEMetadata, load_sae, load_sae_from_checkpoint, read_m
 from mtsae.sae.saelens import save_saelens
 from tests.evals.unlearning.test_pipeline import build_mcq_lm, write_unlearning_files
 from tests.helpers.lm import offline_hub
+from tests.helpers.train import QUIET_OVERLAY
 from train import cli_main
 
 TINY_GRID = {"retain_thresholds": [0.01, 1.0], "n_features": [2, 4], "multipliers": [10.0, 100.0]}
 
 
 def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
-    """A training config on the tiny LM (layer 1, ctx 16) with both evaluation callbacks."""
+    """A training config on the tiny LM (layer 1, ctx 16) with both evaluation callbacks.
+
+    Run with ``configs/debug/quiet.yaml`` layered on top (no progress bars, no model summary).
+    """
     unlearning = {
         "every_n_val": 1,  # at the validation of step 4, and (the default) when training ends at step 6
         "config": {
@@ -42,8 +46,6 @@ def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
             "max_steps": 6,
             "val_check_interval": 4,
             "num_sanity_val_steps": 0,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
             "default_root_dir": str(tmp / "runs"),
             "logger": {
                 "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -82,7 +84,6 @@ def tiny_lm_config(tmp: Path, lm_dir: Path, files: dict) -> dict:
             "val_sequences": 16,
             "shard_size": 64,
             "batch_size": 8,
-            "progress": False,
         },
     }
 
@@ -95,7 +96,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     files = write_unlearning_files(lm_dir, tmp / "data")
     cfg_path = tmp / "train.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_lm_config(tmp, lm_dir, files)))
-    cli = cli_main(["fit", "--config", str(cfg_path)])
+    cli = cli_main(["fit", "--config", str(cfg_path), "--config", QUIET_OVERLAY])
     run_dir = Path(cli.trainer.logger.log_dir)
     return {
         "cli": cli,

@@ -172,7 +172,7 @@ def test_verify_reports_a_duplicate_listing_and_repairs_it(tmp_path: Path) -> No
 
 
 def test_disk_full_names_the_shard_and_keeps_finished_ones(tmp_path: Path, monkeypatch) -> None:
-    import data.cache
+    import data.cache_writer
 
     class FullDisk:
         """A file that takes 1000 bytes, then fails as a full disk does."""
@@ -195,7 +195,7 @@ def test_disk_full_names_the_shard_and_keeps_finished_ones(tmp_path: Path, monke
             return FullDisk(path, mode)
         return open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(data.cache, "open", second_shard_fails, raising=False)
+    monkeypatch.setattr(data.cache_writer, "open", second_shard_fails, raising=False)
     with pytest.raises(
         CacheWriteError, match=r"cannot write cache shard .*shard_00001\.h5\.tmp: No space left on device"
     ):

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from mtsae.lm.tiny_lm import build_tiny_lm
+from tests.helpers.train import QUIET_OVERLAY, REPO
 
 __all__ = ["tiny_lm_dir", "offline_hub", "tiny_lm_args"]
 
@@ -35,18 +36,19 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def tiny_lm_args(lm: Path, cache_dir: Path, runs: Path, steps: int) -> list[str]:
-    """``configs/tiny_lm.yaml`` pointed at the tiny LM in ``lm``, with caches and logs under tmp folders."""
+    """``configs/tiny_lm.yaml`` + ``configs/debug/quiet.yaml`` pointed at the tiny LM in ``lm``.
+
+    Caches and logs go under tmp folders.
+    """
     return [
-        "--config", str(Path(__file__).resolve().parents[2] / "configs/tiny_lm.yaml"),
+        "--config", str(REPO / "configs/tiny_lm.yaml"),
+        "--config", QUIET_OVERLAY,
         "--data.source.init_args.model_name", str(lm),
         "--data.source.init_args.dataset", str(lm / "corpus.jsonl"),
         "--data.source.init_args.progress", "false",
-        "--data.progress", "false",
         "--data.num_workers", "0",
         "--data.cache_dir", str(cache_dir),
         "--trainer.default_root_dir", str(runs),
         "--trainer.logger.init_args.save_dir", str(runs),
         "--trainer.max_steps", str(steps),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
     ]  # fmt: skip

@@ -1,0 +1,286 @@
+"""The HDF5 activation-sequence cache format (docs/design.md §5): dtypes, fingerprint, checksums, manifest.
+
+Storage dtypes, the build settings (:class:`CacheSpec`) and their fingerprint, the checksums, and the
+manifest's open-time checks, shared by the writer, the reader and ``mtsae cache verify``.
+
+Layout: ``<cache_dir>/<fingerprint>/manifest.json`` and ``shard_00000.h5`` ... Each shard holds
+``acts [n, T, d_in]`` (bf16 stored as its ``uint16`` bits with attribute ``torch_dtype = "bfloat16"``;
+float16 / float32 natively), ``tokens [n, T] int32``, ``valid [n, T] bool`` and optional
+``ground_truth/...``. Row order inside a sequence is the temporal order.
+
+Integrity: the manifest records the SHA-256 of every shard file, of the static ground truth and of the
+statistics. Opening a cache checks that every listed shard exists with the recorded row count, that no
+file is listed twice, that the splits add up, and that the statistics match their checksum;
+:func:`data.verify.verify_cache` (``mtsae cache verify``) re-reads everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from data.sources import ActivationSource
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DTYPES",
+    "SPLITS",
+    "CacheSpec",
+    "CacheMismatchError",
+    "CacheReadError",
+    "CacheWriteError",
+    "to_storage",
+    "from_storage",
+    "read_context",
+    "fingerprint_inputs",
+    "fingerprint",
+    "file_sha256",
+    "stats_sha256",
+    "static_ground_truth_sha256",
+    "manifest_stats",
+    "write_json_atomic",
+    "read_manifest",
+    "check_manifest",
+]
+
+FORMAT_VERSION = 2  # 2: checksums of shards, static ground truth and statistics
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+SPLITS = ("train", "val")
+
+
+class CacheMismatchError(ValueError):
+    """The cache on disk was built for another configuration."""
+
+
+class CacheReadError(OSError):
+    """A shard could not be read; the message names the file, the dataset and the rows."""
+
+
+class CacheWriteError(OSError):
+    """A shard could not be written (disk full, quota, permissions); the message names the file and what to do."""
+
+
+def _row_range(rows: np.ndarray | slice | tuple[int, int]) -> str:
+    if isinstance(rows, slice):
+        return f"{rows.start}..{rows.stop - 1}"
+    if isinstance(rows, tuple):
+        return f"{rows[0]}..{rows[1] - 1}"
+    rows = np.asarray(rows)
+    return f"{rows.min()}..{rows.max()}" if rows.size else "(none)"
+
+
+@contextmanager
+def read_context(
+    path: str | os.PathLike, dataset: str, rows: np.ndarray | slice | tuple[int, int]
+) -> Iterator[None]:
+    """Turn an h5py read failure into a :class:`CacheReadError` naming file, dataset and local rows.
+
+    Every read of a shard goes through this, so a checksum failure or a truncated file says where it is.
+    """
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, CacheReadError):
+            raise
+        raise CacheReadError(
+            f"cannot read {Path(path)}: dataset {dataset!r}, rows {_row_range(rows)} (shard-local): {err}. "
+            f"The shard is corrupted or truncated; `mtsae cache verify {Path(path).parent} --repair` "
+            f"deletes bad shards so that the next build regenerates them"
+        ) from err
+
+
+def to_storage(acts: torch.Tensor, dtype: str) -> np.ndarray:
+    """Convert activations to the array stored in HDF5 (bf16 -> its uint16 bits, bit-exact)."""
+    t = acts.detach().cpu().to(DTYPES[dtype])
+    if dtype == "bfloat16":
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def from_storage(arr: np.ndarray, torch_dtype: str) -> torch.Tensor:
+    """Inverse of :func:`to_storage`."""
+    if torch_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything about a cache that is not the source: how many rows, how stored."""
+
+    n_sequences: int
+    """training rows"""
+    val_sequences: int
+    """validation rows (generated after the training rows, stored in their own shards)"""
+    shard_size: int
+    """rows per shard"""
+    dtype: str
+    """storage dtype: bfloat16, float16 or float32"""
+
+    def __post_init__(self) -> None:
+        if self.n_sequences < 1 or self.val_sequences < 0:
+            raise ValueError(
+                f"need n_sequences >= 1 and val_sequences >= 0, got {self.n_sequences}, {self.val_sequences}"
+            )
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    def shard_plan(self) -> list[tuple[str, int, int]]:
+        """``(split, first_row, stop_row)`` of every shard, training shards first."""
+        plan, lo = [], 0
+        for split, n in (("train", self.n_sequences), ("val", self.val_sequences)):
+            stop = lo + n
+            for a in range(lo, stop, self.shard_size):
+                plan.append((split, a, min(stop, a + self.shard_size)))
+            lo = stop
+        return plan
+
+
+def fingerprint_inputs(source: ActivationSource, spec: CacheSpec) -> dict:
+    return {
+        **source.fingerprint(),
+        "n_sequences": spec.n_sequences,
+        "val_sequences": spec.val_sequences,
+        "shard_size": spec.shard_size,
+        "dtype": spec.dtype,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+def fingerprint(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stats_sha256(stats: dict) -> str:
+    """SHA-256 of the manifest's ``stats`` (canonical JSON)."""
+    return hashlib.sha256(json.dumps(stats, sort_keys=True).encode()).hexdigest()
+
+
+def static_ground_truth_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of the static ground-truth arrays."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        arr = np.ascontiguousarray(arrays[name])
+        h.update(json.dumps([name, arr.dtype.str, list(arr.shape)]).encode())
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON via ``*.tmp``, fsync and rename; a failed write raises :class:`CacheWriteError`."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CacheWriteError(
+            err.errno, f"cannot write {path}: {err.strerror or err}. Free space on that disk and run again"
+        ) from None
+
+
+def manifest_stats(shards: list[dict]) -> dict:
+    """The manifest's ``stats`` (token count, mean squared norm, mean) from the per-shard sums of the training shards."""
+    train = [s for s in shards if s["split"] == "train"]
+    n = sum(s["n_valid_tokens"] for s in train)
+    if n == 0:
+        return {"n_valid_tokens": 0, "mean_sq_norm": None, "mean": None}
+    total = np.sum([np.asarray(s["sum"]) for s in train], axis=0)
+    return {
+        "n_valid_tokens": n,
+        "mean_sq_norm": sum(s["sum_sq_norm"] for s in train) / n,
+        "mean": (total / n).tolist(),
+    }
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The parsed ``manifest.json``; an unreadable or truncated one raises a :class:`CacheMismatchError` naming it."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheMismatchError(
+            f"the cache manifest {path} is not valid JSON ({err}); it is truncated or was edited. "
+            f"Delete the folder {path.parent} and build the cache again"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise CacheMismatchError(
+            f"the cache manifest {path} has no list of shards; delete {path.parent} and rebuild"
+        )
+    return manifest
+
+
+def check_manifest(root: Path, manifest: dict) -> None:
+    """Open-time checks of a finished cache (cheap: shard metadata only, no data read).
+
+    Every listed shard exists, holds the recorded number of rows and is listed once; the splits add
+    up to the configured ``n_sequences`` / ``val_sequences`` with the training shards first; the
+    statistics match their checksum and the per-shard sums they derive from.
+    """
+    where = f"the cache at {root}"
+    rebuild = f"delete {root} and build again, or run `mtsae cache verify {root} --repair`"
+    shards = manifest["shards"]
+    files = [e.get("file") for e in shards]
+    dup = sorted({f for f in files if files.count(f) > 1})
+    if dup:
+        raise CacheMismatchError(f"{where}: the manifest lists {dup} more than once; {rebuild}")
+    splits = [e.get("split") for e in shards]
+    if any(s not in SPLITS for s in splits) or splits != sorted(splits, key=SPLITS.index):
+        raise CacheMismatchError(
+            f"{where}: the manifest's shard splits {splits} are not training shards followed by validation "
+            f"shards; {rebuild}"
+        )
+    for split, key in (("train", "n_sequences"), ("val", "val_sequences")):
+        n = sum(int(e["n_sequences"]) for e in shards if e["split"] == split)
+        want = manifest["fingerprint_inputs"].get(key, manifest.get(key))
+        if n != want or manifest.get(key) != want:
+            raise CacheMismatchError(
+                f"{where}: the manifest's {split} shards hold {n} rows but the cache was built with "
+                f"{key}={want}; {rebuild}"
+            )
+    if manifest.get("stats_sha256") != stats_sha256(manifest["stats"]):
+        raise CacheMismatchError(
+            f"{where}: the statistics in manifest.json (mean_sq_norm, mean) do not match their checksum "
+            f"(stats_sha256): they were edited or corrupted; {rebuild}"
+        )
+    recomputed = manifest_stats(shards)
+    if recomputed["n_valid_tokens"] != manifest["stats"].get("n_valid_tokens") or not np.isclose(
+        recomputed["mean_sq_norm"] or 0.0, manifest["stats"].get("mean_sq_norm") or 0.0, rtol=1e-9
+    ):
+        raise CacheMismatchError(
+            f"{where}: the statistics in manifest.json do not match the per-shard sums; {rebuild}"
+        )
+    for e in shards:
+        path = root / e["file"]
+        if not path.is_file():
+            raise CacheMismatchError(f"{where}: shard {path} listed in manifest.json is missing; {rebuild}")
+        with read_context(path, "acts", (0, int(e["n_sequences"]))):
+            with h5py.File(path, "r") as h5:
+                n = h5["acts"].shape[0]
+        if n != e["n_sequences"]:
+            raise CacheMismatchError(
+                f"{where}: shard {path} holds {n} rows, manifest.json says {e['n_sequences']}; {rebuild}"
+            )
