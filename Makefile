@@ -63,7 +63,9 @@ EX := artifacts/tiny_unlearning
 MMLU_FILES := $(foreach s,high_school_us_history college_computer_science high_school_geography human_aging,$(s)=$(EX)/$(s).jsonl)
 unlearning-example: $(STAMP)
 	$(PY) -m mtsae.evals.unlearning.tiny_example --lm artifacts/tiny_lm --out $(EX)
-	$(PY) train.py fit --config configs/tiny_lm.yaml --model.activation topk --model.activation_kwargs '{k: 8}'
+	# configs/tiny_lm.yaml checkpoints into a fixed folder: a second run reuses the finished training
+	test -e runs/tiny_lm/checkpoints/last.ckpt || \
+		$(PY) train.py fit --config configs/tiny_lm.yaml --model.activation topk --model.activation_kwargs '{k: 8}'
 	$(PY) -m mtsae_app eval unlearning --ckpt "$$(ls -t runs/tiny_lm/checkpoints/last*.ckpt | head -1)" \
 		--config configs/tiny_lm.yaml --out runs/tiny_unlearning --no-saebench-exact \
 		--forget-corpus $(EX)/bio-forget-corpus.jsonl --retain-corpus $(EX)/retain.jsonl --retain-config "" \

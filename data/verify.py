@@ -86,7 +86,13 @@ def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShar
     root = Path(root)
     mpath = root / "manifest.json"
     if not mpath.is_file():
-        raise CacheMismatchError(f"no activation cache at {root} (missing manifest.json)")
+        inside = sorted(p.parent.name for p in root.glob("*/manifest.json"))
+        hint = (
+            f"; it holds the caches {inside}: pass one of them, e.g. {root / inside[0]}"
+            if inside
+            else " (a cache is the <cache_dir>/<fingerprint>/ folder holding manifest.json)"
+        )
+        raise CacheMismatchError(f"no activation cache at {root} (missing manifest.json){hint}")
     manifest = read_manifest(mpath)
     shards = manifest["shards"]
     bad: list[BadShard] = []
@@ -158,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     except CacheMismatchError as err:
         _say(f"mtsae cache verify: {err}", err=True)
         return 1
-    n = len(read_manifest(Path(args.path) / "manifest.json")["shards"])
+    manifest = read_manifest(Path(args.path) / "manifest.json")
+    n = len(manifest["shards"])
     if not bad:
+        if not manifest.get("complete"):
+            _say(
+                f"{args.path}: all {n} listed shards verified, but the cache is incomplete (an interrupted or "
+                "repaired build): run the training command again to build the missing shards"
+            )
+            return 0
         _say(f"{args.path}: all {n} shards verified")
         return 0
     for b in bad:

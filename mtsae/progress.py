@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from tqdm.std import tqdm
 
-__all__ = ["progress_bar", "LineStream", "no_library_bars"]
+__all__ = ["progress_bar", "track", "LineStream", "no_library_bars"]
 
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 _open_bars = 0
+T = TypeVar("T")
 
 
 class LineStream:
@@ -93,6 +94,25 @@ def progress_bar(
         maxinterval=log_interval,
         **common,
     )
+
+
+def track(
+    iterable: Iterable[T],
+    total: int | None = None,
+    desc: str | None = None,
+    disable: bool = False,
+    **kwargs: Any,
+) -> Iterator[T]:
+    """Iterate over ``iterable`` with a :func:`progress_bar`, closed when the loop ends or is left early."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)  # type: ignore[arg-type]
+    bar = progress_bar(total=total, desc=desc, disable=disable, **kwargs)
+    try:
+        for item in iterable:
+            yield item
+            bar.update(1)
+    finally:
+        bar.close()
 
 
 @contextmanager

@@ -181,11 +181,11 @@ def setup_cache(dm: Any) -> None:
 
 
 def val_batches(dm: Any, max_batches: int | None, progress: bool, desc: str) -> Iterator[dict]:
-    from tqdm.auto import tqdm
+    from mtsae.progress import track
 
     loader = dm.val_dataloader()
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for i, batch in enumerate(tqdm(loader, total=total, desc=desc, disable=not progress, leave=False)):
+    for i, batch in enumerate(track(loader, total=total, desc=desc, disable=not progress, leave=False)):
         if max_batches is not None and i >= max_batches:
             break
         yield batch

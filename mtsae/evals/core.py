@@ -112,7 +112,7 @@ def core_lm_metrics(
         attention_mask: ``[N, T]`` (1 = attended) or ``None`` (all attended).
         special_ids: BOS / EOS / PAD ids: those positions keep their activation and are not averaged.
         batch_size: rows per forward pass (three forwards per batch).
-        progress: show a tqdm bar over batches.
+        progress: show a progress bar over batches.
 
     Returns:
         float64 scalar tensors (on CPU) keyed by :data:`CORE_SUM_KEYS`: ``ce_*`` are sums of per-token
@@ -125,13 +125,13 @@ def core_lm_metrics(
         raise ValueError(f"input_ids must be [N, T], got {tuple(input_ids.shape)}")
     if input_ids.shape[1] < 2:
         raise ValueError("next-token CE needs rows of at least 2 tokens")
-    from tqdm.auto import tqdm
+    from mtsae.progress import track
 
     dev = _device(model)
     p = _sae_param(sae)
     sums = {k: torch.zeros((), dtype=torch.float64) for k in CORE_SUM_KEYS}
     starts = range(0, input_ids.shape[0], batch_size)
-    for start in tqdm(starts, desc="core LM metrics", unit="batch", disable=not progress, leave=False):
+    for start in track(starts, desc="core LM metrics", unit="batch", disable=not progress, leave=False):
         ids = input_ids[start : start + batch_size].to(device=dev, dtype=torch.long)  # [B, T]
         mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(dev)
         valid = valid_token_mask(ids, mask, special_ids)  # [B, T]
@@ -166,14 +166,14 @@ def validation_tokens(
 ) -> Tensor:
     """Token ids ``[n, T]`` of the first ``n_sequences`` validation rows of an activation cache
     (``data.ActivationCache``), this rank's share under DDP (rows ``rank::world_size``)."""
-    from tqdm.auto import tqdm
+    from mtsae.progress import track
 
     rows = cache.rows("val")[:n_sequences][rank::world_size]
     chunks = range(0, len(rows), 64)
     return torch.cat(
         [
             cache.read(rows[i : i + 64])["tokens"].long()
-            for i in tqdm(chunks, desc="read tokens", disable=not progress, leave=False)
+            for i in track(chunks, desc="read tokens", disable=not progress, leave=False)
         ]
     )  # [n, T]
 

@@ -154,6 +154,10 @@ def test_verify_names_every_bad_shard_and_repair_rebuilds_exactly_those(tmp_path
     assert sorted(p.name for p in root.glob("shard_*")) == ["shard_00000.h5"]
     with pytest.raises(CacheMismatchError, match="incomplete"):
         ActivationCache(root)
+    assert mtsae_cli.main(["cache", "verify", str(root), "--no-progress"]) == 0
+    assert "the cache is incomplete" in capsys.readouterr().out  # a repaired cache says it needs a build
+    assert mtsae_cli.main(["cache", "verify", str(root.parent), "--no-progress"]) == 1
+    assert f"pass one of them, e.g. {root}" in capsys.readouterr().err  # the cache_dir, not the cache
 
     build_cache(tiny_source(), tmp_path / "run", SPEC, source_batch_size=4, progress=False)
     assert (root / "shard_00000.h5").stat().st_mtime_ns == untouched  # the good shard was not rewritten

@@ -10,7 +10,7 @@ import pytest
 
 from data.cache import CacheSpec, build_cache
 from data.lm_source import LMSource
-from mtsae.progress import progress_bar
+from mtsae.progress import progress_bar, track
 from tests.helpers.lm import offline_hub, tiny_lm_dir
 
 CURSOR = re.compile(r"\r|\x1b\[")
@@ -80,3 +80,17 @@ def test_training_bar_in_a_log_file_is_plain_lines_without_a_validation_bar(tmp_
     assert epochs and epochs[-1].startswith("Epoch 1:")  # 32 batches per epoch, 40 steps
     assert len(epochs) <= 8  # a line per interval and one at each epoch's end, not one per batch (40)
     assert "Validation" not in out and "Sanity" not in out
+
+
+def test_track_writes_plain_lines_and_closes_when_left_early() -> None:
+    """Evaluation loops use ``track``: plain lines in a log, and a loop left early frees the bar."""
+    stream = io.StringIO()
+    for i in track(range(10), desc="eval batches", file=stream, log_interval=0.0):
+        if i == 3:
+            break
+    out = stream.getvalue()
+    assert "eval batches" in out and "\r" not in out and "\x1b[" not in out
+    after = io.StringIO()
+    with progress_bar(total=2, desc="next job", file=after, log_interval=0.0) as bar:
+        bar.update(2)
+    assert "next job" in after.getvalue()  # not silenced by a bar left open by the loop above

@@ -20,8 +20,8 @@ class UnlearningConfig:
     """
 
     forget_corpus: str | None = None
-    """local path to the WMDP bio forget corpus (``bio-forget-corpus.jsonl``, gated; see
-    :data:`FORGET_CORPUS_HELP`), or a hub dataset you have access to"""
+    """required: local path to the WMDP bio forget corpus (``bio-forget-corpus.jsonl``; gated: request
+    access to ``cais/wmdp-bio-forget-corpus``), or a hub dataset you have access to"""
     retain_corpus: str = "wikitext"
     """hub dataset or local file (``.jsonl``/``.json``/``.txt``/``.parquet``) or folder of retain text"""
     retain_config: str | None = "wikitext-2-raw-v1"

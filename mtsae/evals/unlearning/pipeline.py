@@ -103,12 +103,12 @@ def feature_sparsities(
     sequence with BOS/EOS/PAD masked). Returns the accumulator (``.compute()`` gives ``[d_sae]``,
     ``.n_tokens`` the number of valid tokens).
     """
-    from tqdm.auto import tqdm
+    from mtsae.progress import track
 
     W_dec = sae.W_dec  # [d_sae, d_in]
     acc = SparsityAccumulator(W_dec.shape[0])
     device = next(model.parameters()).device
-    for start in tqdm(range(0, rows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+    for start in track(range(0, rows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
         ids = rows[start : start + batch_size].to(device)  # [B, T]
         valid = valid_token_mask(ids, None, special_ids)  # [B, T]
         with torch.inference_mode():
@@ -148,7 +148,7 @@ def filter_questions(
     keyed by the questions, ``model_id`` (name, revision, dtype: what identifies the model) and the
     settings, and reused on the next call.
     """
-    from tqdm.auto import tqdm
+    from mtsae.progress import track
 
     settings = {"all_perms": all_perms, "chat_template": chat_template}
     if not strict_letters:  # keys of caches written before the setting existed stay valid
@@ -160,7 +160,7 @@ def filter_questions(
         log.info("filtered questions read from %s", path)
         return {n: [q for q in qs if q.index in kept_idx[n]] for n, qs in questions.items()}
     kept: dict[str, list[MCQuestion]] = {}
-    for name, qs in tqdm(questions.items(), desc="filter questions", disable=not progress, leave=False):
+    for name, qs in track(questions.items(), desc="filter questions", disable=not progress, leave=False):
         kept[name] = filter_correct(
             model,
             tokenizer,
@@ -374,10 +374,10 @@ def _grid_rows(
     progress: bool,
 ) -> list[dict[str, Any]]:
     """One row per grid point: its features, per-set counts and accuracies."""
-    from tqdm.auto import tqdm
+    from mtsae.progress import track
 
     configs = []
-    for point in tqdm(cfg.grid.points(), desc="unlearning grid", disable=not progress, leave=False):
+    for point in track(cfg.grid.points(), desc="unlearning grid", disable=not progress, leave=False):
         feats = tuple(int(i) for i in selected[point.retain_threshold][: point.n_features].tolist())
         counts = scorer.counts(feats, point.multiplier)
         mmlu = {n: counts[n] for n in mmlu_names}

@@ -14,6 +14,14 @@ from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 __all__ = ["best_recipe", "save_results", "summary_markdown"]
 
 
+def _portable_model_id(model: dict) -> dict:
+    """A local model folder is recorded as an absolute path, so the recipe applies from any folder."""
+    name = model.get("name")
+    if isinstance(name, str) and Path(name).expanduser().is_dir():
+        model["name"] = str(Path(name).expanduser().resolve())
+    return model
+
+
 def best_recipe(
     results: Mapping[str, Any], sae_path: str | Path, recipe_dir: str | Path | None = None
 ) -> UnlearningRecipe | None:
@@ -43,7 +51,7 @@ def best_recipe(
         position_rule=conv["position_rule"],
         sae_in_model_dtype=bool(conv["sae_in_model_dtype"]),
         special_ids=list(results.get("special_ids", [])),
-        model=dict(results.get("model", {})),
+        model=_portable_model_id(dict(results.get("model", {}))),
         selection={
             "retain_threshold": best["retain_threshold"],
             "n_features": best["n_features"],
