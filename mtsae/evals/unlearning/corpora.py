@@ -114,10 +114,12 @@ def _sample(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQue
 
 def load_questions(cfg: UnlearningConfig) -> dict[str, list[MCQuestion]]:
     """WMDP-bio and the MMLU subsets (``test`` split), each capped at ``cfg.max_questions``."""
-    out = {WMDP_NAME: load_mcq(cfg.wmdp_source, WMDP_BIO[1], WMDP_BIO[2])}
+    wmdp_setting = "wmdp_source (mtsae eval unlearning --wmdp-source)"
+    out = {WMDP_NAME: load_mcq(cfg.wmdp_source, WMDP_BIO[1], WMDP_BIO[2], setting=wmdp_setting)}
     for subset in cfg.mmlu_subsets:
         src = cfg.mmlu_source[subset] if isinstance(cfg.mmlu_source, Mapping) else cfg.mmlu_source
-        out[subset] = load_mcq(src, subset, "test")
+        setting = f"mmlu_source (mtsae eval unlearning --mmlu-file {subset}=FILE)"
+        out[subset] = load_mcq(src, subset, "test", setting=setting)
     return {k: _sample(v, cfg.max_questions, cfg.seed) for k, v in out.items()}
 
 

@@ -371,6 +371,7 @@ def load_mcq(
     *,
     subject: str | None = None,
     cache_dir: str | Path | None = None,
+    setting: str = "",
 ) -> list[MCQuestion]:
     """Load MCQ rows (``question``, ``choices``, ``answer`` int) from the hub or a local copy.
 
@@ -382,6 +383,7 @@ def load_mcq(
         split: the split (SAEBench uses ``"test"``).
         subject: preamble subject; default :func:`subject_of` ``(subset)``.
         cache_dir: ``datasets`` cache folder.
+        setting: the option that names ``source`` (for the error message).
 
     Raises:
         MCQDatasetError: the dataset cannot be loaded; the message says how to use a local copy.
@@ -397,6 +399,7 @@ def load_mcq(
         split,
         columns="fields question (str), choices (list of str), answer (int)",
         cache_dir=cache_dir,
+        setting=setting,
         error=MCQDatasetError,
     )
     return _rows_to_questions(rows, subject, name)

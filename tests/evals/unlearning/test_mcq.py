@@ -287,3 +287,14 @@ def test_load_mcq_unreachable_hub_gives_clear_error(tmp_path: Path, monkeypatch:
         load_mcq("cais/wmdp", "wmdp-bio", "test", cache_dir=tmp_path)
     msg = str(err.value)
     assert "cais/wmdp" in msg and "wmdp-bio" in msg and "local copy" in msg and ".jsonl" in msg
+
+
+def test_unreachable_question_set_names_the_option_to_set(tmp_path, monkeypatch) -> None:
+    """Offline, the WMDP question set fails with the option that points it at a local copy."""
+    from mtsae.evals.unlearning.config import UnlearningConfig
+    from mtsae.evals.unlearning.corpora import load_questions
+    from tests.helpers.lm import offline_hub
+
+    offline_hub(monkeypatch)
+    with pytest.raises(MCQDatasetError, match="--wmdp-source"):
+        load_questions(UnlearningConfig(forget_corpus=str(tmp_path / "forget.jsonl")))
