@@ -147,23 +147,10 @@ def test_eval_core_writes_results(run: dict, tmp_path: Path, monkeypatch: pytest
     assert "ce_loss_score" in (out / "summary.md").read_text()
 
 
-def test_eval_unlearning_writes_results(
-    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
-    offline_hub(monkeypatch)
-    f, out = run["files"], tmp_path / "unlearning"
-    mmlu = [f"{k}={v}" for k, v in f["mmlu_source"].items()]
+def _unlearning_data_args(run: dict) -> list[str]:
+    """The tiny run's corpora and questions, and a one-point grid (SAEBench-exact unless told otherwise)."""
+    f = run["files"]
     argv = [
-        "eval",
-        "unlearning",
-        "--ckpt",
-        str(run["ckpt"]),
-        "--config",
-        str(run["config"]),
-        "--out",
-        str(out),
-    ]
-    argv += [
         "--forget-corpus",
         f["forget_corpus"],
         "--retain-corpus",
@@ -175,13 +162,41 @@ def test_eval_unlearning_writes_results(
         "--wmdp-source",
         f["wmdp_source"],
         "--mmlu-file",
-        *mmlu,
-        "--no-all-perms",
-        "--max-questions",
-        "16",
+        *[f"{k}={v}" for k, v in f["mmlu_source"].items()],
     ]
-    argv += ["--n-sparsity-rows", "8", "--seq-len", "32", "--retain-thresholds", "1.0", "--n-features", "2"]
-    argv += ["--multipliers", "10", "--device", "cpu", "--no-progress", "--min-mmlu-accuracy", "0"]
+    argv += ["--no-all-perms", "--max-questions", "16", "--n-sparsity-rows", "8", "--seq-len", "32"]
+    return argv + [
+        "--retain-thresholds",
+        "1.0",
+        "--n-features",
+        "2",
+        "--multipliers",
+        "10",
+        "--device",
+        "cpu",
+    ]
+
+
+def _unlearning_args(run: dict) -> list[str]:
+    return ["--no-saebench-exact", *_unlearning_data_args(run)]  # the tiny LM is not an instruct model
+
+
+def test_eval_unlearning_writes_results(
+    run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    offline_hub(monkeypatch)
+    out = tmp_path / "unlearning"
+    argv = [
+        "eval",
+        "unlearning",
+        "--ckpt",
+        str(run["ckpt"]),
+        "--config",
+        str(run["config"]),
+        "--out",
+        str(out),
+    ]
+    argv += [*_unlearning_data_args(run), "--no-progress", "--min-mmlu-accuracy", "0"]
     # SAEBench-exact (the default) refuses a model without a chat template, before loading it
     assert mtsae_cli.main([*argv, "--out", str(tmp_path / "exact")]) == 2
     err = capsys.readouterr().err
@@ -251,36 +266,6 @@ def test_mtsae_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- --sae
-def _unlearning_args(run: dict) -> list[str]:
-    f = run["files"]
-    argv = [
-        "--no-saebench-exact",  # the tiny LM is not an instruct model
-        "--forget-corpus",
-        f["forget_corpus"],
-        "--retain-corpus",
-        f["retain_corpus"],
-        "--retain-config",
-        "",
-    ]
-    argv += [
-        "--wmdp-source",
-        f["wmdp_source"],
-        "--mmlu-file",
-        *[f"{k}={v}" for k, v in f["mmlu_source"].items()],
-    ]
-    argv += ["--no-all-perms", "--max-questions", "16", "--n-sparsity-rows", "8", "--seq-len", "32"]
-    return argv + [
-        "--retain-thresholds",
-        "1.0",
-        "--n-features",
-        "2",
-        "--multipliers",
-        "10",
-        "--device",
-        "cpu",
-    ]
-
-
 def test_export_records_the_language_model(run: dict) -> None:
     meta = read_metadata(run["run_dir"] / "sae")
     source = run["cli"].datamodule.source
