@@ -5,6 +5,7 @@ from callbacks.core_metrics import CoreLMMetrics
 from callbacks.disentanglement import Disentanglement
 from callbacks.export import ExportSAE
 from callbacks.ground_truth import GroundTruthRecovery
+from callbacks.plateau import PlateauStopping
 from callbacks.summary import RunSummary
 from callbacks.synthetic_unlearning import SyntheticUnlearning
 from callbacks.unlearning import Unlearning
@@ -15,6 +16,7 @@ __all__ = [
     "ExportSAE",
     "GroundTruthRecovery",
     "ModelCheckpoint",
+    "PlateauStopping",
     "RunSummary",
     "SyntheticUnlearning",
     "Unlearning",

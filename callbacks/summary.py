@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from typing_extensions import override
 
 from callbacks.export import ExportSAE, run_dir
+from callbacks.plateau import PlateauStopping
 
 __all__ = ["RunSummary"]
 
@@ -43,6 +44,11 @@ class RunSummary(L.Callback):
             else None,
             "exported_sae": str(exports[0]) if exports else None,
             "global_step": trainer.global_step,
+            "max_steps": trainer.max_steps if trainer.max_steps > 0 else None,
+            # how the run ended: a PlateauStopping record (plateaued or not), else None
+            "stopping": next(
+                (cb.summary() for cb in trainer.callbacks if isinstance(cb, PlateauStopping)), None
+            ),
             "final_val_metrics": metrics,
         }
         out.mkdir(parents=True, exist_ok=True)

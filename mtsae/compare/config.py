@@ -30,6 +30,8 @@ values and compares the families there (mean ± std over seeds)::
       contrasts: [[mtsae, token], [mtsae, mtsae_frozen_conv]]   # default: every family vs the first
       n_l0: 3                                         # common L0 values per activation (>= 1)
       metrics: [val/fvu, val/recovered/slow]          # default: see DEFAULT_METRICS
+      min_effect: {val/fvu: 0.01}                     # smallest difference called one (default:
+                                                      # mtsae.compare.frontier.DEFAULT_MIN_EFFECT)
 
 Frontier runs are named ``<activation>-<family>-<point>-s<seed>`` (point = index into ``values``).
 
@@ -51,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from mtsae.compare.frontier import DEFAULT_MIN_EFFECT
 
 __all__ = [
     "NAME_PATTERN",
@@ -121,6 +125,9 @@ class Frontier:
     """number of common L0 values per activation"""
     metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
     """metrics interpolated at the common L0 values (``{group}`` expands to every ground-truth group)"""
+    min_effect: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_MIN_EFFECT))
+    """metric -> the smallest difference of means that is called a difference (``{group}`` allowed);
+    the defaults with the config's entries on top"""
 
 
 @dataclass
@@ -217,7 +224,7 @@ def _frontier(raw: Any, path: str) -> Frontier:
     where = f"{path}: frontier"
     if not isinstance(raw, dict):
         raise ValueError(f"{where} must be a mapping (families, activations, ...)")
-    _check_keys(raw, {"families", "activations", "contrasts", "n_l0", "metrics"}, where)
+    _check_keys(raw, {"families", "activations", "contrasts", "n_l0", "metrics", "min_effect"}, where)
     fams_raw = raw.get("families")
     if not isinstance(fams_raw, dict) or not fams_raw:
         raise ValueError(f"{where}.families must be a non-empty mapping name -> model.* args")
@@ -266,7 +273,13 @@ def _frontier(raw: Any, path: str) -> Frontier:
         not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics)
     ):
         raise ValueError(f"{where}.metrics must be a list of metric names (val/...)")
+    min_effect = raw.get("min_effect") or {}
+    if not isinstance(min_effect, dict) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in min_effect.values()
+    ):
+        raise ValueError(f"{where}.min_effect must map metric names to numbers >= 0, got {min_effect!r}")
     return Frontier(
+        min_effect={**DEFAULT_MIN_EFFECT, **{str(k): float(v) for k, v in min_effect.items()}},
         families=families,
         activations=activations,
         contrasts=contrasts,

@@ -9,8 +9,10 @@ L0 a family's value is the mean ± standard deviation (``ddof = 1``) over its se
 
 A claim follows the intervals ``mean ± std``: family ``a`` is *better* than ``b`` when the two intervals do
 not overlap and ``a``'s is on the better side (lower FVU, higher recovery, ...), *worse* when they do not
-overlap the other way, and *no difference* when they overlap. With fewer than two seeds on either side
-no claim is made.
+overlap the other way, and *no difference* when they overlap. Intervals that do not overlap but whose
+means differ by less than the metric's *min effect* (:data:`DEFAULT_MIN_EFFECT`, or the compare config's
+``frontier.min_effect``) are *negligible*: a real but practically irrelevant difference is not a claim.
+With fewer than two seeds on either side no claim is made.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import numpy as np
 
 __all__ = [
     "LOWER_IS_BETTER",
+    "DEFAULT_MIN_EFFECT",
+    "min_effect_of",
     "Point",
     "Stat",
     "Verdict",
@@ -43,6 +47,34 @@ LOWER_IS_BETTER = {
     "val/dead_fraction",
     "val/synthetic_unlearning/retain_damage",
 }
+
+
+#: the smallest difference of means that counts as a difference, per metric (``{group}``: any group);
+#: metrics not listed have none (0). A recovered fraction of 0.05 is about 1.6 of 32 true features.
+DEFAULT_MIN_EFFECT = {
+    "val/fvu": 0.005,
+    "val/loss": 0.005,
+    "val/recovered": 0.05,
+    "val/recovered/{group}": 0.05,
+    "val/mmcs": 0.01,
+    "val/mmcs/{group}": 0.01,
+    "val/synthetic_unlearning/score": 0.02,
+}
+
+
+def min_effect_of(metric: str, table: dict[str, float] | None = None) -> float:
+    """The min effect of ``metric`` in ``table`` (default :data:`DEFAULT_MIN_EFFECT`); a ``{group}`` key
+    matches one path segment; 0 when no key matches."""
+    table = DEFAULT_MIN_EFFECT if table is None else table
+    if metric in table:
+        return float(table[metric])
+    for key, value in table.items():
+        if "{group}" in key:
+            head, _, tail = key.partition("{group}")
+            middle = metric[len(head) : len(metric) - len(tail)] if tail else metric[len(head) :]
+            if metric.startswith(head) and metric.endswith(tail) and middle and "/" not in middle:
+                return float(value)
+    return 0.0
 
 
 @dataclass(frozen=True)
@@ -82,7 +114,8 @@ class Verdict:
     a: str
     b: str
     outcome: str
-    """``better`` / ``worse`` (a relative to b), ``no difference``, or ``no claim (n < 2)``"""
+    """``better`` / ``worse`` (a relative to b), ``no difference``, ``negligible`` (intervals apart, means
+    closer than the min effect) or ``no claim (n < 2)``"""
     stat_a: Stat
     stat_b: Stat
 
@@ -144,12 +177,16 @@ def summarise(values: Sequence[float]) -> Stat:
     return Stat(float(np.mean(v)), std, len(v))
 
 
-def compare_stats(a: Stat, b: Stat, direction: str) -> str:
-    """``better`` / ``worse`` (a relative to b) when the intervals ``mean ± std`` do not overlap, else
-    ``no difference``; ``no claim (n < 2)`` when either side has fewer than two seeds."""
+def compare_stats(a: Stat, b: Stat, direction: str, min_effect: float = 0.0) -> str:
+    """``better`` / ``worse`` (a relative to b) when the intervals ``mean ± std`` do not overlap and the
+    means differ by at least ``min_effect``; ``negligible`` when they do not overlap but the means are
+    closer than that; else ``no difference``; ``no claim (n < 2)`` when either side has fewer than two
+    seeds."""
     if a.n < 2 or b.n < 2:
         return "no claim (n < 2)"
     a_lo, a_hi, b_lo, b_hi = a.mean - a.std, a.mean + a.std, b.mean - b.std, b.mean + b.std
+    if (a_lo > b_hi or a_hi < b_lo) and abs(a.mean - b.mean) < min_effect:
+        return "negligible"
     if a_lo > b_hi:
         return "better" if direction == "max" else "worse"
     if a_hi < b_lo:
@@ -164,6 +201,7 @@ def frontier_analysis(
     metrics: Sequence[str],
     contrasts: Sequence[tuple[str, str]],
     n_l0: int = 3,
+    min_effect: dict[str, float] | None = None,
 ) -> ActivationFrontier:
     """Interpolate every (family, seed) frontier of ``activation`` at the common L0 values and compare."""
     pts = [p for p in points if p.activation == activation and p.family in families]
@@ -204,9 +242,6 @@ def frontier_analysis(
                 continue
             for i, x in enumerate(out.l0_values):
                 sa, sb = per_family[a][i], per_family[b][i]
-                out.verdicts.append(
-                    Verdict(
-                        activation, metric, x, a, b, compare_stats(sa, sb, better_direction(metric)), sa, sb
-                    )
-                )
+                outcome = compare_stats(sa, sb, better_direction(metric), min_effect_of(metric, min_effect))
+                out.verdicts.append(Verdict(activation, metric, x, a, b, outcome, sa, sb))
     return out

@@ -24,7 +24,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from mtsae.compare.config import CompareConfig  # noqa: E402
-from mtsae.compare.frontier import ActivationFrontier, Point, frontier_analysis  # noqa: E402
+from mtsae.compare.convergence import (  # noqa: E402
+    FamilyConvergence,
+    assess,
+    convergence_table,
+    run_end,
+    unsettled_note,
+)
+from mtsae.compare.frontier import ActivationFrontier, Point, frontier_analysis, min_effect_of  # noqa: E402
 from mtsae.compare.results import RunResult  # noqa: E402
 from mtsae.compare.runner import now  # noqa: E402
 
@@ -267,7 +274,13 @@ def analyse_frontiers(cfg: CompareConfig, results: list[RunResult]) -> list[Acti
     metrics = expand_metrics(cfg.frontier.metrics, results)
     return [
         frontier_analysis(
-            points, act.name, list(cfg.frontier.families), metrics, cfg.frontier.contrasts, cfg.frontier.n_l0
+            points,
+            act.name,
+            list(cfg.frontier.families),
+            metrics,
+            cfg.frontier.contrasts,
+            cfg.frontier.n_l0,
+            cfg.frontier.min_effect,
         )
         for act in cfg.frontier.activations
     ]
@@ -359,8 +372,13 @@ def _plot_curves(activation: str, results: list[RunResult], colors: dict[str, st
     return True
 
 
-def _verdict_lines(fa: ActivationFrontier) -> list[str]:
-    """The claims about one activation, one line per contrast and metric, written from the numbers."""
+#: how an outcome is written inside a verdict's detail
+_OUTCOME_TEXT = {"negligible": "apart, but by less than the min effect"}
+
+
+def _verdict_lines(fa: ActivationFrontier, conv: dict[str, FamilyConvergence] | None = None) -> list[str]:
+    """The claims about one activation, one line per contrast and metric, written from the numbers;
+    a claim whose families have runs that had not settled on the metric says so (``conv``)."""
     if fa.l0_range is None:
         ranges = "; ".join(f"{f} {lo:.1f}–{hi:.1f}" for f, (lo, hi) in fa.ranges.items()) or "none"
         if not fa.ranges:
@@ -381,10 +399,10 @@ def _verdict_lines(fa: ActivationFrontier) -> list[str]:
             vs = [v for v in fa.verdicts if (v.a, v.b, v.metric) == (a, b, metric)]
             if not vs:
                 continue
-            outcomes = {v.outcome for v in vs}
+            outcomes = {"no difference" if v.outcome == "negligible" else v.outcome for v in vs}
             detail = "; ".join(
-                f"L0 {v.l0:.1f}: {v.stat_a.text()} vs {v.stat_b.text()}" + ("" if len(outcomes) == 1 else
-                f" ({v.outcome})") for v in vs
+                f"L0 {v.l0:.1f}: {v.stat_a.text()} vs {v.stat_b.text()}" + ("" if len(outcomes) == 1
+                and v.outcome != "negligible" else f" ({_OUTCOME_TEXT.get(v.outcome, v.outcome)})") for v in vs
             )  # fmt: skip
             if outcomes == {"better"}:
                 head = f"{a} is **better** than {b}"
@@ -396,7 +414,8 @@ def _verdict_lines(fa: ActivationFrontier) -> list[str]:
                 head = f"{a} vs {b}: {next(iter(outcomes))}"
             else:
                 head = f"{a} vs {b} depends on L0"
-            lines.append(f"- **{fa.activation}**, {metric.removeprefix('val/')}: {head} ({detail})")
+            note = unsettled_note(conv, metric, (a, b)) if conv else ""
+            lines.append(f"- **{fa.activation}**, {metric.removeprefix('val/')}: {head} ({detail}){note}")
     return lines
 
 
@@ -418,31 +437,43 @@ def _frontier_tables(fa: ActivationFrontier) -> list[str]:
 
 
 def _budget_text(cfg: CompareConfig, results: list[RunResult]) -> str:
-    """How long the runs trained: the base config's early-stopping rule and step cap, and how many stopped."""
+    """How long the runs trained: the base config's stopping rule and step cap, and how the runs ended."""
     callbacks = ((yaml.safe_load(Path(cfg.base).read_text()) or {}).get("trainer") or {}).get(
         "callbacks"
     ) or []
-    stops = [
-        cb.get("init_args") or {}
+    rules = {
+        str(cb.get("class_path", "")).rsplit(".", 1)[-1]: cb.get("init_args") or {}
         for cb in callbacks
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("EarlyStopping")
-    ]
+        if isinstance(cb, dict)
+        and str(cb.get("class_path", "")).endswith(("EarlyStopping", "PlateauStopping"))
+    }
     caps = sorted({r.max_steps for r in results if r.max_steps is not None})
     cap = f"at most {', '.join(map(str, caps))} steps" if caps else "no step cap"
-    if stops:
-        es = stops[0]
+    if "PlateauStopping" in rules:
+        ps = rules["PlateauStopping"]
+        watched = ", ".join(
+            f"`{m}` by {spec.get('min_delta', 0)}{' (relative)' if spec.get('relative') else ''}"
+            for m, spec in (ps.get("monitors") or {}).items()
+        )
+        rule = (
+            f"Each run stops when none of its watched metrics has improved for {ps.get('patience', 5)} "
+            f"validations in a row ({watched}; `callbacks.PlateauStopping`, {cap})"
+        )
+    elif "EarlyStopping" in rules:
+        es = rules["EarlyStopping"]
         rule = (
             f"Each run stops when `{es.get('monitor')}` has not improved by {es.get('min_delta', 0.0)} for "
             f"{es.get('patience', 3)} validations ({cap})"
         )
     else:
         rule = f"Each run trains for the base config's budget ({cap}; no early stopping)"
-    early = sum(
-        1 for r in results if r.max_steps and r.global_step is not None and r.global_step < r.max_steps
+    capped = sum(
+        1 for r in results if r.max_steps and r.global_step is not None and r.global_step >= r.max_steps
     )
     return (
-        f"{rule}: {early} of {len(results)} runs stopped early, the others reached the cap; the validation "
-        "curves below show whether they had converged."
+        f"{rule}: {len(results) - capped} of {len(results)} runs stopped before the cap. A claim is marked "
+        "*not settled* when a run behind it still moved by at least the metric's min effect over its last "
+        "quarter of training (see Convergence)."
     )
 
 
@@ -536,17 +567,22 @@ def _frontier_sections(
         "points over the knob values; metrics are interpolated linearly in L0 at "
         f"{fr.n_l0} common L0 values spread over the range that every frontier covers (no "
         "extrapolation), then averaged over seeds (mean ± std, ddof 1; n = seeds). A family is "
-        "*better* or *worse* than another only when the intervals mean ± std do not overlap; "
+        "*better* or *worse* than another only when the intervals mean ± std do not overlap and the means "
+        "differ by at least the metric's min effect (the smallest difference the report calls one); "
         "otherwise the report says *no difference*. " + _budget_text(cfg, grid),
         "",
         "### Verdicts",
         "",
     ]
     analyses = analyse_frontiers(cfg, grid)
-    verdicts = [line for fa in analyses for line in _verdict_lines(fa)]
+    metrics = expand_metrics(fr.metrics, grid)
+    convs = {
+        fa.activation: assess(grid, fa.activation, metrics, lambda m: min_effect_of(m, fr.min_effect))
+        for fa in analyses
+    }
+    verdicts = [line for fa in analyses for line in _verdict_lines(fa, convs[fa.activation])]
     lines += verdicts + [""]
     colors = _family_colors(list(fr.families))
-    metrics = expand_metrics(fr.metrics, grid)
     summary = [
         f"<!-- generated by mtsae compare from {config_path or cfg.name}; {len(grid)} runs, seeds "
         f"{cfg.seeds}, {now()} -->",
@@ -568,6 +604,14 @@ def _frontier_sections(
         ]
         tables = _frontier_tables(fa)
         lines += tables
+        lines += [
+            f"**Convergence** ({fa.activation}): how the runs ended, and how many had settled on each metric "
+            "(moved by less than its min effect over the last quarter of training; min effects: "
+            + ", ".join(f"{m.removeprefix('val/')} {min_effect_of(m, fr.min_effect):g}" for m in metrics)
+            + ")",
+            "",
+            *convergence_table(convs[fa.activation], metrics),
+        ]
         summary += [f"#### {fa.activation} (common L0 range {rng})", "", *tables]
         fname = f"frontier_{_slug(fa.activation)}.png"
         if _plot_activation(fa, grid, metrics, colors, root / fname):
@@ -582,12 +626,12 @@ def _frontier_sections(
 
 
 def _runs_table(results: list[RunResult]) -> list[str]:
-    lines = ["## Runs", "", "| run | model | steps | stopped early | train time |", "|---|---|---|---|---|"]
+    lines = ["## Runs", "", "| run | model | steps | ended | train time |", "|---|---|---|---|---|"]
+    ended = {"plateau": "plateaued", "early": "stopped early", "cap": "step cap", "unknown": "—"}
     for r in results:
         t = f"{r.wall_s / 60:.1f} min" if r.wall_s else "—"
-        early = "—" if r.max_steps is None or r.global_step is None else (
-            "yes" if r.global_step < r.max_steps else "no (step cap)")  # fmt: skip
-        lines.append(f"| {r.name} | {_describe_model(r.hparams)} | {r.global_step} | {early} | {t} |")
+        end = ended[run_end(r.global_step, r.max_steps, r.stopping).kind]
+        lines.append(f"| {r.name} | {_describe_model(r.hparams)} | {r.global_step} | {end} | {t} |")
     return [*lines, ""]
 
 

@@ -36,6 +36,8 @@ class RunResult:
     tokens_per_step: int | None = None
     max_steps: int | None = None
     """the step cap of the run's trainer (``None``: none)"""
+    stopping: dict[str, Any] | None = None
+    """the run's ``callbacks.PlateauStopping`` record (``None``: the run had none)"""
 
 
 def _saved_config(rd: Path) -> dict[str, Any]:
@@ -78,6 +80,7 @@ def collect_results(
                 curves=curves,
                 tokens_per_step=tokens_per_step(rd),
                 max_steps=max_steps if isinstance(max_steps, int) and max_steps > 0 else None,
+                stopping=summary.get("stopping"),
             )
         )
     return results

@@ -231,6 +231,70 @@ def test_claims_follow_non_overlapping_intervals() -> None:
     )
 
 
+def test_a_difference_below_the_min_effect_is_negligible() -> None:
+    a, b = frontier.summarise([0.200, 0.201, 0.202]), frontier.summarise([0.204, 0.205, 0.206])
+    assert frontier.compare_stats(a, b, "min") == "better"  # apart, by 0.004
+    assert frontier.compare_stats(a, b, "min", min_effect=0.005) == "negligible"
+    assert frontier.compare_stats(a, b, "min", min_effect=0.004) == "better"
+    far = frontier.summarise([0.30, 0.31, 0.32])
+    assert frontier.compare_stats(a, far, "min", min_effect=0.005) == "better"
+    assert frontier.min_effect_of("val/fvu") == 0.005
+    assert frontier.min_effect_of("val/recovered/slow") == frontier.min_effect_of("val/recovered/any_group") == 0.05
+    assert frontier.min_effect_of("val/recovered/a/b") == 0.0  # {group} is one path segment
+    assert frontier.min_effect_of("val/l0") == 0.0
+    assert frontier.min_effect_of("val/mmcs/slow", {"val/mmcs/slow": 0.2}) == 0.2
+
+
+def test_min_effect_in_the_compare_config(tmp_path: Path) -> None:
+    base = {"name": "x", "base": TINY_BASE}
+    grid = {"families": {"a": {}, "b": {"model.d_sae": 32}},
+            "activations": {"relu": {"knob": "model.sparsity_coeff", "values": [1, 2]}}}  # fmt: skip
+    cfg = compare.load_compare_config(
+        _write(tmp_path, {**base, "frontier": {**grid, "min_effect": {"val/fvu": 0.02}}})
+    )
+    assert cfg.frontier.min_effect["val/fvu"] == 0.02  # the config's value on top of the defaults
+    assert cfg.frontier.min_effect["val/mmcs/{group}"] == frontier.DEFAULT_MIN_EFFECT["val/mmcs/{group}"]
+    with pytest.raises(ValueError, match="min_effect must map"):
+        compare.load_compare_config(_write(tmp_path, {**base, "frontier": {**grid, "min_effect": {"x": -1}}}))
+
+
+def test_late_change_and_how_runs_ended() -> None:
+    from mtsae.compare import convergence as conv
+
+    flat = [(s, 0.9 + 0.001 * (s % 2)) for s in range(100, 4100, 100)]
+    rising = [(s, s / 4000) for s in range(100, 4100, 100)]
+    assert abs(conv.late_change(flat)) < 0.002
+    # last 3 validations (3800-4000) vs the 3 nearest step 3000: 0.975 - 0.75
+    assert conv.late_change(rising) == pytest.approx(0.225)
+    assert math.isnan(conv.late_change(rising[:5]))
+    assert conv.run_end(900, 1000, {"plateaued": True, "stopped_step": 900}).kind == "plateau"
+    assert conv.run_end(1000, 1000, {"plateaued": False}).capped
+    assert conv.run_end(700, 1000, None).kind == "early"
+    assert conv.run_end(700, None, None).kind == "unknown"
+
+
+def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
+    from mtsae.compare import convergence as conv
+    from mtsae.compare.results import RunResult
+    from mtsae.compare.config import RunSpec
+
+    def run(name: str, family: str, curve: list, step: int) -> RunResult:
+        spec = RunSpec(name, family=family, activation="topk", point=0, seed=0)
+        return RunResult(name, spec, {}, {}, step, None, "", {"val/recovered/slow": curve}, 100, 4000)
+
+    flat = [(s, 0.9) for s in range(100, 4100, 100)]
+    rising = [(s, s / 4000) for s in range(100, 4100, 100)]
+    results = [run("a0", "token", flat, 2000), run("b0", "mtsae", rising, 4000), run("b1", "mtsae", flat, 3000)]
+    found = conv.assess(results, "topk", ["val/recovered/slow"], frontier.min_effect_of)
+    assert found["token"].unsettled["val/recovered/slow"] == []
+    assert found["mtsae"].unsettled["val/recovered/slow"] == ["b0"]
+    assert found["mtsae"].ends == {"cap": 1, "early": 1}
+    note = conv.unsettled_note(found, "val/recovered/slow", ("mtsae", "token"))
+    assert "not settled" in note and "mtsae 1/2" in note and "token" not in note
+    table = "\n".join(conv.convergence_table(found, ["val/recovered/slow"]))
+    assert "| mtsae | 2 | 0 | 1 | 1 | 1/2 |" in table and "| token | 1 | 0 | 1 | 0 | 1/1 |" in table
+
+
 def _points(family: str, offset: float, seeds: range, l0s: list[float]) -> list[frontier.Point]:
     """A frontier whose FVU falls linearly with L0, shifted by ``offset`` (+ a small per-seed jitter)."""
     return [
@@ -318,10 +382,12 @@ def test_synthetic_presets_parse_and_stop_early(preset: str, capsys: pytest.Capt
         cli_main(["fit", "--config", preset, "--print_config"])
     assert e.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    stops = [cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("EarlyStopping")]
-    assert len(stops) == 1 and stops[0]["init_args"]["monitor"] == "val/fvu"
-    assert printed["trainer"]["max_steps"] > 0
+    stops = [cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("PlateauStopping")]
+    assert len(stops) == 1 and printed["trainer"]["max_steps"] > 0
     groups = {g["name"] for g in printed["data"]["source"]["init_args"]["groups"]}
+    # the stopping rule watches the loss and the recovery of every planted group
+    watched = set(stops[0]["init_args"]["monitors"])
+    assert "val/loss" in watched and {f"val/mmcs/{g}" for g in groups} <= watched
     forget = next(
         cb for cb in printed["trainer"]["callbacks"] if cb["class_path"].endswith("SyntheticUnlearning")
     )
