@@ -275,8 +275,8 @@ def test_late_change_and_how_runs_ended() -> None:
 
 def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
     from mtsae.compare import convergence as conv
-    from mtsae.compare.results import RunResult
     from mtsae.compare.config import RunSpec
+    from mtsae.compare.results import RunResult
 
     def run(name: str, family: str, curve: list, step: int) -> RunResult:
         spec = RunSpec(name, family=family, activation="topk", point=0, seed=0)
