@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.INFO)
     if args.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
-    cfg = load_compare_config(args.config)
+    try:
+        cfg = load_compare_config(args.config)
+    except ValueError as e:  # a config error: one line that says what to change, exit status 2
+        print(f"mtsae compare: {e}", file=sys.stderr)
+        return 2
     extra = []
     for s in args.set:
         if "=" not in s:
@@ -104,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only_report:
         log.info("%d runs, --jobs %d, output %s", len(selected), args.jobs, root)
         started, t0 = now(), time.perf_counter()
-        failed = train_all(out, cfg, selected, extra, jobs=args.jobs)
+        try:
+            failed = train_all(out, cfg, selected, extra, jobs=args.jobs)
+        except ValueError as e:  # e.g. a finished run trained with another specification
+            print(f"mtsae compare: {e}", file=sys.stderr)
+            return 2
         _record_timing(root, time.perf_counter() - t0, args.jobs, started)
     results = collect_results(out, cfg, extra)
     if args.only_report and not results:

@@ -24,6 +24,7 @@ __all__ = [
     "SETTLE_POINTS",
     "LATE_FRACTION",
     "late_change",
+    "end_values",
     "RunEnd",
     "run_end",
     "FamilyConvergence",
@@ -56,6 +57,19 @@ def late_change(curve: Sequence[tuple[int, float]], late_fraction: float = LATE_
     # the earlier window must not share validations with the final one
     earlier = pts[:-SETTLE_POINTS]
     return end - _mean_near(earlier, late_fraction * pts[-1][0], SETTLE_POINTS)
+
+
+def end_values(final: dict[str, float], curves: dict[str, Sequence[tuple[int, float]]]) -> dict[str, float]:
+    """A run's value of each metric at the end of training: the mean of its last :data:`SETTLE_POINTS`
+    validations where its curve has them (the run is on its plateau there, so this only averages out
+    validation jitter, e.g. a feature whose best cosine hovers at the recovery threshold), else its final
+    value."""
+    out = dict(final)
+    for metric, curve in curves.items():
+        vals = [float(v) for _, v in sorted(curve) if not math.isnan(float(v))]
+        if metric in out and len(vals) >= SETTLE_POINTS:
+            out[metric] = sum(vals[-SETTLE_POINTS:]) / SETTLE_POINTS
+    return out
 
 
 @dataclass(frozen=True)

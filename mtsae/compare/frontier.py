@@ -1,7 +1,7 @@
 """L0-matched comparison over seeds: interpolate each seed's frontier at common L0 values, then compare.
 
-For one activation, every (family, seed) pair has a frontier: its runs' final ``(L0, metric)`` points,
-one per knob value. A metric is read off a frontier at an L0 by linear interpolation between the two
+For one activation, every (family, seed) pair has a frontier: its runs' end ``(L0, metric)`` points, one
+per knob value (the report passes each run's end values: :func:`mtsae.compare.convergence.end_values`). A metric is read off a frontier at an L0 by linear interpolation between the two
 neighbouring points in L0, and only inside the L0 range that frontier covers (no extrapolation). The common
 L0 values of an activation are ``n_l0`` evenly spaced values over the range that *every* (family, seed)
 frontier covers, so every model is compared at the same sparsity without leaving its data. At each common

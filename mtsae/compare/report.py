@@ -28,6 +28,7 @@ from mtsae.compare.convergence import (  # noqa: E402
     FamilyConvergence,
     assess,
     convergence_table,
+    end_values,
     run_end,
     unsettled_note,
 )
@@ -263,11 +264,16 @@ def expand_metrics(metrics: list[str], results: list[RunResult]) -> list[str]:
 
 
 def analyse_frontiers(cfg: CompareConfig, results: list[RunResult]) -> list[ActivationFrontier]:
-    """The L0-matched analysis of every activation of the config's frontier grid."""
+    """The L0-matched analysis of every activation of the config's frontier grid.
+
+    A run's point on its frontier is its *end value* of every metric (:func:`end_values`: the mean of its
+    last validations), not the single last validation, whose jitter would count as seed variance.
+    """
     if cfg.frontier is None:
         return []
+    ends = {r.name: end_values(r.metrics, r.curves) for r in results}
     points = [
-        Point(r.spec.family, r.spec.activation, int(r.spec.seed), r.metrics["val/l0"], r.metrics)
+        Point(r.spec.family, r.spec.activation, int(r.spec.seed), ends[r.name]["val/l0"], ends[r.name])
         for r in results
         if r.spec.family is not None and "val/l0" in r.metrics
     ]
@@ -563,8 +569,9 @@ def _frontier_sections(
         "Families: "
         + ", ".join(f"`{f}` ({' '.join(a) or 'the base model'})" for f, a in fr.families.items())
         + ".",
-        f"Seeds: {cfg.seeds}. Each (family, seed) frontier is the runs' final validation (L0, metric) "
-        "points over the knob values; metrics are interpolated linearly in L0 at "
+        f"Seeds: {cfg.seeds}. Each (family, seed) frontier is the runs' end (L0, metric) points over the "
+        "knob values (end value: the mean of a run's last 3 validations, which averages out validation "
+        "jitter on the plateau); metrics are interpolated linearly in L0 at "
         f"{fr.n_l0} common L0 values spread over the range that every frontier covers (no "
         "extrapolation), then averaged over seeds (mean ± std, ddof 1; n = seeds). A family is "
         "*better* or *worse* than another only when the intervals mean ± std do not overlap and the means "

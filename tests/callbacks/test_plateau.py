@@ -66,7 +66,9 @@ def test_stops_only_when_every_metric_has_plateaued() -> None:
     stops = _feed(_cb(), values)
     assert stops.index(True) == 7  # 2 validations after the last improvement of *any* metric
     # a single-metric rule on the loss would have stopped at the 4th validation
-    loss_only = PlateauStopping({"val/loss": {"mode": "min", "min_delta": 0.01, "relative": True}}, patience=2)
+    loss_only = PlateauStopping(
+        {"val/loss": {"mode": "min", "min_delta": 0.01, "relative": True}}, patience=2
+    )
     assert _feed(loss_only, [(v[0], 0.0) for v in values]).index(True) == 3
 
 

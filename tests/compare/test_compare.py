@@ -85,7 +85,7 @@ def test_dry_run_prints_fixed_run_folders(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_compare_tiny_report_skip_resume_only_report(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
 ) -> None:
     argv = ["--config", TINY, "--out", str(tmp_path), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     root = tmp_path / "tiny"
@@ -137,9 +137,16 @@ def test_compare_tiny_report_skip_resume_only_report(
     assert {r: p.stat().st_mtime_ns for r, p in summaries.items()} == mtimes
     assert "training" not in caplog.text
 
-    # a finished run whose specification changed is an error, not silently reused
-    with pytest.raises(ValueError, match="different specification"):
-        compare.main([*argv, "--set", "trainer.max_epochs=2"])
+    # a finished run whose specification changed is an error (one line, exit 2), not silently reused
+    capsys.readouterr()
+    assert compare.main([*argv, "--set", "trainer.max_epochs=2"]) == 2
+    assert "different specification" in capsys.readouterr().err
+
+
+def test_a_bad_compare_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert compare.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "no compare config" in err and "Traceback" not in err
 
 
 def test_pinned_checkpoint_folder_moves_into_the_run_folder(
@@ -239,7 +246,11 @@ def test_a_difference_below_the_min_effect_is_negligible() -> None:
     far = frontier.summarise([0.30, 0.31, 0.32])
     assert frontier.compare_stats(a, far, "min", min_effect=0.005) == "better"
     assert frontier.min_effect_of("val/fvu") == 0.005
-    assert frontier.min_effect_of("val/recovered/slow") == frontier.min_effect_of("val/recovered/any_group") == 0.05
+    assert (
+        frontier.min_effect_of("val/recovered/slow")
+        == frontier.min_effect_of("val/recovered/any_group")
+        == 0.05
+    )
     assert frontier.min_effect_of("val/recovered/a/b") == 0.0  # {group} is one path segment
     assert frontier.min_effect_of("val/l0") == 0.0
     assert frontier.min_effect_of("val/mmcs/slow", {"val/mmcs/slow": 0.2}) == 0.2
@@ -271,6 +282,10 @@ def test_late_change_and_how_runs_ended() -> None:
     assert conv.run_end(1000, 1000, {"plateaued": False}).capped
     assert conv.run_end(700, 1000, None).kind == "early"
     assert conv.run_end(700, None, None).kind == "unknown"
+    # a run's end value: the mean of its last 3 validations (a jittering recovery), else its final value
+    jitter = {"val/recovered/slow": [(100, 0.0), (200, 0.5), (300, 0.25), (400, 0.5), (500, 0.75)]}
+    ends = conv.end_values({"val/recovered/slow": 0.75, "val/l0": 3.0}, jitter)
+    assert ends == {"val/recovered/slow": pytest.approx(0.5), "val/l0": 3.0}
 
 
 def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
@@ -284,7 +299,11 @@ def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
 
     flat = [(s, 0.9) for s in range(100, 4100, 100)]
     rising = [(s, s / 4000) for s in range(100, 4100, 100)]
-    results = [run("a0", "token", flat, 2000), run("b0", "mtsae", rising, 4000), run("b1", "mtsae", flat, 3000)]
+    results = [
+        run("a0", "token", flat, 2000),
+        run("b0", "mtsae", rising, 4000),
+        run("b1", "mtsae", flat, 3000),
+    ]
     found = conv.assess(results, "topk", ["val/recovered/slow"], frontier.min_effect_of)
     assert found["token"].unsettled["val/recovered/slow"] == []
     assert found["mtsae"].unsettled["val/recovered/slow"] == ["b0"]
