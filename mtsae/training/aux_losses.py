@@ -91,9 +91,9 @@ class DeadLatentTracker(nn.Module):
     """Counts, per latent, the valid training tokens seen since it last fired (``f > 0``).
 
     The count is a buffer, so it is saved in checkpoints and restored on resume. Under
-    ``torch.distributed`` :meth:`update` sums the token counts and ORs the "fired" flags over ranks
-    (so every rank must call it, at the same steps), making the count global as in OpenAI's
-    implementation (which all-reduces its statistic with MIN).
+    ``torch.distributed`` :meth:`update` sums the token counts and ORs the "fired" flags over ranks in
+    one all-reduce (so every rank must call it, at the same steps), making the count global as in
+    OpenAI's implementation (which all-reduces its statistic with MIN).
 
     Args:
         d_sae: number of latents.
@@ -125,8 +125,11 @@ class DeadLatentTracker(nn.Module):
         fired = fired_ND.any(0).long()  # [d_sae]
         n_tokens = n_tokens.long().reshape(1)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-            dist.all_reduce(n_tokens, op=dist.ReduceOp.SUM)
+            # one collective per step: the "fired" flags are summed with the token counts (a latent
+            # fired somewhere iff its sum over ranks is > 0)
+            both = torch.cat([fired, n_tokens.to(fired.device)])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            fired, n_tokens = both[:-1] > 0, both[-1:]
         counts = self.tokens_since_fired
         counts.add_(n_tokens.to(counts.device))
         counts.masked_fill_(fired.to(counts.device).bool(), 0)

@@ -303,6 +303,48 @@ def test_dead_latent_tracker_counts_valid_tokens_and_checkpoints():
         tracker.dead_mask(0)
 
 
+def _tracker_rank(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    calls = []
+    real = dist.all_reduce
+    dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        tracker = DeadLatentTracker(D_SAE)
+        f = torch.zeros(2, 4, D_SAE)
+        f[0, 1, rank] = 1.0  # latent 0 fires on rank 0 only, latent 1 on rank 1 only
+        valid = torch.ones(2, 4, dtype=torch.bool)
+        valid[:, 0] = False
+        valid[rank, 3] = False  # the ranks see different numbers of valid tokens: 5 and 5
+        tracker.update(torch.zeros(2, 4, D_SAE), valid)
+        tracker.update(f, valid)
+        torch.save({"counts": tracker.tokens_since_fired, "calls": len(calls)}, f"{out}/{rank}.pt")
+    finally:
+        dist.all_reduce = real
+        dist.destroy_process_group()
+
+
+def test_dead_latent_tracker_is_global_under_ddp_with_one_collective_per_step(tmp_path) -> None:
+    """Two gloo ranks: a latent that fired on either rank is reset on both; token counts are summed over
+    ranks; each update is one all-reduce."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_tracker_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    per_step = 2 * 5  # valid tokens per update, summed over the two ranks
+    for res in results:
+        assert res["calls"] == 2  # one all-reduce per update
+        counts = res["counts"]
+        assert counts[0] == 0 and counts[1] == 0  # fired on one rank each: reset everywhere
+        assert (counts[2:] == 2 * per_step).all()
+
+
 # ----------------------------------------------------------------------------- in the model
 @pytest.mark.parametrize(
     ("name", "kwargs"),
