@@ -461,9 +461,10 @@ def _budget_text(cfg: CompareConfig, results: list[RunResult]) -> str:
             f"`{m}` by {spec.get('min_delta', 0)}{' (relative)' if spec.get('relative') else ''}"
             for m, spec in (ps.get("monitors") or {}).items()
         )
+        after = f", not before step {ps['min_steps']}" if ps.get("min_steps") else ""
         rule = (
             f"Each run stops when none of its watched metrics has improved for {ps.get('patience', 5)} "
-            f"validations in a row ({watched}; `callbacks.PlateauStopping`, {cap})"
+            f"validations in a row ({watched}; `callbacks.PlateauStopping`{after}, {cap})"
         )
     elif "EarlyStopping" in rules:
         es = rules["EarlyStopping"]
