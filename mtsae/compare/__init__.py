@@ -6,7 +6,9 @@
 Modules: :mod:`~mtsae.compare.config` (the YAML schema), :mod:`~mtsae.compare.runner` (one ``train.py fit``
 process per run, ``--jobs`` at a time, resumable), :mod:`~mtsae.compare.curves` (validation curves from
 TensorBoard event files), :mod:`~mtsae.compare.results` (finished runs), :mod:`~mtsae.compare.frontier`
-(L0-matched interpolation, statistics over seeds and verdicts) and :mod:`~mtsae.compare.report`.
+(L0-matched interpolation, statistics over seeds and verdicts), :mod:`~mtsae.compare.convergence` (how runs
+ended, whether their metrics had settled), :mod:`~mtsae.compare.frontier_report` (the frontier sections
+of a report) and :mod:`~mtsae.compare.report` (``report.md``).
 """
 
 from mtsae.compare.cli import build_parser, main

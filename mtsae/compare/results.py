@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from mtsae.compare.config import CompareConfig, RunSpec
 from mtsae.compare.curves import read_curves, tokens_per_step
 from mtsae.compare.runner import SPEC_FILE, run_dir, train_args
 
-__all__ = ["RunResult", "collect_results"]
+__all__ = ["RunResult", "collect_results", "timescale_groups"]
 
 
 @dataclass
@@ -84,3 +85,14 @@ def collect_results(
             )
         )
     return results
+
+
+def timescale_groups(results: list[RunResult]) -> list[str]:
+    """The ground-truth groups the runs logged recovery for (``val/recovered/<group>``), in order."""
+    groups: list[str] = []
+    for r in results:
+        for k in r.metrics:
+            m = re.match(r"^val/recovered/(.+)$", k)
+            if m and m.group(1) not in groups:
+                groups.append(m.group(1))
+    return groups

@@ -341,13 +341,13 @@ def test_frontier_analysis_interpolates_at_common_l0_and_writes_verdicts() -> No
     assert all(s.n == 3 for s in token_at)
     outcomes = {(v.a, v.b): {w.outcome for w in fa.verdicts if (w.a, w.b) == (v.a, v.b)} for v in fa.verdicts}
     assert outcomes == {("mtsae", "token"): {"better"}, ("same", "mtsae"): {"no difference"}}
-    text = "\n".join(compare.report._verdict_lines(fa))
+    text = "\n".join(compare.frontier_report.verdict_lines(fa))
     assert "mtsae is **better** than token" in text and "**no difference** between same and mtsae" in text
     # frontiers that share no L0 range are not compared, and the report says so
     apart = _points("token", 0.0, range(2), [1, 2]) + _points("mtsae", 0.0, range(2), [5, 6])
     fa = frontier.frontier_analysis(apart, "topk", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")])
     assert fa.l0_range is None and not fa.verdicts
-    assert "share no L0 range" in compare.report._verdict_lines(fa)[0]
+    assert "share no L0 range" in compare.frontier_report.verdict_lines(fa)[0]
 
 
 def test_quick_frontier_comparison_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
