@@ -180,11 +180,11 @@ def test_frontier_grid_expands_to_one_run_per_family_point_and_seed(tmp_path: Pa
     cfg = compare.load_compare_config("configs/compare/temporal.yaml")
     fr = cfg.frontier
     n_points = sum(len(a.values) for a in fr.activations)
-    assert len(cfg.runs) == len(fr.families) * n_points * len(cfg.seeds) == 5 * 6 * 3
-    run = next(r for r in cfg.runs if r.name == "topk-mtsae_decorr-2-s1")
-    assert (run.family, run.activation, run.point, run.seed) == ("mtsae_decorr", "topk", 2, 1)
+    assert len(cfg.runs) == len(fr.families) * n_points * len(cfg.seeds) == 3 * 6 * 3
+    run = next(r for r in cfg.runs if r.name == "topk-mtsae-2-s1")
+    assert (run.family, run.activation, run.point, run.seed) == ("mtsae", "topk", 2, 1)
     assert run.args == [
-        "--model.separation=scales_decorr",
+        "--model.separation=scales",
         "--model.activation=topk",
         '--model.activation_kwargs={"k": 8}',
         "--seed_everything=1",
