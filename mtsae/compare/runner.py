@@ -36,6 +36,7 @@ __all__ = [
     "train_args",
     "train_run",
     "train_all",
+    "build_cache_first",
     "RunFailed",
 ]
 
@@ -201,9 +202,9 @@ def train_all(
 ) -> list[str]:
     """Train ``runs`` (finished ones are skipped), ``jobs`` processes at a time; returns failed run names.
 
-    Every specification is checked before anything trains. With ``jobs > 1`` the first pending run trains
-    alone, so that the shared activation cache is written by one process before the others read it. A
-    failed run does not stop the others; its error is logged.
+    Every specification is checked before anything trains. With ``jobs > 1`` one process first builds the
+    shared activation cache (:func:`build_cache_first`), so that the parallel runs only read it. A failed
+    run does not stop the others; its error is logged.
     """
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
@@ -229,13 +230,51 @@ def train_all(
 
     if not pending:
         return failed
-    first, rest = (pending[0], pending[1:]) if jobs > 1 else (None, pending)
-    if first is not None:
-        one(first)
     if jobs == 1:
-        for run in rest:
+        for run in pending:
             one(run)
-    else:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(one, rest))
+        return failed
+    try:
+        build_cache_first(out, cfg, pending[0], extra)
+    except RunFailed as e:  # the runs will each report the problem; train the first alone as before
+        log.error("%s", e)
+        one(pending[0])
+        pending = pending[1:]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        list(pool.map(one, pending))
     return failed
+
+
+def build_cache_first(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] = ()) -> None:
+    """Build (or check) the activation cache of ``run`` in one ``train.py fit --trainer.max_steps=0``
+    process that trains nothing and writes nothing but the cache: no callbacks, no logger, its folder
+    ``<out>/<name>/.cache_build`` removed afterwards. Runs share the data settings, so this is every run's
+    cache. Raises :class:`RunFailed` when the process fails."""
+    tmp = Path(out) / cfg.name / ".cache_build"
+    args = [
+        *train_args(out, cfg, run, extra),
+        "--trainer.max_steps=0",
+        "--trainer.callbacks=[]",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.default_root_dir={tmp}",
+    ]
+    tmp.mkdir(parents=True, exist_ok=True)
+    log.info("building the shared activation cache before the parallel runs")
+    try:
+        with open(tmp / LOG_FILE, "w") as fh:
+            proc = subprocess.run(
+                [sys.executable, str(REPO_ROOT / "train.py"), *args],
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **THREAD_ENV},
+                check=False,
+            )
+        if proc.returncode != 0:
+            tail = (tmp / LOG_FILE).read_text().splitlines()[-15:]
+            raise RunFailed(
+                f"building the activation cache failed (exit status {proc.returncode}):\n"
+                + "\n".join(f"  | {line}" for line in tail)
+            )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

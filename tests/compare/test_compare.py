@@ -375,6 +375,9 @@ def test_quick_frontier_comparison_end_to_end(tmp_path: Path, caplog: pytest.Log
     assert len(verdicts) == 2 * 1 * 6, verdicts
     assert all(("better" in v or "worse" in v or "no difference" in v) for v in verdicts)
     assert "| token |" in summary and "| mtsae |" in summary
+    # with --jobs 2 one process built the shared cache first and left nothing else behind
+    assert "building the shared activation cache" in caplog.text and not (root / ".cache_build").exists()
+    assert len(list((tmp_path / "cache").iterdir())) == 1
     caplog.clear()
     assert compare.main(argv) == 0
     assert caplog.text.count("finished, skipped") == 16 and "training" not in caplog.text
