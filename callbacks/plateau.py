@@ -104,7 +104,7 @@ class PlateauStopping(L.Callback):
         logged = trainer.callback_metrics
         missing = [m for m in self.monitors if m not in logged]
         if missing:
-            raise KeyError(
+            raise ValueError(
                 f"PlateauStopping monitors {missing}, which were not logged at this validation; logged: "
                 f"{sorted(k for k in logged if k.startswith('val/'))}"
             )

@@ -93,7 +93,7 @@ def test_state_round_trips_through_a_checkpoint() -> None:
 
 def test_a_missing_metric_names_what_was_logged() -> None:
     cb = _cb()
-    with pytest.raises(KeyError, match=r"val/recovered/slow.*logged: \['val/loss'\]"):
+    with pytest.raises(ValueError, match=r"val/recovered/slow.*logged: \['val/loss'\]"):
         cb.on_validation_end(_trainer(100, val__loss=1.0), None)
 
 
