@@ -13,7 +13,7 @@ from pathlib import Path
 from mtsae.compare.config import load_compare_config
 from mtsae.compare.report import write_report
 from mtsae.compare.results import collect_results
-from mtsae.compare.runner import now, train_all, train_args
+from mtsae.compare.runner import now, run_dir, train_all, train_args
 
 __all__ = ["build_parser", "main", "TIMING_FILE"]
 
@@ -55,10 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _record_timing(root: Path, wall_s: float, jobs: int, started: str) -> dict:
-    """Add this invocation's wall time to ``timing.json`` (a resumed comparison sums its invocations)."""
+def _record_timing(root: Path, wall_s: float, jobs: int, started: str, resumed: bool = True) -> dict:
+    """Add this invocation's wall time to ``timing.json`` (a resumed comparison sums its invocations);
+    ``resumed=False`` (no run had finished when it started) starts a new record."""
     path = root / TIMING_FILE
-    timing = json.loads(path.read_text()) if path.exists() else {}
+    timing = json.loads(path.read_text()) if path.exists() and resumed else {}
     timing = {
         "wall_s": timing.get("wall_s", 0.0) + wall_s,
         "jobs": jobs,
@@ -108,12 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.only_report:
         log.info("%d runs, --jobs %d, output %s", len(selected), args.jobs, root)
         started, t0 = now(), time.perf_counter()
+        # a comparison that starts with no finished run times itself afresh (an old timing.json, e.g.
+        # one committed with an earlier grid, is not this grid's time)
+        resumed = any((run_dir(out, cfg, r) / "summary.json").exists() for r in cfg.runs)
         try:
             failed = train_all(out, cfg, selected, extra, jobs=args.jobs)
         except ValueError as e:  # e.g. a finished run trained with another specification
             print(f"mtsae compare: {e}", file=sys.stderr)
             return 2
-        _record_timing(root, time.perf_counter() - t0, args.jobs, started)
+        _record_timing(root, time.perf_counter() - t0, args.jobs, started, resumed)
     results = collect_results(out, cfg, extra)
     if args.only_report and not results:
         raise SystemExit(f"--only-report: no finished run under {root / 'runs'}")

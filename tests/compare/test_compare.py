@@ -415,3 +415,15 @@ def test_synthetic_presets_parse_and_stop_early(preset: str, capsys: pytest.Capt
     )
     assert forget["init_args"]["group"] in groups
     assert groups == ({"local", "slow"} if preset.endswith("temporal.yaml") else {"local", "rare"})
+
+
+def test_timing_sums_resumed_invocations_and_restarts_for_a_new_grid(tmp_path: Path) -> None:
+    from mtsae.compare.cli import TIMING_FILE, _record_timing
+
+    _record_timing(tmp_path, 60.0, 2, "t0", resumed=False)
+    t = _record_timing(tmp_path, 30.0, 2, "t1", resumed=True)  # a resumed comparison adds its time
+    assert (t["wall_s"], t["invocations"], t["started"]) == (90.0, 2, "t0")
+    # an old record (e.g. committed with an earlier grid) is not counted when nothing had finished
+    t = _record_timing(tmp_path, 10.0, 2, "t2", resumed=False)
+    assert (t["wall_s"], t["invocations"], t["started"]) == (10.0, 1, "t2")
+    assert (tmp_path / TIMING_FILE).exists()
