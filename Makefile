@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -19,14 +19,17 @@ $(STAMP): setup.cfg constraints.txt
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
 
-# the synthetic comparisons: L0-matched frontiers over 3 seeds on the preset where context should help,
-# on the one where every feature is token-local, and the separation-loss check (reports/temporal/,
-# reports/local/, reports/separation/); JOBS processes at once, one core each. Every run trains to a
-# plateau (callbacks.PlateauStopping). Resumable: finished runs are skipped.
+# the synthetic comparisons: L0-matched frontiers over 3 seeds on the preset where context should help
+# and on the one where every feature is token-local (reports/temporal/, reports/local/; about 95 min on
+# 2 cores); JOBS processes at once, one core each. Every run trains to a plateau
+# (callbacks.PlateauStopping). Resumable: finished runs are skipped.
 JOBS ?= 2
 compare: $(STAMP)
 	$(PY) -m mtsae.compare --config configs/compare/temporal.yaml --jobs $(JOBS)
 	$(PY) -m mtsae.compare --config configs/compare/local.yaml --jobs $(JOBS)
+
+# does the separation loss act? TopK MTSAEs with separation none / scales / scales_decorr (reports/separation/)
+compare-separation: $(STAMP)
 	$(PY) -m mtsae.compare --config configs/compare/separation.yaml --jobs $(JOBS)
 
 # the same machinery on a tiny problem, about two minutes (not a result; output under /tmp)
