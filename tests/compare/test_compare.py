@@ -3,6 +3,7 @@ the frontier grid (``configs/compare/quick.yaml``) end to end, and the frontier 
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -90,7 +91,12 @@ def test_compare_tiny_report_skip_resume_only_report(
     argv = ["--config", TINY, "--out", str(tmp_path), "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     root = tmp_path / "tiny"
     caplog.set_level(logging.INFO, logger="mtsae.compare")
+    # a timing.json left from an earlier grid (no run of this one finished) is not added to this grid's time
+    root.mkdir()
+    (root / "timing.json").write_text('{"wall_s": 1e6, "jobs": 2, "started": "old", "invocations": 5}')
     assert compare.main(argv) == 0
+    timing = json.loads((root / "timing.json").read_text())
+    assert timing["invocations"] == 1 and timing["wall_s"] < 1e6 and timing["started"] != "old"
     report = (root / "report.md").read_text()
     for png in ("frontier.png", "recovery.png"):
         assert (root / png).stat().st_size > 1000 and f"]({png})" in report
