@@ -124,12 +124,7 @@ class PlateauStopping(L.Callback):
 
     def summary(self) -> dict[str, Any]:
         """Whether the run plateaued, at which step, and each monitor's best value and wait."""
-        return {
-            "plateaued": self.stopped_step is not None,
-            "stopped_step": self.stopped_step,
-            "patience": self.patience,
-            "monitors": {k: asdict(m) for k, m in self.monitors.items()},
-        }
+        return {"plateaued": self.stopped_step is not None, "patience": self.patience, **self.state_dict()}
 
     @override
     def state_dict(self) -> dict[str, Any]:

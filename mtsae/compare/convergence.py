@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = [
     "SETTLE_POINTS",
@@ -100,9 +100,9 @@ class FamilyConvergence:
     """How the runs of one (activation, family) ended and which had settled on each metric."""
 
     runs: int = 0
-    ends: dict[str, int] | None = None
+    ends: dict[str, int] = field(default_factory=dict)
     """end kind -> count"""
-    unsettled: dict[str, list[str]] | None = None
+    unsettled: dict[str, list[str]] = field(default_factory=dict)
     """metric -> names of runs that had not settled on it"""
 
 
@@ -118,7 +118,7 @@ def assess(
     for r in results:
         if r.spec.activation != activation or r.spec.family is None:
             continue
-        fc = out.setdefault(r.spec.family, FamilyConvergence(0, {}, {m: [] for m in metrics}))
+        fc = out.setdefault(r.spec.family, FamilyConvergence(unsettled={m: [] for m in metrics}))
         fc.runs += 1
         end = run_end(r.global_step, r.max_steps, r.stopping)
         fc.ends[end.kind] = fc.ends.get(end.kind, 0) + 1

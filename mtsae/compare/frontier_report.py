@@ -23,6 +23,7 @@ from mtsae.compare.convergence import (  # noqa: E402
     assess,
     convergence_table,
     end_values,
+    run_end,
     unsettled_note,
 )
 from mtsae.compare.frontier import ActivationFrontier, Point, frontier_analysis, min_effect_of  # noqa: E402
@@ -259,9 +260,7 @@ def _budget_text(cfg: CompareConfig, results: list[RunResult]) -> str:
         )
     else:
         rule = f"Each run trains for the base config's budget ({cap}; no early stopping)"
-    capped = sum(
-        1 for r in results if r.max_steps and r.global_step is not None and r.global_step >= r.max_steps
-    )
+    capped = sum(run_end(r.global_step, r.max_steps, r.stopping).capped for r in results)
     return (
         f"{rule}: {len(results) - capped} of {len(results)} runs stopped before the cap. A claim is marked "
         "*not settled* when a run behind it still moved by at least the metric's min effect over its last "

@@ -142,6 +142,25 @@ def _prepare(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str]) 
     return {"spec": spec, "files": _file_hashes(cfg, run)}
 
 
+def _train_process(args: list[str], log_file: Path, what: str, mode: str = "w") -> None:
+    """Run ``train.py`` with ``args`` (one thread), output into ``log_file``; :class:`RunFailed` with the
+    log's tail when it fails."""
+    with open(log_file, mode) as fh:
+        proc = subprocess.run(
+            [sys.executable, str(REPO_ROOT / "train.py"), *args],
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **THREAD_ENV},
+            check=False,
+        )
+    if proc.returncode != 0:
+        tail = log_file.read_text().splitlines()[-15:]
+        raise RunFailed(
+            f"{what} failed (exit status {proc.returncode}); log: {log_file}\n"
+            + "\n".join(f"  | {line}" for line in tail)
+        )
+
+
 def train_run(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] = ()) -> bool:
     """Train one run in a ``train.py fit`` process unless it has finished; returns whether it trained.
 
@@ -165,26 +184,12 @@ def train_run(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] 
         record = {**json.loads(spec_path.read_text()), "resumed": now()}
     spec_path.write_text(json.dumps(record, indent=1))
     args = train_args(out, cfg, run, extra, ckpt)
-    script = REPO_ROOT / "train.py"
     log.info(
         "run %s: %s\n  python train.py %s", run.name, "resuming" if ckpt else "training", shlex.join(args)
     )
     t0 = time.perf_counter()
-    with open(rd / LOG_FILE, "a") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(script), *args],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **THREAD_ENV},
-            check=False,
-        )
+    _train_process(args, rd / LOG_FILE, f"run {run.name!r}", mode="a")
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        tail = (rd / LOG_FILE).read_text().splitlines()[-15:]
-        raise RunFailed(
-            f"run {run.name!r} failed (exit status {proc.returncode}); log: {rd / LOG_FILE}\n"
-            + "\n".join(f"  | {line}" for line in tail)
-        )
     if not (rd / "summary.json").exists():
         raise RunFailed(
             f"run {run.name!r} ended without {rd / 'summary.json'}: the base config's trainer.callbacks must "
@@ -262,19 +267,6 @@ def build_cache_first(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequen
     tmp.mkdir(parents=True, exist_ok=True)
     log.info("building the shared activation cache before the parallel runs")
     try:
-        with open(tmp / LOG_FILE, "w") as fh:
-            proc = subprocess.run(
-                [sys.executable, str(REPO_ROOT / "train.py"), *args],
-                stdout=fh,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **THREAD_ENV},
-                check=False,
-            )
-        if proc.returncode != 0:
-            tail = (tmp / LOG_FILE).read_text().splitlines()[-15:]
-            raise RunFailed(
-                f"building the activation cache failed (exit status {proc.returncode}):\n"
-                + "\n".join(f"  | {line}" for line in tail)
-            )
+        _train_process(args, tmp / LOG_FILE, "building the activation cache")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
