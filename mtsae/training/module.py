@@ -33,7 +33,11 @@ from mtsae.training.losses import (
 from mtsae.training.metrics import ReconstructionMetrics
 from mtsae.training.schedulers import WarmupDecayLR
 
-__all__ = ["SAEModule"]
+__all__ = ["NonFiniteLossError", "SAEModule"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the first such step and its cause."""
 
 
 class SAEModule(L.LightningModule):
@@ -134,6 +138,9 @@ class SAEModule(L.LightningModule):
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("data_initialised", torch.tensor(False))
         self.val_metrics = ReconstructionMetrics(d_in, d_sae)
+        # the first step whose loss was not finite, and what was not finite in it (kept on the device)
+        self._nonfinite: tuple[Tensor, Tensor] | None = None
+        self._nonfinite_names: list[str] = []
 
     # ------------------------------------------------------------------ set-up from the data
     def initialise_from_stats(self, stats: dict, force: bool = False) -> bool:
@@ -202,12 +209,21 @@ class SAEModule(L.LightningModule):
         terms["loss"] = loss
         return terms
 
+    def _inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Scaled activations ``[B, T, d_in]``, zero at invalid positions (whatever is stored there, an
+        overflowed BOS included, never reaches the encoder, the losses or their gradients), and ``valid``."""
+        valid = batch["valid"]
+        x = self.raw_sae.scale(batch["acts"].float())
+        return torch.where(valid.unsqueeze(-1), x, x.new_zeros(())), valid
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x, valid = self.raw_sae.scale(batch["acts"].float()), batch["valid"]
+        x, valid = self._inputs(batch)
         out = self.sae(x, valid)
         self.dead_tracker.update(out.f.detach(), valid)
         terms = self._losses(x, valid, out)
+        self._record_nonfinite(x, terms)
         if self._writes_step_logs():
+            self.check_finite()
             with torch.no_grad():
                 l0 = (out.f[valid] > 0).float().sum(-1).mean()
                 batch_fvu = fvu(x, out.x_hat, valid)
@@ -217,6 +233,50 @@ class SAEModule(L.LightningModule):
             self.log("train/dead_fraction", dead.float().mean())
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return terms["loss"]
+
+    def _record_nonfinite(self, x: Tensor, terms: dict[str, Tensor]) -> None:
+        """Remember (on the device: no host sync per step) the first step whose loss is not finite, whether
+        its batch held non-finite activations and which loss terms were not finite."""
+        flags = torch.stack([~torch.isfinite(x).all(), *(~torch.isfinite(v) for v in terms.values())])
+        if self._nonfinite is None or len(self._nonfinite_names) != len(terms):
+            self._nonfinite = (torch.full((), -1, device=x.device), torch.zeros_like(flags))
+        self._nonfinite_names = list(terms)
+        step, what = self._nonfinite
+        first = (step < 0) & flags[-1]  # flags[-1]: the total loss
+        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, flags, what))
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a training loss so far was NaN or infinite.
+
+        Called on the steps that are logged, before every checkpoint is written and at the end of
+        training: a checkpoint or an exported SAE never holds weights trained on a non-finite loss.
+        """
+        if self._nonfinite is None or int(self._nonfinite[0]) < 0:
+            return
+        step, what = int(self._nonfinite[0]), self._nonfinite[1].tolist()
+        terms = [n for n, bad in zip(self._nonfinite_names, what[1:-1], strict=True) if bad]
+        if what[0]:
+            cause = (
+                "the batch held non-finite activations at valid positions (`mtsae cache verify` and the "
+                "cache build refuse them: was a shard edited, or built by an older version?)"
+            )
+        elif terms:
+            cause = f"the loss terms {terms} were not finite with finite inputs (lower the learning rate?)"
+        else:
+            cause = "the sum of finite loss terms overflowed"
+        raise NonFiniteLossError(
+            f"the training loss was not finite at step {step}: {cause}. Training stopped; the "
+            "checkpoints written before that step are kept (resume from one with --ckpt_path)"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def _writes_step_logs(self) -> bool:
         """Whether the loggers record this step (every ``trainer.log_every_n_steps``).
@@ -231,7 +291,7 @@ class SAEModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         raw = self.raw_sae
-        x, valid = raw.scale(batch["acts"].float()), batch["valid"]
+        x, valid = self._inputs(batch)
         out = self.sae(x, valid)
         self.log("val/loss", self._losses(x, valid, out)["loss"], sync_dist=True)
         self.val_metrics.update(

@@ -157,3 +157,18 @@ def test_train_loader_resumes_mid_epoch_across_windows(tmp_path: Path, done: int
     assert all(torch.equal(a, b) for a, b in zip(rest, full[done:], strict=True))
     again = [b["acts"] for b in resumed]  # the skip applies once: the next pass is the whole epoch
     assert all(torch.equal(a, b) for a, b in zip(again, full, strict=True))
+
+
+def test_train_loader_state_saved_after_the_last_batch_starts_the_next_epoch(tmp_path: Path) -> None:
+    """A checkpoint written after an epoch's last batch (at the end-of-epoch validation) resumes with
+    the whole next epoch, not with that epoch minus the batches done in the finished one."""
+    dm = _dm_blocks(tmp_path)
+    dm.prepare_data()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(4)
+    next_epoch = [b["acts"] for b in loader]
+    resumed = _dm_blocks(tmp_path).train_dataloader()
+    resumed.load_state_dict({"epoch": 3, "batches_done": 12})
+    assert resumed.sampler.epoch == 4
+    rest = [b["acts"] for b in resumed]
+    assert len(rest) == 12 and all(torch.equal(a, b) for a, b in zip(rest, next_epoch, strict=True))
