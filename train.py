@@ -86,13 +86,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MTSAECLI:
 
 def _fault_types() -> tuple[type[BaseException], ...]:
     from callbacks.checkpoint import CheckpointFolderInUseError
-    from data.cache import CacheMismatchError, CacheReadError, CacheWriteError
+    from data.cache import CacheMismatchError, CacheReadError, CacheWriteError, NonFiniteActivationsError
     from data.lm_source import SourceUnavailableError
+    from mtsae.training.module import NonFiniteLossError
 
     return (
         CacheWriteError,
         CacheReadError,
         CacheMismatchError,
+        NonFiniteActivationsError,
+        NonFiniteLossError,
         SourceUnavailableError,
         CheckpointFolderInUseError,
     )

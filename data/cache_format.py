@@ -38,6 +38,7 @@ __all__ = [
     "CacheMismatchError",
     "CacheReadError",
     "CacheWriteError",
+    "NonFiniteActivationsError",
     "to_storage",
     "from_storage",
     "read_context",
@@ -67,6 +68,11 @@ class CacheReadError(OSError):
 
 class CacheWriteError(OSError):
     """A shard could not be written (disk full, quota, permissions); the message names the file and what to do."""
+
+
+class NonFiniteActivationsError(ValueError):
+    """A source produced a NaN or infinite activation at a valid position; the message names the shard,
+    the row and the position."""
 
 
 def _row_range(rows: np.ndarray | slice | tuple[int, int]) -> str:

@@ -24,6 +24,7 @@ from data.cache_format import (
     CacheMismatchError,
     CacheSpec,
     CacheWriteError,
+    NonFiniteActivationsError,
     fingerprint,
     fingerprint_inputs,
     from_storage,
@@ -46,20 +47,51 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.h5"
 
 
-def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: str) -> dict:
+def _check_finite(
+    path: Path, first_row: int, acts: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+) -> None:
+    """Refuse NaN or infinite stored ``values`` ``[n, T, d]`` at valid positions, naming the first one.
+
+    Invalid positions (BOS, padding) may hold anything: training and evaluation never read them.
+    """
+    bad = ~torch.isfinite(values).all(-1) & valid  # [n, T]
+    if not bool(bad.any()):
+        return
+    r, t = (int(i) for i in bad.nonzero()[0])
+    value = values[r, t][~torch.isfinite(values[r, t])][0].item()
+    if bool(torch.isfinite(acts[r, t]).all()):
+        why = (
+            "the source's values overflow the storage dtype (float16 ends at 65504): set data.dtype to "
+            "bfloat16 or float32"
+        )
+    else:
+        why = "the source itself produced it (a NaN setting? a model run in a dtype that overflows?)"
+    raise NonFiniteActivationsError(
+        f"cannot write cache shard {path.name}: activation {value} at shard row {r} (global row "
+        f"{first_row + r}), position {t}, a valid position ({int(bad.sum())} such positions in this shard); "
+        f"{why}. Nothing non-finite is cached; the finished shards are kept"
+    )
+
+
+def _write_shard(
+    path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: str, first_row: int = 0
+) -> dict:
     """Write one shard (via ``*.tmp``, fsync, rename); return its manifest entry with statistics.
 
     A failed write (``OSError``: disk full, quota, ...) closes the file, removes the ``*.tmp`` and
     raises :class:`CacheWriteError` naming the file; the finished shards are untouched, so the build
-    resumes once space is freed.
+    resumes once space is freed. A non-finite activation at a valid position raises
+    :class:`NonFiniteActivationsError` before anything is written.
     """
     acts = torch.cat([c.acts for c in chunks])  # [n, T, d_in]
     tokens = torch.cat([c.tokens for c in chunks]).to(torch.int32)
     valid = torch.cat([c.valid for c in chunks]).to(torch.bool)
     n = acts.shape[0]
     stored = to_storage(acts, dtype)
-    # statistics of the stored values (what training will read), over valid tokens, float64 sums
-    x = from_storage(stored, dtype).float()[valid]  # [n_valid, d]
+    values = from_storage(stored, dtype).float()  # what training will read
+    _check_finite(path, first_row, acts, values, valid)
+    # statistics of the stored values, over valid tokens, float64 sums
+    x = values[valid]  # [n_valid, d]
     tmp = path.with_name(path.name + ".tmp")
     gt_rows = {k: np.concatenate([c.ground_truth[k] for c in chunks]) for k in chunks[0].ground_truth}
     # HDF5 writes the shard into memory; Python writes the bytes to disk. A full disk then raises an
@@ -232,7 +264,7 @@ def _build_locked(
                     record(*pending)
                     pending = None
                 pending = (
-                    writer.submit(_write_shard, root / _shard_name(i), chunks, static_gt, spec.dtype),
+                    writer.submit(_write_shard, root / _shard_name(i), chunks, static_gt, spec.dtype, a),
                     i,
                     split,
                 )

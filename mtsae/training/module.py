@@ -8,6 +8,7 @@ activations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -115,9 +116,10 @@ class SAEModule(L.LightningModule):
             ("sparsity_warmup_steps", sparsity_warmup_steps),
             ("separation_coeff", separation_coeff),
             ("auxk_coeff", auxk_coeff),
+            ("context_init_std", context_init_std),
         ]:
-            if v < 0:
-                raise ValueError(f"{name} must be non-negative, got {v}")
+            if not 0 <= v < math.inf:  # NaN fails too (it would silently act as 0 or poison the weights)
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if dead_after_tokens < 1:
             raise ValueError(f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -254,7 +256,7 @@ class SAEModule(L.LightningModule):
         if self._nonfinite is None or int(self._nonfinite[0]) < 0:
             return
         step, what = int(self._nonfinite[0]), self._nonfinite[1].tolist()
-        terms = [n for n, bad in zip(self._nonfinite_names, what[1:-1], strict=True) if bad]
+        terms = [n for n, bad in zip(self._nonfinite_names, what[1:], strict=True) if bad and n != "loss"]
         if what[0]:
             cause = (
                 "the batch held non-finite activations at valid positions (`mtsae cache verify` and the "

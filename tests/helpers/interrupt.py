@@ -14,7 +14,9 @@ class Interrupt(L.Callback):
     the validation that runs at step ``sigterm_in_validation_at`` (the trainer then stops as after a real
     SIGTERM: ``callbacks.ModelCheckpoint`` saves ``last.ckpt`` and ``SIGTERMException`` is raised)."""
 
-    def __init__(self, crash_at_epoch: int | None = None, sigterm_in_validation_at: int | None = None) -> None:
+    def __init__(
+        self, crash_at_epoch: int | None = None, sigterm_in_validation_at: int | None = None
+    ) -> None:
         self.crash_at_epoch, self.sigterm_at = crash_at_epoch, sigterm_in_validation_at
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
