@@ -51,6 +51,8 @@ __all__ = [
     "write_json_atomic",
     "read_manifest",
     "check_manifest",
+    "check_shard_identity",
+    "SHARD_IDENTITY",
 ]
 
 FORMAT_VERSION = 2  # 2: checksums of shards, static ground truth and statistics
@@ -286,7 +288,36 @@ def check_manifest(root: Path, manifest: dict) -> None:
         with read_context(path, "acts", (0, int(e["n_sequences"]))):
             with h5py.File(path, "r") as h5:
                 n = h5["acts"].shape[0]
+                identity = {k: h5.attrs.get(k) for k in SHARD_IDENTITY}
         if n != e["n_sequences"]:
             raise CacheMismatchError(
                 f"{where}: shard {path} holds {n} rows, manifest.json says {e['n_sequences']}; {rebuild}"
             )
+        check_shard_identity(path, e, identity, manifest.get("fingerprint", root.name))
+
+
+#: the attributes naming the cache and the file a shard was written for
+SHARD_IDENTITY = ("cache_fingerprint", "shard_file")
+
+
+def check_shard_identity(path: Path, entry: dict, identity: dict, cache_fingerprint: str) -> None:
+    """Refuse a shard written for another cache or under another name (a file copied between caches).
+
+    Shards carry their identity as attributes (cheap to read); a shard written before they existed is
+    compared with the SHA-256 recorded in the manifest instead (one read of the file).
+    """
+    fp, name = (identity.get(k) for k in SHARD_IDENTITY)
+    if fp is None and name is None:
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            found = "its bytes do not match the sha256 recorded in manifest.json"
+        else:
+            return
+    elif (str(fp), str(name)) != (cache_fingerprint, path.name):
+        found = f"it was written as {name} of the cache {fp}"
+    else:
+        return
+    raise CacheMismatchError(
+        f"shard {path} does not belong to the cache {cache_fingerprint} ({found}): copied from another "
+        f"cache or replaced. Run `mtsae cache verify {path.parent} --repair` (it deletes the shard) and "
+        "build again: exactly that shard is regenerated"
+    )

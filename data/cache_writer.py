@@ -98,7 +98,8 @@ def _write_shard(
     # ordinary OSError here, instead of failing inside HDF5's own writes, where h5py can only report it
     # while deallocating objects and the process later crashes (segmentation fault)
     image = io.BytesIO()
-    _write_h5(image, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype)
+    identity = {"cache_fingerprint": path.parent.name, "shard_file": path.name}
+    _write_h5(image, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype, identity)
     data = image.getbuffer()
     try:
         with open(tmp, "wb") as fh:
@@ -134,10 +135,13 @@ def _write_h5(
     static_gt: dict[str, np.ndarray],
     gt_rows: dict[str, np.ndarray],
     dtype: str,
+    identity: dict[str, str],
 ) -> None:
     n, T, d = stored.shape
     h5 = h5py.File(target, "w", track_order=False)
     try:
+        for k, v in identity.items():  # which cache and shard this file is (checked when a cache opens)
+            h5.attrs[k] = v
         ds = h5.create_dataset("acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False)
         ds.attrs["torch_dtype"] = dtype
         del ds

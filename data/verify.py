@@ -20,7 +20,9 @@ from typing import NamedTuple
 import h5py
 
 from data.cache_format import (
+    SHARD_IDENTITY,
     CacheMismatchError,
+    check_shard_identity,
     file_sha256,
     manifest_stats,
     read_manifest,
@@ -44,7 +46,7 @@ class BadShard(NamedTuple):
     """what is wrong with it"""
 
 
-def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
+def _check_shard(path: Path, entry: dict, gt_sha: str | None, cache_fingerprint: str) -> str | None:
     """The reason ``path`` is bad, or None."""
     if not path.is_file():
         return "missing"
@@ -54,6 +56,12 @@ def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
             n = h5["acts"].shape[0]
             if n != entry["n_sequences"]:
                 return f"holds {n} rows, manifest.json says {entry['n_sequences']}"
+            identity = {k: h5.attrs.get(k) for k in SHARD_IDENTITY}
+            if all(v is not None for v in identity.values()):
+                try:
+                    check_shard_identity(path, entry, identity, cache_fingerprint)
+                except CacheMismatchError:
+                    return f"written for another cache or file ({identity})"
             names: list[str] = []
             h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
             for name in names:
@@ -105,7 +113,8 @@ def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShar
                 bad.append(BadShard(path, "listed more than once in manifest.json"))
             else:
                 seen.add(entry["file"])
-                reason = _check_shard(path, entry, manifest.get("static_ground_truth_sha256"))
+                gt_sha = manifest.get("static_ground_truth_sha256")
+                reason = _check_shard(path, entry, gt_sha, manifest.get("fingerprint", root.name))
                 if reason is not None:
                     bad.append(BadShard(path, reason))
             bar.update(1)

@@ -18,6 +18,7 @@ from data.cache import (
     CacheSpec,
     CacheWriteError,
     build_cache,
+    file_sha256,
 )
 from data.verify import verify_cache
 from tests.helpers.factories import tiny_source
@@ -213,3 +214,28 @@ def test_disk_full_names_the_shard_and_keeps_finished_ones(tmp_path: Path, monke
     build_cache(tiny_source(), tmp_path, SPEC, source_batch_size=4, progress=False)  # resumes
     assert verify_cache(root, progress=False) == []
     ActivationCache(root).close()
+
+
+def test_a_shard_copied_from_another_cache_is_refused_at_open(tmp_path: Path) -> None:
+    """The issue's case: shard_00001.h5 of a seed-1 cache copied into a seed-0 cache of the same settings."""
+    root = _build(tmp_path / "a")
+    other = build_cache(tiny_source(seed=1), tmp_path / "b", SPEC, source_batch_size=4, progress=False)
+    (root / "shard_00001.h5").write_bytes((other / "shard_00001.h5").read_bytes())
+    with pytest.raises(CacheMismatchError, match=rf"shard_00001\.h5 of the cache {other.name}\): copied"):
+        ActivationCache(root)
+    (bad,) = verify_cache(root, progress=False)
+    assert bad.file.name == "shard_00001.h5"
+
+
+def test_a_shard_without_identity_attributes_is_checked_against_its_hash(tmp_path: Path) -> None:
+    root = _build(tmp_path / "a")
+    other = build_cache(tiny_source(seed=1), tmp_path / "b", SPEC, source_batch_size=4, progress=False)
+    for shard in (root / "shard_00001.h5", other / "shard_00001.h5"):  # as written before the attributes
+        with h5py.File(shard, "r+") as h5:
+            for k in list(h5.attrs):
+                del h5.attrs[k]
+    _edit_manifest(root, lambda m: m["shards"][1].update(sha256=file_sha256(root / "shard_00001.h5")))
+    ActivationCache(root).close()  # an unchanged legacy shard opens
+    (root / "shard_00001.h5").write_bytes((other / "shard_00001.h5").read_bytes())
+    with pytest.raises(CacheMismatchError, match=r"its bytes do not match the sha256 recorded in manifest"):
+        ActivationCache(root)
