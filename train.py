@@ -9,14 +9,18 @@ exit status 1; SIGTERM saves ``last.ckpt`` and ends with exit status 143 (resume
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from data import ActivationDataModule
 from mtsae import SAEModule
+from mtsae.training.checkpoint_file import CheckedCheckpointIO, CheckpointFileError, load_checkpoint_file
+from mtsae.training.module import ResumeSettingsError, model_settings_differ
 
 __all__ = ["ConfigError", "MTSAECLI", "cli_main", "main"]
 
@@ -60,7 +64,26 @@ class MTSAECLI(LightningCLI):
                 *callbacks,
                 LogProgressBar(),
             ]  # readable in log files (SLURM), not only on a terminal
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
+            trainer.strategy.checkpoint_io = CheckedCheckpointIO()  # --ckpt_path files are checked
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning merges the checkpoint's model settings over the configuration's. Check the file first
+        # (one line for a damaged one, not a traceback) and refuse settings that differ, which would
+        # otherwise be silently replaced (and `--ckpt_path last` would then load another model).
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            saved = load_checkpoint_file(ckpt_path).get("hyper_parameters") or {}
+            model = self.config[sub].get("model")
+            config = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+            config.pop("d_in", None)  # linked from the data when the classes are built
+            differ = model_settings_differ(saved, config)
+            if differ:
+                raise ResumeSettingsError(differ)
+        super()._parse_ckpt_path()
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -107,6 +130,9 @@ def main(args: list[str] | None = None) -> int:
         cli_main(args)
     except ConfigError as err:
         print(f"train.py: configuration error: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointFileError, ResumeSettingsError) as err:  # --ckpt_path names a file that cannot resume
+        print(f"train.py: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     except SIGTERMException:
         print(

@@ -34,11 +34,73 @@ from mtsae.training.losses import (
 from mtsae.training.metrics import ReconstructionMetrics
 from mtsae.training.schedulers import WarmupDecayLR
 
-__all__ = ["NonFiniteLossError", "SAEModule"]
+__all__ = ["NonFiniteLossError", "ResumeSettingsError", "SAEModule"]
+
+#: optimizer and scheduler state entries that are not settings (they evolve, or choose an implementation)
+_NOT_SETTINGS = {
+    "params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable",
+    "last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "base_lrs",
+    "lr_lambdas", "verbose", "total_steps",
+}  # fmt: skip
+
+
+class ResumeSettingsError(ValueError):
+    """``--ckpt_path`` names a checkpoint of a run whose settings differ from this configuration's."""
+
+
+def model_settings_differ(saved: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Why a checkpoint with hyperparameters ``saved`` cannot resume into the model ``config``, or None.
+
+    A resumed run continues *that* run: a model setting that differs (``d_sae``, ``sparsity_coeff``, ...)
+    would either fail to load or be silently replaced by one side. Settings missing on one side are
+    not compared (a setting added since the checkpoint was written).
+    """
+    differ = sorted(k for k in set(saved) & set(config) if _plain(saved[k]) != _plain(config[k]))
+    if not differ:
+        return None
+    detail = "; ".join(f"{k}: checkpoint {saved[k]!r}, config {config[k]!r}" for k in differ[:6])
+    return (
+        f"the checkpoint's model settings differ from this configuration's ({detail}): resume with the "
+        "settings of the checkpoint's run (its config.yaml), or drop --ckpt_path to start a new run"
+    )
+
+
+def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """The optimizer's and scheduler's settings as a resumed run would use them (from their states)."""
+    out: dict[str, Any] = {"optimizer": type(optimizer).__name__}
+    for i, group in enumerate(optimizer.param_groups):
+        out[f"lr[{i}]"] = group.get("initial_lr", group["lr"])  # the scheduler's base, else the constant LR
+        out |= {f"{k}[{i}]": v for k, v in group.items() if k not in _NOT_SETTINGS}
+    if scheduler is not None:
+        out["lr_scheduler"] = type(scheduler).__name__
+        out |= {k: v for k, v in scheduler.state_dict().items() if k not in _NOT_SETTINGS}
+    return out
 
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the first such step and its cause."""
+
+
+def _plain(v: Any) -> Any:
+    """Lists and tuples compare alike (YAML gives lists, defaults are tuples); tensors as lists."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _probe_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer and scheduler once on a one-element parameter, so that their own argument
+    checks (a negative or NaN learning rate, negative warm-up steps...) run when the model is configured."""
+    try:
+        probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+        if lr_scheduler is not None:
+            lr_scheduler(probe)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.optimizer / model.lr_scheduler: {err}") from None
 
 
 class SAEModule(L.LightningModule):
@@ -122,6 +184,9 @@ class SAEModule(L.LightningModule):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if dead_after_tokens < 1:
             raise ValueError(f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
+        if d_sae < 1:
+            raise ValueError(f"d_sae must be >= 1, got {d_sae}")
+        _probe_optimizer(optimizer, lr_scheduler)  # bad lr, warmup_steps...: refused before any work
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sae = MTSAE(
             d_in,
@@ -143,6 +208,7 @@ class SAEModule(L.LightningModule):
         # the first step whose loss was not finite, and what was not finite in it (kept on the device)
         self._nonfinite: tuple[Tensor, Tensor] | None = None
         self._nonfinite_names: list[str] = []
+        self._configured_settings: dict[str, Any] | None = None  # set by configure_optimizers
 
     # ------------------------------------------------------------------ set-up from the data
     def initialise_from_stats(self, stats: dict, force: bool = False) -> bool:
@@ -315,12 +381,46 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
+        scheduler = None if self.lr_scheduler_factory is None else self.lr_scheduler_factory(optimizer)
+        self._configured_settings = _optimizer_settings(optimizer, scheduler)
+        if scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
+        if missing:
+            raise ResumeSettingsError(
+                f"the checkpoint has no {missing}: it is not a checkpoint of an SAE training run of this project"
+            )
+        differ = model_settings_differ(checkpoint["hyper_parameters"], dict(self.hparams))
+        if differ:
+            raise ResumeSettingsError(differ)
+
+    def _check_resumed_settings(self) -> None:
+        """A resumed run uses the checkpoint's optimizer and scheduler state, settings included: refuse a
+        configuration that asks for other ones (it would be recorded in config.yaml but not applied)."""
+        if self._configured_settings is None or not self.trainer.optimizers:
+            return
+        configs = self.trainer.lr_scheduler_configs
+        restored = _optimizer_settings(self.trainer.optimizers[0], configs[0].scheduler if configs else None)
+        want = self._configured_settings
+        differ = sorted(
+            k for k in set(want) | set(restored) if _plain(want.get(k)) != _plain(restored.get(k))
+        )
+        if differ:
+            detail = "; ".join(
+                f"{k}: checkpoint {restored.get(k)!r}, config {want.get(k)!r}" for k in differ[:6]
+            )
+            raise ResumeSettingsError(
+                f"the resumed checkpoint's optimizer settings differ from this configuration's ({detail}); the "
+                "checkpoint's would be used while config.yaml recorded these. Resume with the settings of the "
+                "checkpoint's run (its config.yaml), or start a new run without --ckpt_path"
+            )
+
     def on_train_start(self) -> None:
+        if self.trainer.ckpt_path is not None:
+            self._check_resumed_settings()
         # the schedule's length is known once the data is set up. Not in configure_optimizers: asking
         # for estimated_stepping_batches there builds the train loader before a checkpoint's loop state
         # is restored, which would lose the loader's mid-epoch position on resume.
