@@ -188,3 +188,31 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     assert "stopped by SIGTERM" in err and "--ckpt_path last" in err and "Traceback" not in err
     (last,) = (tmp_path / "runs").glob("demo/version_0/checkpoints/last.ckpt")
     assert 5 <= _step(last) < 100000
+
+
+def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path: Path, capsys) -> None:
+    """Race-free: the folder's lock is taken before it is checked, and held while the first run trains
+    (here the test holds it, as a run started a moment earlier would)."""
+    import fcntl
+
+    fixed = [
+        "--trainer.callbacks+=callbacks.ModelCheckpoint",
+        "--trainer.callbacks.dirpath",
+        str(tmp_path / "ckpts"),
+        "--trainer.callbacks.save_last",
+        "true",
+    ]
+    (tmp_path / "ckpts").mkdir()
+    with open(tmp_path / "ckpts" / ".lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on node7")
+        held.flush()
+        for resume in ([], ["--ckpt_path", "last"]):
+            assert train.main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "4", *fixed), *resume]) == 1
+            err = capsys.readouterr().err
+            assert "CheckpointFolderInUseError: another training (pid 4242 on node7) is writing" in err, err
+        assert not list((tmp_path / "ckpts").glob("*.ckpt"))
+    cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "4", *fixed)])  # released: it trains
+    assert _step(tmp_path / "ckpts" / "last.ckpt") == 4
+    again = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "6", *fixed), "--ckpt_path", "last"])
+    assert again.trainer.global_step == 6  # the finished run released the lock
