@@ -44,6 +44,8 @@ class MTSAECLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            if self.subcommand == "fit" and isinstance(self.datamodule, ActivationDataModule):
+                self.datamodule.check_training_batches(self.trainer.world_size)  # before the cache build
         except MisconfigurationException as err:
             if "gpu" in str(err).lower() and not torch.cuda.is_available():
                 raise ConfigError(f"{err} This machine has no GPU; {CPU_OVERRIDES_HINT}") from err

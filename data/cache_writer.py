@@ -170,6 +170,8 @@ def build_cache(
     """
     inputs = fingerprint_inputs(source, spec)
     root = Path(cache_dir) / fingerprint(inputs)
+    if _finished_shards(root, inputs) is None:
+        return root  # complete, so never written again: reading needs no lock (a read-only cache works)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         try:  # one builder at a time: a second job on the same cache waits, then finds it done
@@ -187,7 +189,10 @@ def _finished_shards(root: Path, inputs: dict) -> list[dict] | None:
         return []
     manifest = read_manifest(mpath)
     if manifest.get("fingerprint_inputs") != inputs:
-        raise CacheMismatchError(f"{mpath} does not belong to this configuration (hash collision?)")
+        raise CacheMismatchError(
+            f"{mpath}: its fingerprint_inputs do not match the settings its folder name was made from (the "
+            f"manifest was edited or copied from another cache); delete {root} and build again"
+        )
     if manifest.get("complete"):
         return None
     # keep the finished shards whose files are on disk (a repaired cache has gaps: exactly the deleted

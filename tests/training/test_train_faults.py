@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -216,3 +217,22 @@ def test_a_second_training_into_a_folder_in_use_is_refused(tmp_path: Path, capsy
     assert _step(tmp_path / "ckpts" / "last.ckpt") == 4
     again = cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "6", *fixed), "--ckpt_path", "last"])
     assert again.trainer.global_step == 6  # the finished run released the lock
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "--data.batch_size",
+            "10000",
+            r"data.batch_size \(10000\) is larger than the 512 training sequences",
+        ),
+        ("--data.num_workers", "-1", "data.num_workers must be >= 0, got -1"),
+        ("--data.val_batch_size", "0", "data.val_batch_size must be >= 1, got 0"),
+    ],
+)
+def test_bad_data_values_are_refused_before_the_cache_build(tmp_path: Path, option, value, message, capsys):
+    assert train.main(["fit", *tiny_args(tmp_path, option, value)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(f"train.py: configuration error: {message}", err) and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists()
