@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from mtsae.sae.model import MTSAE
+from mtsae.sae.safetensors_io import save_file_deterministic
 
 __all__ = [
     "SAEMetadata",
@@ -166,7 +166,8 @@ def save_sae(
     cfg = _config(sae, metadata)
     text = json.dumps(cfg, indent=1)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "mtsae", "config": json.dumps(cfg)})
+    # sorted metadata keys: the same SAE gives the same bytes in every process (recipes pin its hash)
+    save_file_deterministic(tensors, out / WEIGHTS_FILE, {"format": "mtsae", "config": json.dumps(cfg)})
     (out / CONFIG_FILE).write_text(text)
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from safetensors import safe_open
 from mtsae import MTSAE, SAEMetadata, load_sae, read_metadata, save_sae
 from mtsae.sae.export import ExportFormatError, git_commit
 from tests.helpers.factories import tiny_sae
+
+REPO = Path(__file__).resolve().parents[2]
 
 META = SAEMetadata(
     model_name="google/gemma-2-2b",
@@ -160,3 +163,25 @@ def test_training_run_writes_a_saelens_folder_for_a_per_token_sae(tmp_path: Path
     with pytest.raises(ValueError, match="has no SAELens form"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0
+
+
+def test_an_exported_sae_has_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors orders its metadata by a per-process hash: the same SAE gave different SHA-256."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from mtsae import save_sae\n"
+        "from mtsae.sae.model import MTSAE\n"
+        "torch.manual_seed(0)\n"
+        "save_sae(MTSAE(8, 16, dilations=[1, 2]), sys.argv[1])\n"
+    )
+    digests = set()
+    for i in range(4):  # a different hash seed per process, as in separate runs
+        env = {**__import__("os").environ, "PYTHONHASHSEED": "random"}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, cwd=REPO)
+        digests.add(hashlib.sha256((tmp_path / str(i) / "sae.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    sae = load_sae(tmp_path / "0")
+    assert sae.d_sae == 16 and read_metadata(tmp_path / "0") is not None
