@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from data import ActivationDataModule
+from data.cache import CacheBuildInterrupted
 from mtsae import SAEModule
 from mtsae.training.checkpoint_file import CheckedCheckpointIO, CheckpointFileError, load_checkpoint_file
 from mtsae.training.module import ResumeSettingsError, model_settings_differ
@@ -136,6 +137,9 @@ def main(args: list[str] | None = None) -> int:
     except (CheckpointFileError, ResumeSettingsError) as err:  # --ckpt_path names a file that cannot resume
         print(f"train.py: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
+    except CacheBuildInterrupted as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 143
     except SIGTERMException:
         print(
             "train.py: stopped by SIGTERM; last.ckpt holds the last finished step. Resume with the same "

@@ -39,6 +39,7 @@ __all__ = [
     "CacheReadError",
     "CacheWriteError",
     "NonFiniteActivationsError",
+    "CacheBuildInterrupted",
     "to_storage",
     "from_storage",
     "read_context",
@@ -73,6 +74,10 @@ class CacheReadError(OSError):
 
 class CacheWriteError(OSError):
     """A shard could not be written (disk full, quota, permissions); the message names the file and what to do."""
+
+
+class CacheBuildInterrupted(Exception):
+    """SIGTERM arrived while the cache was being built; the finished shards are kept."""
 
 
 class NonFiniteActivationsError(ValueError):

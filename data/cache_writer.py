@@ -12,7 +12,11 @@ import hashlib
 import io
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -21,6 +25,7 @@ import torch
 
 from data.cache_format import (
     FORMAT_VERSION,
+    CacheBuildInterrupted,
     CacheMismatchError,
     CacheSpec,
     CacheWriteError,
@@ -179,7 +184,30 @@ def build_cache(
         except BlockingIOError:
             log.warning("another process is building the cache in %s; waiting for it", root)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_locked(source, root, inputs, spec, source_batch_size, progress)
+        with _sigterm_stops_the_build(root):
+            return _build_locked(source, root, inputs, spec, source_batch_size, progress)
+
+
+@contextmanager
+def _sigterm_stops_the_build(root: Path) -> Iterator[None]:
+    """SIGTERM (preemption, ``scancel``) raises :class:`CacheBuildInterrupted` in the build, whose cleanup
+    keeps every finished shard; otherwise the process would die without a word (Lightning handles SIGTERM
+    only once training starts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise CacheBuildInterrupted(
+            f"stopped by SIGTERM while building the cache at {root}; the finished shards are kept. Run the "
+            "same command again: the build resumes at the first missing shard"
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finished_shards(root: Path, inputs: dict) -> list[dict] | None:

@@ -236,3 +236,38 @@ def test_bad_data_values_are_refused_before_the_cache_build(tmp_path: Path, opti
     err = capsys.readouterr().err
     assert re.search(f"train.py: configuration error: {message}", err) and "Traceback" not in err, err
     assert not (tmp_path / "cache").exists()
+
+
+def test_sigterm_during_the_cache_build_says_how_to_resume(tmp_path: Path) -> None:
+    marker = tmp_path / "building"
+    args = tiny_args(tmp_path, "--trainer.max_steps", "2")
+    script = (
+        "import sys, time\n"
+        "from data import SyntheticSource\n"
+        "original = SyntheticSource.generate\n"
+        "def slow(self, lo, hi, batch):\n"
+        "    for chunk in original(self, lo, hi, batch):\n"
+        f"        if lo >= 256: open({str(marker)!r}, 'w').close(); time.sleep(60)\n"  # the second shard
+        "        yield chunk\n"
+        "SyntheticSource.generate = slow\n"
+        "import train\n"
+        f"sys.exit(train.main(['fit', *{args!r}]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), "the build did not reach the second shard"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-2000:]
+    assert "train.py: stopped by SIGTERM while building the cache at" in err and "Traceback" not in err
+    (root,) = (tmp_path / "cache").iterdir()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["shard_00000.h5"] and not manifest["complete"]
