@@ -129,7 +129,7 @@ def test_unreadable_folders_say_why(tmp_path: Path) -> None:
     save_sae(tiny_sae(), tmp_path / "mixed")
     cfg["sae"]["d_sae"] = 65
     (tmp_path / "mixed" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ExportFormatError, match="(?s)do not fit its config.*size mismatch"):
+    with pytest.raises(ExportFormatError, match=r"do not fit its config \(W_dec: config \(65, 32\), weights \(64, 32\)"):
         load_sae(tmp_path / "mixed")
 
 
@@ -185,3 +185,36 @@ def test_an_exported_sae_has_the_same_bytes_in_every_process(tmp_path: Path) -> 
     assert len(digests) == 1
     sae = load_sae(tmp_path / "0")
     assert sae.d_sae == 16 and read_metadata(tmp_path / "0") is not None
+
+
+def _edit_sae_config(folder: Path, **sae_args) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sae"].update(sae_args)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"d_sae": 10**8}, r"do not fit its config \(W_dec: config \(100000000, 8\), weights \(16, 8\)"),
+        ({"bogus": 1}, "the SAE's arguments are not valid .*unexpected keyword argument 'bogus'"),
+        ({"dilations": [-1]}, r"dilations must be positive integers, got \[-1\]"),
+        ({"activation": "gelu"}, "unknown activation 'gelu'"),
+        ({"activation": "topk", "activation_kwargs": {"k": 99}}, "k must satisfy 0 < k <= d_sae=16"),
+    ],
+)
+def test_an_untrusted_sae_config_is_refused_before_allocation(tmp_path: Path, edit, message) -> None:
+    save_sae(MTSAE(8, 16, dilations=[1, 2]), tmp_path)
+    _edit_sae_config(tmp_path, **edit)
+    with pytest.raises(ExportFormatError, match=message):
+        load_sae(tmp_path)  # d_sae 1e8 would allocate 6.4 GB before the weights were looked at
+
+
+def test_a_forged_safetensors_header_is_one_message(tmp_path: Path) -> None:
+    save_sae(MTSAE(8, 16, dilations=[1, 2]), tmp_path)
+    weights = tmp_path / "sae.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (10**12).to_bytes(8, "little")  # a header "a terabyte long"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportFormatError, match="is not a readable safetensors file"):
+        load_sae(tmp_path)
