@@ -330,10 +330,21 @@ def main(argv: list[str] | None = None) -> int:
     from mtsae.evals.unlearning.recipe import RecipeError
     from mtsae.lm.loading import LMUnavailableError
 
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        print(
+            f"mtsae eval {args.command}: error: --out {out} is a file; it must name a folder", file=sys.stderr
+        )
+        return 2  # before any work
+    from data.cache import CacheReadError
+    from mtsae.sae.export import ExportFormatError
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     user_errors = (
         EvalError,
+        CacheReadError,
+        ExportFormatError,
         SourceUnavailableError,
         LMUnavailableError,
         MCQDatasetError,

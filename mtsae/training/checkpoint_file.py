@@ -19,7 +19,13 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-__all__ = ["CheckedCheckpointIO", "CheckpointFileError", "check_checkpoint_file", "load_checkpoint_file"]
+__all__ = [
+    "CheckedCheckpointIO",
+    "CheckpointFileError",
+    "check_checkpoint_file",
+    "load_checkpoint_file",
+    "refused_pickle",
+]
 
 
 class CheckpointFileError(ValueError):
@@ -48,7 +54,9 @@ def check_checkpoint_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def _refused_pickle(path: str | os.PathLike, err: Exception) -> str:
+def refused_pickle(path: str | os.PathLike, err: Exception) -> str:
+    """The message for a checkpoint that a weights-only load refused (without torch's advice to load it
+    with ``weights_only=False``, which is wrong for a file of unknown origin)."""
     lines = [ln.strip() for ln in str(err).splitlines() if "WeightsUnpickler error" in ln]
     first = lines[0].split("error:", 1)[1].split(". Please use")[0].strip() if lines else type(err).__name__
     return (
@@ -63,7 +71,7 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu") -> 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointFileError(_refused_pickle(path, err)) from None
+        raise CheckpointFileError(refused_pickle(path, err)) from None
     if not isinstance(state, dict) or "state_dict" not in state:
         raise CheckpointFileError(
             f"{path} is not a Lightning checkpoint of an SAE training run (no 'state_dict' in it)"
@@ -79,4 +87,4 @@ class CheckedCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, *args, **kwargs)
         except pickle.UnpicklingError as err:
-            raise CheckpointFileError(_refused_pickle(path, err)) from None
+            raise CheckpointFileError(refused_pickle(path, err)) from None

@@ -129,7 +129,9 @@ def test_unreadable_folders_say_why(tmp_path: Path) -> None:
     save_sae(tiny_sae(), tmp_path / "mixed")
     cfg["sae"]["d_sae"] = 65
     (tmp_path / "mixed" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ExportFormatError, match=r"do not fit its config \(W_dec: config \(65, 32\), weights \(64, 32\)"):
+    with pytest.raises(
+        ExportFormatError, match=r"do not fit its config \(W_dec: config \(65, 32\), weights \(64, 32\)"
+    ):
         load_sae(tmp_path / "mixed")
 
 

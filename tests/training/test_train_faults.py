@@ -100,11 +100,13 @@ def test_checkpoint_loads_never_run_pickled_code(tmp_path: Path, monkeypatch) ->
     torch.save(state, planted)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # would make an unspecified load unsafe
     from mtsae.sae.export import load_sae_from_checkpoint
-    from mtsae_app.run_inputs import load_module
+    from mtsae_app.run_inputs import EvalError, load_module
 
-    for load in (load_module, load_sae_from_checkpoint):
-        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-            load(str(planted))
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_sae_from_checkpoint(str(planted))
+    with pytest.raises(EvalError, match="holds pickled objects .* are never loaded") as err:
+        load_module(str(planted))
+    assert "weights_only=False" not in str(err.value)
     assert not (tmp_path / "ran").exists()
 
 
