@@ -1,4 +1,4 @@
-"""A malformed recipe is one line (exit status 2) before the language model is loaded: features, layer,
+"""A malformed recipe or corpus is one line (exit status 2) before the language model is loaded: features, layer,
 multiplier (NaN included) and model dtype are checked when the recipe is read, the features' range when
 its SAE is loaded (before the LM), the layer against the LM's decoder layers."""
 
@@ -73,3 +73,16 @@ def test_a_layer_beyond_the_model_is_one_line(recipe_path: Path, tmp_path_factor
     )
     with pytest.raises(RecipeError, match="at least one feature"):
         UnlearningRecipe(sae_path="sae", sae_sha256="0", layer=1, features=[], multiplier=1.0)
+
+
+def test_an_empty_forget_corpus_says_so_without_a_download_hint(tmp_path: Path) -> None:
+    from mtsae.evals.unlearning.corpora import load_forget_texts
+    from mtsae.evals.unlearning.pipeline import UnlearningDataError
+
+    empty = tmp_path / "forget.jsonl"
+    empty.write_text("")
+    with pytest.raises(
+        UnlearningDataError, match=r"StopIteration: no records found \(an empty file\?\)"
+    ) as err:
+        load_forget_texts(str(empty))
+    assert "hf download" not in str(err.value) and "could not be read as such a dataset" in str(err.value)
