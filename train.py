@@ -8,7 +8,10 @@ exit status 1; SIGTERM saves ``last.ckpt`` and ends with exit status 143 (resume
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -127,8 +130,34 @@ def _fault_types() -> tuple[type[BaseException], ...]:
     )
 
 
+#: write failures that freeing space (or another folder) fixes: disk full, quota, file-size limit, read-only
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """The one-line reason of a failed write of the run's files (logs, checkpoints, export), or None."""
+    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write{where}: {os.strerror(err.errno)} (errno {err.errno})"
+    if isinstance(err, RuntimeError) and "PytorchStreamWriter failed writing file" in str(err):
+        return "cannot write a checkpoint: the file write failed (disk full or a file-size limit?)"
+    return None
+
+
+def _quiet_write_failures_in_threads(hook: Any) -> Any:
+    """A ``threading.excepthook`` that leaves a write failure in a background writer (TensorBoard's) to
+    the main thread's one message instead of printing a traceback."""
+
+    def excepthook(args: Any) -> None:
+        if _write_failure(args.exc_value) is None:
+            hook(args)
+
+    return excepthook
+
+
 def main(args: list[str] | None = None) -> int:
     """``python train.py ...``: the exit status, with one message (no traceback) for the errors a user can fix."""
+    threading.excepthook = _quiet_write_failures_in_threads(threading.excepthook)
     try:
         cli_main(args)
     except ConfigError as err:
@@ -151,6 +180,18 @@ def main(args: list[str] | None = None) -> int:
         message = getattr(err, "strerror", None) or err  # an OSError's text without "[Errno n]"
         print(f"train.py: {type(err).__name__}: {message}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        print(
+            f"train.py: {reason}. Free space where the run writes (trainer.default_root_dir, the checkpoint "
+            "folder) or point them elsewhere; checkpoints already written are kept (--ckpt_path last resumes)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        threading.excepthook = threading.__excepthook__
     return 0
 
 

@@ -273,3 +273,26 @@ def test_sigterm_during_the_cache_build_says_how_to_resume(tmp_path: Path) -> No
     (root,) = (tmp_path / "cache").iterdir()
     manifest = json.loads((root / "manifest.json").read_text())
     assert [s["file"] for s in manifest["shards"]] == ["shard_00000.h5"] and not manifest["complete"]
+
+
+def test_a_full_disk_under_the_run_folder_is_one_message(tmp_path: Path) -> None:
+    """The cache is built; then every file the run writes (TensorBoard events, checkpoints) exceeds a
+    file-size limit, as on a full disk: one message and exit status 1, no traceback (also none from
+    TensorBoard's writer thread)."""
+    cli_main(["fit", *tiny_args(tmp_path, "--trainer.max_steps", "1")])
+    runs = tmp_path / "full"
+    args = tiny_args(tmp_path, "--trainer.max_steps", "20", "--trainer.default_root_dir", str(runs))
+    args += ["--trainer.logger.init_args.save_dir", str(runs)]
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))\n"
+        "import train\n"
+        f"sys.exit(train.main(['fit', *{args!r}]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "train.py: cannot write" in proc.stderr and "File too large (errno 27)" in proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
