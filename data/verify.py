@@ -137,8 +137,6 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     mpath = root / "manifest.json"
     manifest = read_manifest(mpath)
     names = {b.file.name for b in bad}
-    for name in sorted(names):
-        (root / name).unlink(missing_ok=True)
     kept, seen = [], set()
     for e in manifest["shards"]:
         if e["file"] not in names and e["file"] not in seen:
@@ -148,7 +146,11 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     manifest["stats"] = manifest_stats(kept)
     manifest["stats_sha256"] = stats_sha256(manifest["stats"])
     manifest["complete"] = False
+    # the manifest first: if it cannot be written (a read-only or full disk), no shard has been deleted,
+    # and a manifest never lists a deleted shard
     write_json_atomic(mpath, manifest)
+    for name in sorted(names):
+        (root / name).unlink(missing_ok=True)
 
 
 def _say(msg: str, err: bool = False) -> None:
@@ -201,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return 1
-    repair_cache(args.path, bad)
+    try:
+        repair_cache(args.path, bad)
+    except OSError as e:
+        _say(f"cannot repair {args.path}: {getattr(e, 'strerror', None) or e}; nothing was deleted", err=True)
+        return 1
     _say(
         f"deleted {len(bad)} bad shards and marked the cache incomplete; run the build again (e.g. the same "
         "`python train.py fit --config ...`) to regenerate them"

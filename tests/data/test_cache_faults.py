@@ -338,3 +338,20 @@ def test_a_read_only_complete_cache_needs_no_lock(tmp_path: Path) -> None:
         assert not (root / ".lock").exists()
     finally:
         root.chmod(0o755)
+
+
+def test_repair_on_a_read_only_cache_deletes_nothing_and_says_so(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Running as root, a read-only mount cannot be made here: the manifest write fails as it would."""
+    import data.verify
+
+    root = _build(tmp_path)
+    _flip_byte_in_chunk(root / "shard_00001.h5", "acts", chunk=1)
+
+    def read_only(path, obj):
+        raise CacheWriteError(errno.EROFS, f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(data.verify, "write_json_atomic", read_only)
+    assert mtsae_cli.main(["cache", "verify", str(root), "--repair", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot repair" in err and "Read-only file system; nothing was deleted" in err, err
+    assert (root / "shard_00001.h5").exists()  # before: deleted, with the manifest still listing it
