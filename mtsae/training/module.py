@@ -66,13 +66,17 @@ def model_settings_differ(saved: dict[str, Any], config: dict[str, Any]) -> str 
 
 
 def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """The optimizer's and scheduler's settings as a resumed run would use them (from their states)."""
-    out: dict[str, Any] = {"optimizer": type(optimizer).__name__}
+    """The optimizer's and scheduler's settings as a resumed run would use them (from their states).
+
+    A checkpoint's optimizer state replaces the configured hyperparameters of every parameter group,
+    and a scheduler's state its settings (``warmup_steps`` ...): comparing this before and after the
+    restore shows what a resume would silently change.
+    """
+    out: dict[str, Any] = {}
     for i, group in enumerate(optimizer.param_groups):
         out[f"lr[{i}]"] = group.get("initial_lr", group["lr"])  # the scheduler's base, else the constant LR
         out |= {f"{k}[{i}]": v for k, v in group.items() if k not in _NOT_SETTINGS}
     if scheduler is not None:
-        out["lr_scheduler"] = type(scheduler).__name__
         out |= {k: v for k, v in scheduler.state_dict().items() if k not in _NOT_SETTINGS}
     return out
 
@@ -318,8 +322,20 @@ class SAEModule(L.LightningModule):
 
         Called on the steps that are logged, before every checkpoint is written and at the end of
         training: a checkpoint or an exported SAE never holds weights trained on a non-finite loss.
+        With several ranks the decision is collective (every rank calls this at the same points), so all
+        of them stop together instead of leaving the others waiting in a collective.
         """
-        if self._nonfinite is None or int(self._nonfinite[0]) < 0:
+        local = self._nonfinite is not None and int(self._nonfinite[0]) >= 0
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            if not trainer.strategy.reduce_boolean_decision(local, all=False):
+                return
+            if not local:
+                raise NonFiniteLossError(
+                    "the training loss was not finite on another rank (its message names the step and the "
+                    "cause); training stopped on every rank"
+                )
+        elif not local:
             return
         step, what = int(self._nonfinite[0]), self._nonfinite[1].tolist()
         terms = [n for n, bad in zip(self._nonfinite_names, what[1:], strict=True) if bad and n != "loss"]
