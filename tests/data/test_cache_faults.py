@@ -355,3 +355,12 @@ def test_repair_on_a_read_only_cache_deletes_nothing_and_says_so(tmp_path: Path,
     err = capsys.readouterr().err
     assert "cannot repair" in err and "Read-only file system; nothing was deleted" in err, err
     assert (root / "shard_00001.h5").exists()  # before: deleted, with the manifest still listing it
+
+
+def test_edited_fingerprint_inputs_name_a_remedy(tmp_path: Path) -> None:
+    root = _build(tmp_path)
+    _edit_manifest(root, lambda m: m["fingerprint_inputs"].update(seed=99))
+    with pytest.raises(
+        CacheMismatchError, match=rf"fingerprint_inputs do not match .* delete {root} and build again"
+    ):
+        _build(tmp_path)  # was: "does not belong to this configuration (hash collision?)"

@@ -29,6 +29,29 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def _sigterm_when(marker: Path, script: str, not_reached: str) -> tuple[int, str]:
+    """Run ``script`` in a subprocess, send it SIGTERM once ``marker`` exists; its exit status and stderr."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), not_reached
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 def _step(ckpt: str | Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["global_step"])
 
@@ -169,25 +192,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
         "import train\n"
         f"sys.exit(train.main(['fit', *{args!r}]))\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert marker.exists(), "training did not start"
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-2000:]
+    returncode, err = _sigterm_when(marker, script, "training did not start")
+    assert returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err and "--ckpt_path last" in err and "Traceback" not in err
     (last,) = (tmp_path / "runs").glob("demo/version_0/checkpoints/last.ckpt")
     assert 5 <= _step(last) < 100000
@@ -255,20 +261,8 @@ def test_sigterm_during_the_cache_build_says_how_to_resume(tmp_path: Path) -> No
         "import train\n"
         f"sys.exit(train.main(['fit', *{args!r}]))\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=REPO, env=_env(), stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert marker.exists(), "the build did not reach the second shard"
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 143, err[-2000:]
+    returncode, err = _sigterm_when(marker, script, "the build did not reach the second shard")
+    assert returncode == 143, err[-2000:]
     assert "train.py: stopped by SIGTERM while building the cache at" in err and "Traceback" not in err
     (root,) = (tmp_path / "cache").iterdir()
     manifest = json.loads((root / "manifest.json").read_text())
