@@ -1,9 +1,11 @@
 """Train an SAE with LightningCLI: ``python train.py fit --config configs/demo.yaml``.
 
-Run as a script, a plain configuration error prints one message (exit status 2) instead of a
-traceback; a full disk, a damaged or foreign cache, or an unreachable model ends with one message and
-exit status 1; SIGTERM saves ``last.ckpt`` and ends with exit status 143 (resume with
-``--ckpt_path last``).
+Run as a script, a plain configuration error, a damaged ``--ckpt_path`` file or a resume with other
+settings than the checkpoint's prints one message (exit status 2) instead of a traceback; a full disk
+(cache or run folder), a damaged or foreign cache, non-finite activations or loss, a checkpoint folder
+in use, or an unreachable model ends with one message and exit status 1; SIGTERM saves ``last.ckpt``
+and ends with exit status 143 (resume with ``--ckpt_path last``), also during the cache build (the
+finished shards are kept).
 """
 
 from __future__ import annotations
@@ -157,7 +159,8 @@ def _quiet_write_failures_in_threads(hook: Any) -> Any:
 
 def main(args: list[str] | None = None) -> int:
     """``python train.py ...``: the exit status, with one message (no traceback) for the errors a user can fix."""
-    threading.excepthook = _quiet_write_failures_in_threads(threading.excepthook)
+    previous_hook = threading.excepthook
+    threading.excepthook = _quiet_write_failures_in_threads(previous_hook)
     try:
         cli_main(args)
     except ConfigError as err:
@@ -191,7 +194,7 @@ def main(args: list[str] | None = None) -> int:
         )
         return 1
     finally:
-        threading.excepthook = threading.__excepthook__
+        threading.excepthook = previous_hook
     return 0
 
 
