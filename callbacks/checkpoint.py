@@ -19,7 +19,7 @@ import fcntl
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
@@ -48,7 +48,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_step_saved: int | None = None
-        self._lock_file: Any = None  # the open <dirpath>/.lock while this run trains
+        self._lock_key: str | None = None  # the folder whose lock this callback shares while training
 
     @override
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
@@ -78,6 +78,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 "delete the old checkpoints"
             )
 
+    #: the folder locks this process holds: ``resolved dirpath -> [open lock file, callbacks sharing it]``
+    #: (a config may give several checkpoint callbacks of one run the same folder: configs/tiny_lm.yaml)
+    _held_locks: ClassVar[dict[str, list[Any]]] = {}
+
     def _lock_folder(self) -> None:
         """Hold ``<dirpath>/.lock`` until the run ends: one training per checkpoint folder at a time.
 
@@ -85,6 +89,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
         the same moment cannot both find it empty. The OS releases it if the process dies.
         """
         path = Path(self.dirpath)
+        key = str(path.resolve())
+        if key in self._held_locks:  # another checkpoint callback of this run writes there too
+            self._held_locks[key][1] += 1
+            self._lock_key = key
+            return
         path.mkdir(parents=True, exist_ok=True)
         fh = open(path / ".lock", "a+")
         try:
@@ -102,12 +111,18 @@ class ModelCheckpoint(LightningModelCheckpoint):
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
         fh.flush()
-        self._lock_file = fh
+        self._held_locks[key] = [fh, 1]
+        self._lock_key = key
 
     def _unlock_folder(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()  # releases the lock
-            self._lock_file = None
+        key, self._lock_key = self._lock_key, None
+        held = self._held_locks.get(key) if key is not None else None
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            held[0].close()  # releases the lock
+            del self._held_locks[key]
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
