@@ -52,6 +52,19 @@ def test_the_sae_package_knows_nothing_about_lightning_or_transformers() -> None
     assert "lightning" not in Path("mtsae/sae/model.py").read_text()
 
 
+def test_the_sae_package_imports_no_other_layer_of_the_library() -> None:
+    """``mtsae/sae/`` is the bottom layer: no import (lazy ones included) of training, evals, lm, compare."""
+    upward = ("mtsae.training", "mtsae.evals", "mtsae.lm", "mtsae.compare")
+    offenders = []
+    for path in sorted(Path("mtsae/sae").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(upward):
+                offenders.append(f"{path}: from {node.module}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path}: import {a.name}" for a in node.names if a.name.startswith(upward)]
+    assert not offenders
+
+
 def test_tests_mirror_the_packages() -> None:
     for package in (
         "mtsae/sae",
