@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -38,6 +37,7 @@ from data.loading import (
     already_batched,
 )
 from data.sources import ActivationSource
+from mtsae.evals.ground_truth import GroundTruth
 
 __all__ = [
     "ActivationDataModule",
@@ -229,7 +229,8 @@ class ActivationDataModule(L.LightningDataModule):
         return self.cache.stats
 
     @property
-    def ground_truth(self) -> dict[str, np.ndarray]:
+    def ground_truth(self) -> GroundTruth | None:
+        """The planted features of a synthetic source (:meth:`data.cache.ActivationCache.ground_truth`)."""
         if self.cache is None:
             self.setup()
         return self.cache.ground_truth()

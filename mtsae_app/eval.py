@@ -188,7 +188,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     setup_cache(dm)
     device = resolve_device(args.device)
     sae = loaded.sae.to(device)  # acts on raw activations
-    truth = dm.ground_truth or None
+    truth = dm.ground_truth  # a GroundTruth, or None
     batches = val_batches(dm, cfg.max_batches, args.progress, "disentanglement")
     res = evaluate_disentanglement(
         sae,

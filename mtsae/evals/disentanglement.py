@@ -44,8 +44,9 @@ import torch
 from torch import Tensor, nn
 
 from mtsae.evals.disentanglement_figures import figures
+from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
-from mtsae.training.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
+from mtsae.training.metrics import RECOVERY_THRESHOLD
 
 __all__ = [
     "DisentanglementConfig",
@@ -341,16 +342,10 @@ class DisentanglementAccumulator:
 
 
 # ---------------------------------------------------------------------------------------------- results
-def _group_names(names: Any) -> list[str] | None:
-    if names is None:
-        return None
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in list(names)]
-
-
 def disentanglement_results(
     sae: nn.Module,
     acc: DisentanglementAccumulator,
-    ground_truth: Mapping[str, Any] | None = None,
+    ground_truth: GroundTruth | None = None,
     coherence_threshold: float = COHERENCE_THRESHOLD,
     dense_threshold: float = DENSE_THRESHOLD,
     recovery_threshold: float = RECOVERY_THRESHOLD,
@@ -360,8 +355,8 @@ def disentanglement_results(
     Args:
         sae: an :class:`mtsae.MTSAE` (``W_dec``, ``W_enc``, ``dilations``).
         acc: density counts and persistence sums over the evaluated tokens.
-        ground_truth: optional ``{"features": [n_true, d_in], "group_index": [n_true],
-            "group_names": [n_groups]}`` (arrays or tensors; names may be bytes).
+        ground_truth: the true features, when the data has them (:class:`mtsae.evals.ground_truth.GroundTruth`,
+            ``data.ActivationCache.ground_truth()``).
 
     Returns:
         ``{"scalars": {name: float}, "density": Tensor [d_sae], "log10_density_hist": (counts, edges),
@@ -396,15 +391,8 @@ def disentanglement_results(
         r = r[~r.isnan()]
         scalars[f"persistence/lag_{k}"] = r.mean().item() if r.numel() else math.nan
     recovery = None
-    if ground_truth is not None and "features" in ground_truth:
-        gi = ground_truth.get("group_index")
-        recovery = ground_truth_recovery(
-            torch.as_tensor(ground_truth["features"]),
-            sae.W_dec,
-            None if gi is None else torch.as_tensor(gi),
-            _group_names(ground_truth.get("group_names")),
-            recovery_threshold,
-        )
+    if ground_truth is not None:
+        recovery = ground_truth.recovery(sae.W_dec, recovery_threshold)
         scalars |= {f"recovery/{k}": v for k, v in recovery.items()}
     return {
         "scalars": scalars,
@@ -429,7 +417,7 @@ def disentanglement_results(
 def evaluate_disentanglement(
     sae: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
-    ground_truth: Mapping[str, Any] | None = None,
+    ground_truth: GroundTruth | None = None,
     lags: Sequence[int] = DEFAULT_LAGS,
     max_batches: int | None = None,
     coherence_threshold: float = COHERENCE_THRESHOLD,

@@ -61,7 +61,9 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str) -> None:
         if dtype == "bfloat16":
             assert h5["acts"].dtype == np.uint16
     gt = cache.ground_truth()
-    assert gt["features"].shape == (20, 16)
+    assert gt.features.shape == (20, 16) and gt.features.dtype == torch.float32
+    assert gt.group_names == tuple(src.group_names) and all(type(n) is str for n in gt.group_names)
+    assert gt.group_index.tolist() == src.group_index.tolist()
     coeff = cache.ground_truth_rows("coefficients", [12, 1])
     np.testing.assert_array_equal(coeff, expected.ground_truth["coefficients"][[12, 1]])
 

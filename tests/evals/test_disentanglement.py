@@ -25,6 +25,7 @@ from mtsae.evals.disentanglement import (
     scale_attribution_summary,
     scale_entropy,
 )
+from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
 from tests.helpers.factories import tiny_sae, tiny_source
 from tests.helpers.train import tiny_args
@@ -154,7 +155,7 @@ def _batches(src, n: int = 4, bs: int = 8) -> list[dict[str, torch.Tensor]]:
 def test_evaluate_disentanglement_with_ground_truth_and_figures() -> None:
     src = tiny_source()
     sae = tiny_sae(d_in=src.d_in)
-    gt = src.static_ground_truth()
+    gt = GroundTruth.from_arrays(src.static_ground_truth())
     res = evaluate_disentanglement(sae, _batches(src), ground_truth=gt, lags=(1, 4))
     sc = res["scalars"]
     for key in (
