@@ -15,8 +15,8 @@ from mtsae.evals.disentanglement import (
     DisentanglementAccumulator,
     DisentanglementConfig,
     disentanglement_results,
-    figures,
 )
+from mtsae.evals.disentanglement_figures import figures
 from mtsae.evals.ground_truth import GroundTruth
 
 __all__ = ["Disentanglement"]

@@ -1,7 +1,7 @@
 """The HDF5 activation-sequence cache (a public format, docs/design.md §5): :class:`ActivationCache` reads it.
 
 The format (dtypes, manifest, checksums) is in :mod:`data.cache_format`, the writer (:func:`build_cache`)
-in :mod:`data.cache_writer`; their public names are re-exported here.
+in :mod:`data.cache_writer`; the names users type are in :mod:`data` (``data.CacheSpec``, ``data.build_cache``).
 """
 
 from __future__ import annotations
@@ -14,47 +14,19 @@ import numpy as np
 import torch
 
 from data.cache_format import (
-    DTYPES,
     FORMAT_VERSION,
     SPLITS,
     CacheMismatchError,
     CacheReadError,
-    CacheSpec,
-    CacheWriteError,
     check_manifest,
-    file_sha256,
-    fingerprint,
-    fingerprint_inputs,
     from_storage,
     read_context,
     read_manifest,
     static_ground_truth_sha256,
-    stats_sha256,
-    to_storage,
 )
-from data.cache_writer import build_cache
 from mtsae.evals.ground_truth import GroundTruth
 
-__all__ = [
-    "FORMAT_VERSION",
-    "DTYPES",
-    "CacheSpec",
-    "ActivationCache",
-    "build_cache",
-    "to_storage",
-    "from_storage",
-    "CacheMismatchError",
-    "CacheReadError",
-    "CacheWriteError",
-    "read_context",
-    "read_manifest",
-    "check_manifest",
-    "file_sha256",
-    "stats_sha256",
-    "static_ground_truth_sha256",
-    "fingerprint",
-    "fingerprint_inputs",
-]
+__all__ = ["ActivationCache"]
 
 
 class ActivationCache:

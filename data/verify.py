@@ -80,7 +80,7 @@ def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
 def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShard]:
     """Read every shard of the cache at ``root``; return the bad ones (empty: the cache is sound).
 
-    Raises :class:`~data.cache.CacheMismatchError` when the manifest itself is unusable.
+    Raises :class:`~data.cache_format.CacheMismatchError` when the manifest itself is unusable.
     """
     root = Path(root)
     mpath = root / "manifest.json"

@@ -179,7 +179,8 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval disentanglement``: diagnostics over the validation rows, with figures."""
-    from mtsae.evals.disentanglement import evaluate_disentanglement, figures, results_to_json
+    from mtsae.evals.disentanglement import evaluate_disentanglement, results_to_json
+    from mtsae.evals.disentanglement_figures import figures
 
     cfg = _settings(DisentanglementConfig, args)
     loaded = load_eval_sae(args)
@@ -277,8 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     from data import CacheMismatchError, SourceUnavailableError
+    from mtsae.evals.unlearning.corpora import UnlearningDataError
     from mtsae.evals.unlearning.mcq import MCQDatasetError
-    from mtsae.evals.unlearning.pipeline import UnlearningDataError
     from mtsae.evals.unlearning.recipe import RecipeError
     from mtsae.lm.loading import LMUnavailableError
 

@@ -30,7 +30,7 @@ What is measured, for an SAE with decoder rows ``w_i = W_dec[i]`` and codes ``f 
 
 :func:`evaluate_disentanglement` runs all of it over batches of activations (used by ``mtsae eval
 disentanglement``); :func:`disentanglement_results` turns accumulated statistics into results (used by the
-``Disentanglement`` callback); :func:`figures` draws them with matplotlib's Agg canvas.
+``Disentanglement`` callback); :func:`mtsae.evals.disentanglement_figures.figures` draws them with matplotlib's Agg canvas.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.disentanglement_figures import figures
 from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.training.metrics import RECOVERY_THRESHOLD
@@ -65,7 +64,6 @@ __all__ = [
     "disentanglement_results",
     "evaluate_disentanglement",
     "results_to_json",
-    "figures",
 ]
 
 COHERENCE_THRESHOLD = 0.9

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.cache import ActivationCache, CacheMismatchError, CacheReadError, CacheSpec, build_cache
+from data.cache import ActivationCache
+from data.cache_format import CacheMismatchError, CacheReadError, CacheSpec
+from data.cache_writer import build_cache
 from data.datamodule import ActivationDataModule
 from data.sources import ActivationSource
 from tests.helpers.factories import tiny_source
@@ -200,7 +202,7 @@ def test_concurrent_builders_wait_for_each_other(tmp_path: Path) -> None:
     import sys
 
     script = (
-        "import sys; from data.cache import CacheSpec, build_cache; from tests.helpers.factories import tiny_source; "
+        "import sys; from data import CacheSpec, build_cache; from tests.helpers.factories import tiny_source; "
         "build_cache(tiny_source(), sys.argv[1], CacheSpec(40, 8, 8, 'float32'), 4, progress=False)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

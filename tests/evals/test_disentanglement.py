@@ -18,13 +18,13 @@ from mtsae.evals.disentanglement import (
     density_summary,
     disentanglement_results,
     evaluate_disentanglement,
-    figures,
     log10_density_histogram,
     results_to_json,
     scale_attribution,
     scale_attribution_summary,
     scale_entropy,
 )
+from mtsae.evals.disentanglement_figures import figures
 from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
 from tests.helpers.factories import tiny_sae, tiny_source
