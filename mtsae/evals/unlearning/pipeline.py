@@ -53,7 +53,7 @@ from mtsae.evals.unlearning.mcq import (
 from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
 
-__all__ = ["evaluate_unlearning", "feature_sparsities", "filter_questions", "questions_fingerprint"]
+__all__ = ["evaluate_unlearning", "feature_sparsities", "filter_questions", "questions_cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def feature_sparsities(
 
 
 # ---------------------------------------------------------------------------------------------- filtering
-def questions_fingerprint(questions: Mapping[str, Sequence[MCQuestion]], **settings: Any) -> str:
+def questions_cache_key(questions: Mapping[str, Sequence[MCQuestion]], **settings: Any) -> str:
     """Hash of the question sets (text, choices, answers) and ``settings`` (model, orderings, ...)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name in sorted(questions):
@@ -127,7 +127,7 @@ def filter_questions(
     settings: dict[str, Any] = {"all_perms": config.all_perms, "chat_template": config.chat_template}
     if not strict_letters:  # keys of caches written before the setting existed stay valid
         settings["strict_letters"] = False
-    key = questions_fingerprint(questions, model=dict(model_id or {}), **settings)
+    key = questions_cache_key(questions, model=dict(model_id or {}), **settings)
     path = None if cache_dir is None else Path(cache_dir) / f"filtered_{key}.json"
     if path is not None and path.exists():
         kept_idx = {n: set(v) for n, v in json.loads(path.read_text())["kept"].items()}
