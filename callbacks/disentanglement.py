@@ -113,8 +113,7 @@ class Disentanglement(EveryNValidations):
             pl_module.sae,
             acc,
             self._ground_truth(trainer),  # for the recovery figure; its scalars are not logged here
-            self.config.coherence_threshold,
-            self.config.dense_threshold,
+            self.config,
         )
         # identical on every rank (reduced counts, synchronised parameters): no further sync
         scalars = {

@@ -191,14 +191,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     sae = loaded.sae.to(device)  # acts on raw activations
     truth = dm.ground_truth  # a GroundTruth, or None
     batches = val_batches(dm, cfg.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(
-        sae,
-        batches,
-        ground_truth=truth,
-        lags=cfg.lags,
-        coherence_threshold=cfg.coherence_threshold,
-        dense_threshold=cfg.dense_threshold,
-    )
+    res = evaluate_disentanglement(sae, batches, truth, cfg)
     results = {"command": "disentanglement", **loaded.label, **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -344,17 +344,19 @@ def disentanglement_results(
     sae: nn.Module,
     acc: DisentanglementAccumulator,
     ground_truth: GroundTruth | None = None,
-    coherence_threshold: float = COHERENCE_THRESHOLD,
-    dense_threshold: float = DENSE_THRESHOLD,
+    config: DisentanglementConfig | None = None,
     recovery_threshold: float = RECOVERY_THRESHOLD,
 ) -> dict[str, Any]:
     """All disentanglement results from an SAE and accumulated (already all-reduced) statistics.
+
+    The one computation behind ``callbacks.Disentanglement`` and ``mtsae eval disentanglement``.
 
     Args:
         sae: an :class:`mtsae.MTSAE` (``W_dec``, ``W_enc``, ``dilations``).
         acc: density counts and persistence sums over the evaluated tokens.
         ground_truth: the true features, when the data has them (:class:`mtsae.evals.ground_truth.GroundTruth`,
             ``data.ActivationCache.ground_truth()``).
+        config: the thresholds (:class:`DisentanglementConfig`; None: its defaults).
 
     Returns:
         ``{"scalars": {name: float}, "density": Tensor [d_sae], "log10_density_hist": (counts, edges),
@@ -365,6 +367,8 @@ def disentanglement_results(
         median_log10,mean_log10}``, ``scale/{share,majority}/dilation_<r>``, ``scale/entropy`` (MTSAE
         only), ``persistence/lag_<k>`` and, with ground truth, ``recovery/{mmcs,recovered}[/<group>]``.
     """
+    config = config if config is not None else DisentanglementConfig()
+    coherence_threshold, dense_threshold = config.coherence_threshold, config.dense_threshold
     density = acc.density.compute()  # [d_sae]
     coh = decoder_coherence(sae.W_dec, coherence_threshold)
     scalars: dict[str, float] = {
@@ -416,10 +420,7 @@ def evaluate_disentanglement(
     sae: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
     ground_truth: GroundTruth | None = None,
-    lags: Sequence[int] = DEFAULT_LAGS,
-    max_batches: int | None = None,
-    coherence_threshold: float = COHERENCE_THRESHOLD,
-    dense_threshold: float = DENSE_THRESHOLD,
+    config: DisentanglementConfig | None = None,
 ) -> dict[str, Any]:
     """Encode batches of activation sequences and compute every disentanglement diagnostic.
 
@@ -428,14 +429,16 @@ def evaluate_disentanglement(
             :class:`mtsae.MTSAE` or ``SAEModule.raw_sae``.
         batches: iterable of ``{"acts": [B, T, d_in], "valid": [B, T]}`` (validation batches).
         ground_truth: optional true features (see :func:`disentanglement_results`).
-        lags: persistence lags.
-        max_batches: stop after this many batches (``None``: all).
+        config: the settings (:class:`DisentanglementConfig`: ``max_batches``, ``lags``, thresholds;
+            None: its defaults).
 
     Returns:
         see :func:`disentanglement_results`; :func:`results_to_json` makes it JSON-serialisable.
     """
+    config = config if config is not None else DisentanglementConfig()
+    max_batches = config.max_batches
     p = next(sae.parameters())
-    acc = DisentanglementAccumulator(sae.W_dec.shape[0], lags, device=p.device)
+    acc = DisentanglementAccumulator(sae.W_dec.shape[0], config.lags, device=p.device)
     n = 0
     for batch in batches:
         if max_batches is not None and n >= max_batches:
@@ -446,7 +449,7 @@ def evaluate_disentanglement(
         n += 1
     if n == 0:
         raise ValueError("evaluate_disentanglement got no batches")
-    return disentanglement_results(sae, acc, ground_truth, coherence_threshold, dense_threshold)
+    return disentanglement_results(sae, acc, ground_truth, config)
 
 
 def results_to_json(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mtsae.evals.disentanglement import (
     DisentanglementAccumulator,
+    DisentanglementConfig,
     PersistenceAccumulator,
     decoder_coherence,
     density_summary,
@@ -156,7 +157,7 @@ def test_evaluate_disentanglement_with_ground_truth_and_figures() -> None:
     src = tiny_source()
     sae = tiny_sae(d_in=src.d_in)
     gt = GroundTruth.from_arrays(src.static_ground_truth())
-    res = evaluate_disentanglement(sae, _batches(src), ground_truth=gt, lags=(1, 4))
+    res = evaluate_disentanglement(sae, _batches(src), gt, DisentanglementConfig(lags=[1, 4]))
     sc = res["scalars"]
     for key in (
         "coherence/max",
@@ -173,7 +174,7 @@ def test_evaluate_disentanglement_with_ground_truth_and_figures() -> None:
     json.dumps(results_to_json(res))
 
     flat = tiny_sae(dilations=(), d_in=src.d_in)  # per-token SAE: no scale attribution
-    res = evaluate_disentanglement(flat, _batches(src, n=1), lags=(1,))
+    res = evaluate_disentanglement(flat, _batches(src, n=1), config=DisentanglementConfig(lags=[1]))
     assert res["scale_share"] is None and not any(k.startswith("scale/") for k in res["scalars"])
     assert "scale_attribution" not in figures(res) and "recovery" not in figures(res)
 
