@@ -23,7 +23,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from data import ActivationDataModule
-from data.cache import CacheBuildInterrupted
+from data.cache_format import CacheBuildInterrupted
 from mtsae import SAEModule
 from mtsae.training.checkpoint_file import CheckedCheckpointIO, CheckpointFileError, load_checkpoint_file
 from mtsae.training.module import ResumeSettingsError, model_settings_differ
@@ -117,7 +117,12 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MTSAECLI:
 
 def _fault_types() -> tuple[type[BaseException], ...]:
     from callbacks.checkpoint import CheckpointFolderInUseError
-    from data.cache import CacheMismatchError, CacheReadError, CacheWriteError, NonFiniteActivationsError
+    from data.cache_format import (
+        CacheMismatchError,
+        CacheReadError,
+        CacheWriteError,
+        NonFiniteActivationsError,
+    )
     from data.lm_source import SourceUnavailableError
     from mtsae.training.module import NonFiniteLossError
 

@@ -34,7 +34,6 @@ __all__ = [
     "save_sae",
     "load_sae",
     "read_metadata",
-    "load_sae_from_checkpoint",
     "git_commit",
     "hook_name",
 ]
@@ -282,11 +281,3 @@ def _check_shapes(path: Path, args: dict[str, Any], found: dict[str, tuple[int, 
         differ = sorted(k for k in set(want) | set(found) if want.get(k) != found.get(k))
         detail = "; ".join(f"{k}: config {want.get(k)}, weights {found.get(k)}" for k in differ[:5])
         raise ExportFormatError(f"the weights in {path} do not fit its config ({detail})")
-
-
-def load_sae_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> MTSAE:
-    """The raw-activation SAE of a Lightning checkpoint of :class:`mtsae.SAEModule`."""
-    from mtsae.training.module import SAEModule
-
-    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    return module.export_sae().to(device)

@@ -14,7 +14,8 @@ import torch
 
 import train
 from data import SyntheticSource
-from data.cache import CacheSpec, NonFiniteActivationsError, build_cache
+from data.cache_format import CacheSpec, NonFiniteActivationsError
+from data.cache_writer import build_cache
 from tests.helpers.train import tiny_args
 from train import cli_main
 
