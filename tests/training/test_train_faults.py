@@ -29,6 +29,21 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
+def _train_with_file_size_limit(args: list[str], limit: int) -> subprocess.CompletedProcess:
+    """``train.py fit args`` in a subprocess whose writes past ``limit`` bytes fail with EFBIG, as on a full
+    disk (a real OS failure, not a mocked one)."""
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # a write past the limit fails with EFBIG
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))\n"
+        "import train\n"
+        f"sys.exit(train.main(['fit', *{args!r}]))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
+
+
 def _sigterm_when(marker: Path, script: str, not_reached: str) -> tuple[int, str]:
     """Run ``script`` in a subprocess, send it SIGTERM once ``marker`` exists; its exit status and stderr."""
     proc = subprocess.Popen(
@@ -80,16 +95,7 @@ def test_disk_full_exits_with_status_1_and_a_message(tmp_path: Path) -> None:
     """A real write failure from the OS (a file-size limit below one shard), not a mocked one: HDF5 used
     to report it while deallocating objects and the process then died with a segmentation fault."""
     args = tiny_args(tmp_path, "--trainer.max_steps", "2")  # shards of 256 x 16 x 16 float32: > 256 KB
-    script = (
-        "import resource, signal, sys\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # a write past the limit fails with EFBIG
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
-        "import train\n"
-        f"sys.exit(train.main(['fit', *{args!r}]))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = _train_with_file_size_limit(args, 200_000)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "train.py: CacheWriteError: cannot write cache shard" in proc.stderr
     assert "shard_00000.h5.tmp: File too large (errno 27)" in proc.stderr and "Free space" in proc.stderr
@@ -277,16 +283,7 @@ def test_a_full_disk_under_the_run_folder_is_one_message(tmp_path: Path) -> None
     runs = tmp_path / "full"
     args = tiny_args(tmp_path, "--trainer.max_steps", "20", "--trainer.default_root_dir", str(runs))
     args += ["--trainer.logger.init_args.save_dir", str(runs)]
-    script = (
-        "import resource, signal, sys\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, resource.RLIM_INFINITY))\n"
-        "import train\n"
-        f"sys.exit(train.main(['fit', *{args!r}]))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
-    )
+    proc = _train_with_file_size_limit(args, 20_000)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "train.py: cannot write" in proc.stderr and "File too large (errno 27)" in proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
