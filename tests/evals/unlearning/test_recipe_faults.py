@@ -76,8 +76,7 @@ def test_a_layer_beyond_the_model_is_one_line(recipe_path: Path, tmp_path_factor
 
 
 def test_an_empty_forget_corpus_says_so_without_a_download_hint(tmp_path: Path) -> None:
-    from mtsae.evals.unlearning.corpora import load_forget_texts
-    from mtsae.evals.unlearning.pipeline import UnlearningDataError
+    from mtsae.evals.unlearning.corpora import UnlearningDataError, load_forget_texts
 
     empty = tmp_path / "forget.jsonl"
     empty.write_text("")
