@@ -188,8 +188,8 @@ class SAEModule(L.LightningModule):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if dead_after_tokens < 1:
             raise ValueError(f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
-        if d_sae < 1:
-            raise ValueError(f"d_sae must be >= 1, got {d_sae}")
+        if d_sae < 2:  # the evaluations compare features in pairs (decoder coherence, separation)
+            raise ValueError(f"d_sae must be >= 2, got {d_sae}")
         _probe_optimizer(optimizer, lr_scheduler)  # bad lr, warmup_steps...: refused before any work
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sae = MTSAE(

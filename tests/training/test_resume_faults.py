@@ -114,7 +114,7 @@ def test_resume_with_other_model_settings_is_refused(tmp_path: Path, run, option
         ("--model.optimizer.init_args.lr", "-1", "Invalid learning rate: -1"),
         ("--model.optimizer.init_args.lr", ".nan", "Invalid learning rate: nan"),
         ("--model.lr_scheduler.init_args.warmup_steps", "-3", "warmup_steps must be >= 0, got -3"),
-        ("--model.d_sae", "0", "d_sae must be >= 1, got 0"),
+        ("--model.d_sae", "1", "d_sae must be >= 2, got 1"),  # was: a traceback at the first validation
     ],
 )
 def test_bad_optimizer_values_are_refused_before_the_cache_build(
