@@ -350,6 +350,7 @@ def collect_dashboard(
         "has_truth": truth is not None,
         "quantiles": list(cfg.quantiles),
         "split": cfg.split,
+        "context_before": cfg.context_before,
     }
     if token_text is not None:  # the text of every token id that appears, decoded once
         ids = sorted({t for e in per_feature for ex in e["examples"] for t in ex["tokens"] if t >= 0})

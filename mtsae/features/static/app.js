@@ -26,6 +26,7 @@ function header(meta, title) {
     `${meta.n_tokens.toLocaleString()} tokens (${meta.n_rows} sequences, split ${meta.split})`,
     meta.dilations.length ? `MTSAE, dilations [${meta.dilations.join(", ")}], receptive field ${meta.receptive_field}`
       : "per-token SAE", `activation ${meta.activation}`];
+  if (meta.model) parts.unshift(meta.model);
   if (meta.source) parts.unshift(meta.source);
   return el("header", {}, [el("h1", { text: title }), el("div", { class: "meta", text: parts.join(" \u00b7 ") })]);
 }
@@ -145,6 +146,9 @@ function exampleRow(ex, f, meta) {
   const lab = el("span", { class: "label", text: `${label} \u00b7 ${fmt(ex.acts[ex.pos - ex.start], 2)}` +
     (ex.attr ? ` \u00b7 no ctx ${fmt(ex.attr.ablated, 2)}` : "") });
   const line = el("div", { class: "example", "data-kind": ex.kind }, [lab]);
+  /* positions without text: blank cells before a window cut by the sequence start align the maxima */
+  const pad = meta.has_tokens ? 0 : Math.max(0, meta.context_before - (ex.pos - ex.start));
+  for (let i = 0; i < pad; i++) line.appendChild(el("span", { class: "tok pos pad" }));
   ex.acts.forEach((a, i) => {
     const p = ex.start + i;
     const cls = ["tok"];
@@ -162,6 +166,7 @@ function exampleRow(ex, f, meta) {
   if (ex.truth) {
     const gmax = Math.max(...ex.truth, 1e-9);
     const gt = el("div", { class: "example gtrow" }, [el("span", { class: "label", text: "true feature" })]);
+    for (let i = 0; i < pad; i++) gt.appendChild(el("span", { class: "tok pos pad" }));
     ex.truth.forEach((c) => gt.appendChild(el("span", { class: "tok pos gt",
       style: c > 0 ? `background: rgba(74, 155, 74, ${(0.2 + 0.8 * c / gmax).toFixed(3)})` : "" })));
     out.push(gt);
