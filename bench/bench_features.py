@@ -99,12 +99,22 @@ def main() -> None:
     small, large = measure("pass", n), measure("pass", 8 * n)
     dash = measure("dashboard", n)
     per_tok = [m["seconds"] / t * 1e6 for m, t in ((small, n), (large, 8 * n))]
-    print(f"| measurement | value | note |\n|---|---:|---|")
-    print(f"| pass, {n:,} tokens | {small['seconds']:.1f} s | {per_tok[0]:.1f} us/token, peak RSS {small['peak_rss_mb']:.0f} MB |")
-    print(f"| pass, {8 * n:,} tokens | {large['seconds']:.1f} s | {per_tok[1]:.1f} us/token, peak RSS {large['peak_rss_mb']:.0f} MB |")
-    print(f"| time per token, {8 * n:,} / {n:,} tokens | {per_tok[1] / per_tok[0]:.3f} | 1 = linear in tokens |")
-    print(f"| peak RSS, {8 * n:,} / {n:,} tokens | {large['peak_rss_mb'] / small['peak_rss_mb']:.3f} | 1 = memory independent of tokens |")
-    print(f"| whole dashboard, {D_SAE} features, {n:,} tokens | {dash['seconds']:.1f} s | pass + example rows + {D_SAE} pages; peak RSS {dash['peak_rss_mb']:.0f} MB |")
+    print("| measurement | value | note |\n|---|---:|---|")
+    print(
+        f"| pass, {n:,} tokens | {small['seconds']:.1f} s | {per_tok[0]:.1f} us/token, peak RSS {small['peak_rss_mb']:.0f} MB |"
+    )
+    print(
+        f"| pass, {8 * n:,} tokens | {large['seconds']:.1f} s | {per_tok[1]:.1f} us/token, peak RSS {large['peak_rss_mb']:.0f} MB |"
+    )
+    print(
+        f"| time per token, {8 * n:,} / {n:,} tokens | {per_tok[1] / per_tok[0]:.3f} | 1 = linear in tokens |"
+    )
+    print(
+        f"| peak RSS, {8 * n:,} / {n:,} tokens | {large['peak_rss_mb'] / small['peak_rss_mb']:.3f} | 1 = memory independent of tokens |"
+    )
+    print(
+        f"| whole dashboard, {D_SAE} features, {n:,} tokens | {dash['seconds']:.1f} s | pass + example rows + {D_SAE} pages; peak RSS {dash['peak_rss_mb']:.0f} MB |"
+    )
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value after --config (repeatable), e.g. --set data.cache_dir=/elsewhere",
     )
-    p.add_argument("--no-lm", action="store_true", help="do not load the LM (no promoted / suppressed tokens)")
+    p.add_argument(
+        "--no-lm", action="store_true", help="do not load the LM (no promoted / suppressed tokens)"
+    )
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_settings_options(p, FeaturesConfig)
@@ -114,7 +116,11 @@ def run_features(args: argparse.Namespace) -> Path:
         dm.prepare_data()
     setup_cache(dm)
     cache = dm.cache
-    rows = np.concatenate([cache.rows("train"), cache.rows("val")]) if cfg.split == "all" else cache.rows(cfg.split)
+    rows = (
+        np.concatenate([cache.rows("train"), cache.rows("val")])
+        if cfg.split == "all"
+        else cache.rows(cfg.split)
+    )
     device = resolve_device(args.device)
 
     lm, token_text = None, None

@@ -191,7 +191,9 @@ def _examples(
     out: list[dict[str, Any]] = [{} for _ in picks]
     per_batch = max(1, cfg.batch_tokens // int(read_rows(rows[:1])["acts"].shape[1]))
     rf = int(getattr(sae, "receptive_field", 1))
-    for chunk in track(_batches(rows, per_batch), desc="features: examples", unit="batch", disable=not progress):
+    for chunk in track(
+        _batches(rows, per_batch), desc="features: examples", unit="batch", disable=not progress
+    ):
         data = read_rows(chunk)
         x, valid, tokens = data["acts"].to(device).float(), data["valid"].to(device), data["tokens"]
         f = sae.encode(x, valid)  # [b, T, d_sae]
@@ -363,4 +365,6 @@ def collect_dashboard(
 
 def _token_list(ids: Tensor, values: Tensor, token_text) -> list[list[Any]]:
     texts = token_text(ids.tolist()) if token_text is not None else [str(i) for i in ids.tolist()]
-    return [[t, int(i), round(float(v), 4)] for t, i, v in zip(texts, ids.tolist(), values.tolist(), strict=True)]
+    return [
+        [t, int(i), round(float(v), 4)] for t, i, v in zip(texts, ids.tolist(), values.tolist(), strict=True)
+    ]

@@ -78,7 +78,9 @@ def logit_effects(model: nn.Module, W_dec: Tensor, k: int = 10, chunk: int = 102
     """Most promoted and suppressed tokens of each decoder row ``W_dec [F, d_model]`` (chunks of rows)."""
     W_U, centre = folded_unembedding(model)
     if W_dec.shape[1] != W_U.shape[0]:
-        raise ValueError(f"decoder rows have width {W_dec.shape[1]}, the model's residual stream {W_U.shape[0]}")
+        raise ValueError(
+            f"decoder rows have width {W_dec.shape[1]}, the model's residual stream {W_U.shape[0]}"
+        )
     k = min(k, W_U.shape[1])
     outs: list[list[Tensor]] = [[], [], [], []]
     for lo in range(0, W_dec.shape[0], chunk):

@@ -89,7 +89,9 @@ def write_site(data: dict[str, Any], out: str | Path) -> Path:
     feat_dir.mkdir(parents=True)
     static = resources.files("mtsae.features") / "static"
     for name in ("app.js", "style.css"):
-        (out / "assets" / name).write_text(static.joinpath(name).read_text(encoding="utf-8"), encoding="utf-8")
+        (out / "assets" / name).write_text(
+            static.joinpath(name).read_text(encoding="utf-8"), encoding="utf-8"
+        )
     meta = data["meta"]
     (out / "data" / "index.js").write_text(
         _js("window.MTSAE_INDEX", {"meta": meta, "rows": index_rows(data["features"])}), encoding="utf-8"

@@ -47,11 +47,15 @@ class StreamingTopK:
         if scores.dim() != 2 or scores.shape[0] != self.n:
             raise ValueError(f"scores must be [{self.n}, C], got {tuple(scores.shape)}")
         if self.payload and set(payload) != set(self.payload):
-            raise ValueError(f"payload keys {sorted(payload)} differ from the first update's {sorted(self.payload)}")
+            raise ValueError(
+                f"payload keys {sorted(payload)} differ from the first update's {sorted(self.payload)}"
+            )
         C = scores.shape[1]
         for name, p in payload.items():
             if name not in self.payload:
-                self.payload[name] = torch.full((self.n, self.k), -1, dtype=p.dtype, device=self.scores.device)
+                self.payload[name] = torch.full(
+                    (self.n, self.k), -1, dtype=p.dtype, device=self.scores.device
+                )
         merged = torch.cat([self.scores, scores.to(self.scores)], dim=1)  # [n, k + C]
         top = merged.topk(min(self.k, self.k + C), dim=1, sorted=True)
         keep = top.indices  # [n, k]
@@ -113,7 +117,9 @@ class PowerOfTwoHistogram:
     @property
     def width(self) -> Tensor:
         """Bin width per item ``[n]`` (float64; 0 for an item that never had a positive value)."""
-        return torch.where(self.seen, torch.exp2(self.exponent.double()), torch.zeros_like(self.exponent).double())
+        return torch.where(
+            self.seen, torch.exp2(self.exponent.double()), torch.zeros_like(self.exponent).double()
+        )
 
 
 class FeatureStatsResult(NamedTuple):

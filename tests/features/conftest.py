@@ -32,7 +32,11 @@ def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("features_synthetic")
     cli = cli_main(["fit", *tiny_args(tmp, "--trainer.max_steps", "40")])
     run_dir = Path(cli.trainer.logger.log_dir)
-    return {"tmp": tmp, "config": run_dir / "config.yaml", "ckpt": Path(cli.trainer.checkpoint_callback.last_model_path)}
+    return {
+        "tmp": tmp,
+        "config": run_dir / "config.yaml",
+        "ckpt": Path(cli.trainer.checkpoint_callback.last_model_path),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -66,4 +66,7 @@ def test_context_part_is_zero_at_the_first_token_and_share_is_exact() -> None:
 
 def test_per_token_sae_has_no_attribution() -> None:
     sae = tiny_sae(dilations=())
-    assert context_attribution(sae, torch.randn(2, 5, 32), None, torch.tensor([1, 2]), torch.tensor([0, 1])) is None
+    assert (
+        context_attribution(sae, torch.randn(2, 5, 32), None, torch.tensor([1, 2]), torch.tensor([0, 1]))
+        is None
+    )

@@ -16,11 +16,18 @@ def _model(arch: str) -> torch.nn.Module:
     if arch == "gpt2":
         model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_head=2, **small))
     elif arch == "llama":
-        cfg = tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, **small)
+        cfg = tf.LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, **small
+        )
         model = tf.LlamaForCausalLM(cfg)
     else:
         cfg = tf.Gemma2Config(
-            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2, head_dim=8, **small
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            **small,
         )
         model = tf.Gemma2ForCausalLM(cfg)
     with torch.no_grad():  # a gain far from 1 (and a LayerNorm bias), so folding it matters

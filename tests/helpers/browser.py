@@ -142,15 +142,18 @@ class Chromium:
             raise RuntimeError(f"JavaScript error: {res['exceptionDetails']}")
         return res["result"].get("value")
 
-    def wait_for(self, expression: str, timeout: float = 10.0) -> Any:
-        """Poll ``expression`` until it is truthy; returns its value."""
+    def wait_for(self, expression: str, timeout: float = 10.0) -> bool:
+        """Poll ``expression`` until it is truthy in JavaScript."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.eval(expression)
+            value = self.eval(f"!!({expression})")  # a DOM node comes back by value as {}: test truth in JS
             if value:
                 return value
             time.sleep(0.05)
-        raise TimeoutError(f"still false after {timeout} s: {expression}")
+        raise TimeoutError(
+            f"still false after {timeout} s: {expression} (at {self.eval('location.href')}; console errors "
+            f"{self.console_errors()}; requests {self.requested_urls()})"
+        )
 
     def screenshot(self, path: str | Path) -> Path:
         data = self.send("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=False)
@@ -159,7 +162,9 @@ class Chromium:
 
     def requested_urls(self) -> list[str]:
         """Every URL the page asked for (``Network.requestWillBeSent``)."""
-        return [e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent"]
+        return [
+            e["params"]["request"]["url"] for e in self.events if e["method"] == "Network.requestWillBeSent"
+        ]
 
     def console_errors(self) -> list[str]:
         """Console errors, uncaught exceptions and browser log errors (CSP violations are among them)."""
