@@ -192,24 +192,39 @@ class FeatureStats:
 
     @torch.no_grad()
     def update(self, f_BTF: Tensor, valid_BT: Tensor, rows_B: Tensor) -> None:
-        """Add a batch: codes ``[B, T, d_sae]`` (all features), valid mask ``[B, T]``, global row ids ``[B]``."""
+        """Add a batch: codes ``[B, T, d_sae]`` (all features), valid mask ``[B, T]``, global row ids ``[B]``.
+
+        Codes are sparse: the dense tensor is scanned once for its non-zeros, and every statistic is
+        computed from those entries (``(b, t, feature, value)``, a few per token).
+        """
         f = f_BTF.to(self.device)
-        if not self._all or f.shape[-1] != len(self._index):
-            f = f.index_select(-1, self._index)  # [B, T, F]
-        f = f.float().masked_fill(~valid_BT.to(self.device).unsqueeze(-1), 0.0)
-        rows = rows_B.to(self.device).long()
+        B, T, D = f.shape
+        F = len(self._index)
+        b, t, j = (f > 0).nonzero(as_tuple=True)  # the one pass over the dense codes
+        v = f[b, t, j].float()
+        keep = valid_BT.to(self.device)[b, t]
+        if not (self._all and D == F):  # map feature ids to columns; others are dropped
+            lut = torch.full((D,), -1, dtype=torch.long, device=self.device)
+            lut[self._index] = torch.arange(F, device=self.device)
+            j = lut[j]
+            keep &= j >= 0
+        b, t, j, v = b[keep], t[keep], j[keep], v[keep]
         self.n_tokens += int(valid_BT.sum())
-        fires = f > 0
-        self.n_fire += fires.sum((0, 1))
-        self.sum_act += f.double().sum((0, 1))
-        vmax_BF, pos_BF = f.max(dim=1)  # one candidate per sequence
-        fired_FB = (vmax_BF > 0).t()
-        value_FB, pos_FB, rows_FB = vmax_BF.t(), pos_BF.t(), rows.unsqueeze(0)
+        self.n_fire += torch.bincount(j, minlength=F)
+        self.sum_act += torch.bincount(j, weights=v.double(), minlength=F)
+        self.hist.update(v, j)
+        # one candidate per (feature, sequence): its maximum and the first position where it is reached
+        key = j * B + b  # [M] index into [F, B]
+        vmax = torch.zeros(F * B, device=self.device).scatter_reduce(0, key, v, reduce="amax")
+        at_max = v == vmax[key]
+        pos = torch.full((F * B,), T, dtype=torch.long, device=self.device)
+        pos = pos.scatter_reduce(0, key[at_max], t[at_max], reduce="amin")
+        value_FB, pos_FB = vmax.view(F, B), pos.view(F, B)
+        fired_FB = value_FB > 0
+        rows_FB = rows_B.to(self.device).long().unsqueeze(0)
         self.top.update(value_FB.masked_fill(~fired_FB, _EMPTY), value=value_FB, row=rows_FB, pos=pos_FB)
         keys = torch.rand(value_FB.shape, generator=self._gen, device=self.device)
         self.sample.update(keys.masked_fill(~fired_FB, _EMPTY), value=value_FB, row=rows_FB, pos=pos_FB)
-        idx = fires.nonzero()  # [M, 3]: (b, t, feature column)
-        self.hist.update(f[fires], idx[:, 2])
 
     def result(self) -> FeatureStatsResult:
         if not self.top.payload:
