@@ -13,22 +13,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 
-from mtsae.features.collect import FeaturesConfig, GroundTruth
-from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
+from mtsae.features.collect import DashboardTruth, FeaturesConfig
 from mtsae_app.options import add_settings_options, settings_from_args
 from mtsae_app.run_inputs import (
     EvalError,
+    add_sae_options,
     check_d_in,
     check_sae_source,
     config_overrides,
     load_datamodule,
     load_eval_sae,
+    run_command,
     setup_cache,
 )
 
@@ -42,11 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtsae features",
         description="Write a static feature dashboard (opens offline from a file) for a trained SAE.",
     )
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ckpt", help="Lightning checkpoint of the SAEModule (.ckpt)")
-    which.add_argument("--sae", help="exported SAE folder instead: this project's (run_dir/sae) or SAELens's")
-    p.add_argument("--config", required=True, help="training YAML of the run (its saved config.yaml)")
-    p.add_argument("--out", required=True, help="output folder of the site (index.html, feature.html, data/)")
+    add_sae_options(p, "output folder of the site (index.html, feature.html, assets/, data/)")
     p.add_argument(
         "--features",
         nargs="+",
@@ -55,35 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="features to show: ids and ranges (3 10-19), sample:N (N at random) or first:N (default: all)",
     )
     p.add_argument(
-        "--set",
-        dest="set_args",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value after --config (repeatable), e.g. --set data.cache_dir=/elsewhere",
-    )
-    p.add_argument(
         "--no-lm", action="store_true", help="do not load the LM (no promoted / suppressed tokens)"
     )
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     add_settings_options(p, FeaturesConfig)
     return p
 
 
-def _ground_truth(dm: Any) -> GroundTruth | None:
-    """The synthetic source's planted features (``None`` when the data have none)."""
-    gt = dm.ground_truth or {}
-    if "features" not in gt:
+def _ground_truth(dm: Any) -> DashboardTruth | None:
+    """The synthetic source's planted features (``None`` when the data have none): the cache's ground
+    truth (a mapping of arrays, or an object with ``features``, ``group_index``, ``group_names``), the
+    groups' mean spans from the source and the per-token coefficients from the cache."""
+    gt = dm.ground_truth
+    if isinstance(gt, Mapping):
+        gt = SimpleNamespace(**gt) if "features" in gt else None
+    if gt is None:
         return None
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in gt.get("group_names", [])]
-    n_true = len(gt["features"])
-    index = torch.as_tensor(np.asarray(gt["group_index"])) if "group_index" in gt else torch.zeros(n_true)
+    features = torch.as_tensor(np.asarray(gt.features), dtype=torch.float32)
+    index = getattr(gt, "group_index", None)
+    index = (
+        torch.zeros(len(features), dtype=torch.long) if index is None else torch.as_tensor(np.asarray(index))
+    )
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in list(getattr(gt, "group_names", ()))]
     groups = getattr(dm.source, "groups", None)
     spans = [float(g.mean_span) for g in groups] if groups and len(groups) == len(names) else None
     cache = dm.cache
-    return GroundTruth(
-        features=torch.as_tensor(np.asarray(gt["features"])),
+    return DashboardTruth(
+        features=features,
         group_index=index.long(),
         group_names=names or ["all"],
         group_spans=spans,
@@ -162,23 +158,11 @@ def run_features(args: argparse.Namespace) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run ``mtsae features``; returns the exit status (2 for a user error, with its message on stderr)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        require_checkout("features")  # the training configuration's classes: data.*, callbacks.*
-    except CheckoutNotFoundError as e:
-        print(e, file=sys.stderr)
-        return 2
-    from data import CacheMismatchError, SourceUnavailableError
-    from mtsae.lm.loading import LMUnavailableError
-
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        index = run_features(args)
-    except (EvalError, SourceUnavailableError, LMUnavailableError, CacheMismatchError) as e:
-        print(f"mtsae features: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {index} (open it in a browser: file://{index.resolve()})")
-    return 0
+    written: list[Path] = []
+    status = run_command("features", "mtsae features", lambda: written.append(run_features(args)))
+    if status == 0:
+        print(f"wrote {written[0]} (open it in a browser: file://{written[0].resolve()})")
+    return status
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 """
 
 from mtsae.features.attribution import ContextAttribution, context_attribution
-from mtsae.features.collect import FeaturesConfig, GroundTruth, collect_dashboard, select_features
+from mtsae.features.collect import DashboardTruth, FeaturesConfig, collect_dashboard, select_features
 from mtsae.features.logits import LogitEffects, logit_effects
 from mtsae.features.site import write_site
 from mtsae.features.stats import FeatureStats, PowerOfTwoHistogram, StreamingTopK
@@ -15,7 +15,7 @@ __all__ = [
     "ContextAttribution",
     "FeatureStats",
     "FeaturesConfig",
-    "GroundTruth",
+    "DashboardTruth",
     "LogitEffects",
     "PowerOfTwoHistogram",
     "StreamingTopK",

@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtsae.features.attribution import context_attribution
+from mtsae.features.attribution import ContextAttribution, context_attribution
 from mtsae.features.stats import FeatureStats, FeatureStatsResult
 from mtsae.progress import track
 
-__all__ = ["FeaturesConfig", "GroundTruth", "collect_dashboard", "select_features"]
+__all__ = ["FeaturesConfig", "DashboardTruth", "collect_dashboard", "select_features"]
 
 log = logging.getLogger("mtsae.features")
 
@@ -84,7 +84,7 @@ class FeaturesConfig:
 
 
 @dataclass
-class GroundTruth:
+class DashboardTruth:
     """Planted features of a synthetic source, for matching decoder rows to them."""
 
     features: Tensor
@@ -178,7 +178,7 @@ def _examples(
     cfg: FeaturesConfig,
     device,
     truth_match: Tensor | None,
-    truth: GroundTruth | None,
+    truth: DashboardTruth | None,
     progress: bool,
 ) -> list[dict[str, Any]]:
     """Window, activations, tokens and attribution of every picked example (rows read in order)."""
@@ -205,13 +205,7 @@ def _examples(
         col = torch.tensor([picks[e][0] for e in e_idx], device=device)
         pos = torch.tensor([picks[e][2] for e in e_idx], device=device)
         feat = features.to(device)[col]
-        # attribution on the last `rf` tokens up to the maximum: zero padding = the start of a sequence
-        offs = torch.arange(-rf + 1, 1, device=device)
-        win = pos.unsqueeze(1) + offs  # [E, rf]
-        inside = win >= 0
-        x_w = x[b_idx.unsqueeze(1), win.clamp_min(0)] * inside.unsqueeze(-1)
-        v_w = valid[b_idx.unsqueeze(1), win.clamp_min(0)] & inside
-        attr = context_attribution(sae, x_w, v_w, torch.full_like(pos, rf - 1), feat)
+        attr = _attribution(sae, x, valid, b_idx, pos, feat, rf)
         for n, e in enumerate(e_idx):
             j, r, p, kind = picks[e]
             b = int(b_idx[n])
@@ -242,7 +236,27 @@ def _examples(
     return out
 
 
-def _match_truth(W_dec: Tensor, truth: GroundTruth) -> tuple[Tensor, Tensor]:
+def _attribution(sae, x, valid, b_idx: Tensor, pos: Tensor, feat: Tensor, rf: int, block: int = 1024):
+    """:func:`context_attribution` of the examples (row ``b_idx`` of ``x``, position ``pos``, feature ``feat``)
+    on the last ``rf`` tokens up to each maximum (zero padding = the start of a sequence), ``block``
+    examples at a time (memory ``block x rf x d_in``); ``None`` for a per-token SAE."""
+    if not getattr(sae, "dilations", None):
+        return None
+    parts = []
+    offs = torch.arange(-rf + 1, 1, device=x.device)
+    for lo in range(0, len(pos), block):
+        win = pos[lo : lo + block].unsqueeze(1) + offs  # [E, rf]
+        inside = win >= 0
+        rows = b_idx[lo : lo + block].unsqueeze(1)
+        x_w = x[rows, win.clamp_min(0)] * inside.unsqueeze(-1)
+        v_w = valid[rows, win.clamp_min(0)] & inside
+        parts.append(
+            context_attribution(sae, x_w, v_w, torch.full_like(win[:, 0], rf - 1), feat[lo : lo + block])
+        )
+    return ContextAttribution(*(torch.cat(t) for t in zip(*parts, strict=True)))
+
+
+def _match_truth(W_dec: Tensor, truth: DashboardTruth) -> tuple[Tensor, Tensor]:
     """Per decoder row: the closest true feature (by cosine) and the cosine."""
     w = W_dec.detach().float().cpu()
     t = truth.features.float().cpu()
@@ -264,7 +278,7 @@ def collect_dashboard(
     features: Tensor | None = None,
     lm: torch.nn.Module | None = None,
     token_text: Callable[[list[int]], list[str]] | None = None,
-    truth: GroundTruth | None = None,
+    truth: DashboardTruth | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> dict[str, Any]:
