@@ -44,6 +44,7 @@ compare-demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
+# every test, the ones marked slow included (none is at present: the DDP test runs in `make test`)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 

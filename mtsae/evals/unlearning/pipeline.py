@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtsae.evals.records import save_results
 from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.evals.unlearning.config import UnlearningConfig, UnlearningDuringTraining
 from mtsae.evals.unlearning.corpora import (
@@ -57,7 +58,7 @@ from mtsae.evals.unlearning.mcq import (
     score_mcq,
     special_token_ids,
 )
-from mtsae.evals.unlearning.report import best_recipe, save_results, summary_markdown
+from mtsae.evals.unlearning.report import best_recipe, summary_markdown
 from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
 
@@ -133,24 +134,25 @@ def filter_questions(
     model: nn.Module,
     tokenizer: Any,
     questions: Mapping[str, Sequence[MCQuestion]],
+    config: UnlearningConfig,
     *,
-    all_perms: bool = True,
-    batch_size: int = 8,
-    chat_template: bool | None = None,
     cache_dir: str | Path | None = None,
     model_id: Mapping[str, Any] | None = None,
     progress: bool = False,
-    strict_letters: bool = True,
 ) -> dict[str, list[MCQuestion]]:
     """Questions the unmodified model answers correctly (:func:`mtsae.evals.unlearning.mcq.filter_correct`), per set.
 
-    With ``cache_dir``, the kept question indices are stored in ``<cache_dir>/filtered_<hash>.json``,
-    keyed by the questions, ``model_id`` (name, revision, dtype: what identifies the model) and the
-    settings, and reused on the next call.
+    The prompt format and the letter rule come from ``config`` (``chat_template``, ``saebench_exact``), as
+    in :func:`evaluate_unlearning`, which scores the kept questions with the same ``config``; orderings
+    (``all_perms``) and batch size (``mcq_batch_size``) too. With ``cache_dir``, the kept question indices
+    are stored in ``<cache_dir>/filtered_<hash>.json``, keyed by the questions, ``model_id`` (what
+    identifies the model: name, revision, dtype, trust_remote_code) and those settings, and reused on the
+    next call.
     """
     from mtsae.progress import track
 
-    settings = {"all_perms": all_perms, "chat_template": chat_template}
+    strict_letters = config.saebench_exact
+    settings: dict[str, Any] = {"all_perms": config.all_perms, "chat_template": config.chat_template}
     if not strict_letters:  # keys of caches written before the setting existed stay valid
         settings["strict_letters"] = False
     key = questions_fingerprint(questions, model=dict(model_id or {}), **settings)
@@ -165,16 +167,16 @@ def filter_questions(
             model,
             tokenizer,
             qs,
-            all_perms=all_perms,
-            batch_size=batch_size,
-            chat_template=chat_template,
+            all_perms=config.all_perms,
+            batch_size=config.mcq_batch_size,
+            chat_template=config.chat_template,
             strict_letters=strict_letters,
         )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "model": dict(model_id or {}),
-            "all_perms": all_perms,
+            "all_perms": config.all_perms,
             "kept": {n: [q.index for q in qs] for n, qs in kept.items()},
             "loaded": {n: len(qs) for n, qs in questions.items()},
         }
@@ -281,6 +283,7 @@ def evaluate_unlearning(
         "n_questions": {
             n: {"loaded": len(data.questions.get(n, [])), "kept": len(filtered[n])} for n in filtered
         },
+        "kept_questions": {n: [q.index for q in qs] for n, qs in filtered.items()},
         "n_sparsity_tokens": {"forget": int(forget_acc.n_tokens), "retain": int(retain_acc.n_tokens)},
         "warnings": warnings,
         "conventions": {
