@@ -145,10 +145,11 @@ function exampleRow(ex, f, meta) {
   const label = ex.kind === "top" ? `top #${ex.rank}` : `${ex.kind.slice(1)}th pct`;
   const lab = el("span", { class: "label", text: `${label} \u00b7 ${fmt(ex.acts[ex.pos - ex.start], 2)}` +
     (ex.attr ? ` \u00b7 no ctx ${fmt(ex.attr.ablated, 2)}` : "") });
-  const line = el("div", { class: "example", "data-kind": ex.kind }, [lab]);
+  const toks = el("span", { class: "toks" });
+  const line = el("div", { class: meta.has_tokens ? "example text" : "example", "data-kind": ex.kind }, [lab, toks]);
   /* positions without text: blank cells before a window cut by the sequence start align the maxima */
   const pad = meta.has_tokens ? 0 : Math.max(0, meta.context_before - (ex.pos - ex.start));
-  for (let i = 0; i < pad; i++) line.appendChild(el("span", { class: "tok pos pad" }));
+  for (let i = 0; i < pad; i++) toks.appendChild(el("span", { class: "tok pos pad" }));
   ex.acts.forEach((a, i) => {
     const p = ex.start + i;
     const cls = ["tok"];
@@ -158,7 +159,7 @@ function exampleRow(ex, f, meta) {
     let text = ex.text ? ex.text[i] : "";
     if (!meta.has_tokens) cls.push("pos");
     text = text.replace(/\n/g, "\u21b5");
-    line.appendChild(el("span", { class: cls.join(" "), style: shade(a, maxAct), "data-act": a,
+    toks.appendChild(el("span", { class: cls.join(" "), style: shade(a, maxAct), "data-act": a,
       title: `position ${p}: activation ${fmt(a)}` + (ex.truth ? `, true feature ${fmt(ex.truth[i], 2)}` : ""),
       text }));
   });
