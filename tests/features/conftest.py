@@ -64,7 +64,7 @@ def lm_site(tmp_path_factory: pytest.TempPathFactory) -> dict:
         assert mtsae_cli.main([*args, "--features", "first:12", "--device", "cpu"]) == 0
     finally:
         mp.undo()
-    return {"out": out, "lm": lm, **read_site(out)}
+    return {"out": out, "lm": lm, "config": config, "tmp": tmp, **read_site(out)}
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import mtsae_app.cli as mtsae_cli
+from mtsae import MTSAE, SAEMetadata
 from mtsae.features.collect import select_features
+from mtsae.sae.saelens import save_saelens
+from tests.features.conftest import read_site
+from tests.helpers.lm import offline_hub
 
 
 def test_synthetic_dashboard_data(synthetic_site: dict) -> None:
@@ -76,3 +80,39 @@ def test_clear_errors(synthetic_run: dict, tmp_path: Path, capsys: pytest.Captur
     assert mtsae_cli.main([*base, "--ckpt", str(synthetic_run["ckpt"]), "--n-bins", "10"]) == 2
     assert "power of two" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_exported_sae_folder_gives_the_checkpoints_dashboard(
+    synthetic_run: dict, synthetic_site: dict
+) -> None:
+    """``--sae run_dir/sae`` (the export: the input scale folded in) shows what ``--ckpt`` shows."""
+    out = synthetic_run["tmp"] / "site_sae"
+    sae_dir = synthetic_run["config"].parent / "sae"
+    args = ["features", "--sae", str(sae_dir), "--config", str(synthetic_run["config"]), "--out", str(out)]
+    assert mtsae_cli.main([*args, "--features", "0-23", "--no-progress"]) == 0
+    got, want = read_site(out)["index"]["rows"], synthetic_site["index"]["rows"]
+    assert [r["id"] for r in got] == [r["id"] for r in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["density"] == pytest.approx(b["density"])
+        assert a["max_act"] == pytest.approx(b["max_act"], rel=1e-4, abs=1e-5)
+
+
+def test_saelens_folder_on_the_lm(lm_site: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A per-token SAE in SAELens's format (as a public release) on the tiny LM: tokens and logit effects,
+    no context attribution."""
+    offline_hub(monkeypatch)
+    monkeypatch.chdir(lm_site["tmp"])
+    sae = MTSAE(64, 32, dilations=[], activation="relu")
+    with torch.no_grad():
+        sae.b_enc.fill_(-0.5)
+    meta = SAEMetadata(model_name="tiny-gemma", layer=2, hook_name="blocks.2.hook_resid_post")
+    folder = save_saelens(sae, lm_site["tmp"] / "public_sae", meta)
+    out = lm_site["tmp"] / "site_saelens"
+    args = ["features", "--sae", str(folder), "--config", str(lm_site["config"]), "--out", str(out)]
+    assert mtsae_cli.main([*args, "--no-progress", "--device", "cpu"]) == 0
+    site = read_site(out)
+    meta_out = site["index"]["meta"]
+    assert meta_out["dilations"] == [] and meta_out["has_logits"] and meta_out["n_features_shown"] == 32
+    live = [f for f in site["features"].values() if f["n_fire"]]
+    assert live and all("context_share" not in f and "attr" not in f["examples"][0] for f in live)
+    assert all(len(f["promoted"]) == 10 for f in live)
