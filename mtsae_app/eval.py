@@ -180,7 +180,8 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval disentanglement``: diagnostics over the validation rows, with figures."""
-    from mtsae.evals.disentanglement import evaluate_disentanglement, figures, results_to_json
+    from mtsae.evals.disentanglement import evaluate_disentanglement, results_to_json
+    from mtsae.evals.disentanglement_figures import figures
 
     cfg = _settings(DisentanglementConfig, args)
     loaded = load_eval_sae(args)
@@ -189,16 +190,9 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     setup_cache(dm)
     device = resolve_device(args.device)
     sae = loaded.sae.to(device)  # acts on raw activations
-    truth = dm.ground_truth or None
+    truth = dm.ground_truth  # a GroundTruth, or None
     batches = val_batches(dm, cfg.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(
-        sae,
-        batches,
-        ground_truth=truth,
-        lags=cfg.lags,
-        coherence_threshold=cfg.coherence_threshold,
-        dense_threshold=cfg.dense_threshold,
-    )
+    res = evaluate_disentanglement(sae, batches, truth, cfg)
     results = {"command": "disentanglement", **loaded.label, **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -258,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
 
     def extra_errors() -> tuple[type, ...]:
+        from mtsae.evals.unlearning.corpora import UnlearningDataError
         from mtsae.evals.unlearning.mcq import MCQDatasetError
-        from mtsae.evals.unlearning.pipeline import UnlearningDataError
         from mtsae.evals.unlearning.recipe import RecipeError
 
         return (MCQDatasetError, UnlearningDataError, RecipeError)
