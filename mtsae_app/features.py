@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -61,25 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ground_truth(dm: Any) -> DashboardTruth | None:
-    """The synthetic source's planted features (``None`` when the data have none): the cache's ground
-    truth (a mapping of arrays, or an object with ``features``, ``group_index``, ``group_names``), the
-    groups' mean spans from the source and the per-token coefficients from the cache."""
+    """The synthetic source's planted features (``None`` when the data have none): the cache's
+    :class:`mtsae.evals.ground_truth.GroundTruth`, the groups' mean spans from the source and the
+    per-token coefficients from the cache."""
     gt = dm.ground_truth
-    if isinstance(gt, Mapping):
-        gt = SimpleNamespace(**gt) if "features" in gt else None
     if gt is None:
         return None
-    features = torch.as_tensor(np.asarray(gt.features), dtype=torch.float32)
-    index = getattr(gt, "group_index", None)
-    index = (
-        torch.zeros(len(features), dtype=torch.long) if index is None else torch.as_tensor(np.asarray(index))
-    )
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in list(getattr(gt, "group_names", ()))]
+    n_true = gt.features.shape[0]
+    index = gt.group_index if gt.group_index is not None else torch.zeros(n_true, dtype=torch.long)
+    names = list(gt.group_names)
     groups = getattr(dm.source, "groups", None)
     spans = [float(g.mean_span) for g in groups] if groups and len(groups) == len(names) else None
     cache = dm.cache
     return DashboardTruth(
-        features=features,
+        features=gt.features.float(),
         group_index=index.long(),
         group_names=names or ["all"],
         group_spans=spans,
