@@ -27,6 +27,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mtsae_app.compare",
         "train SAEs on equal terms and write a comparison report: mtsae compare --config YAML [--jobs N]",
     ),
+    "features": (
+        "mtsae_app.features",
+        "write a static feature dashboard: mtsae features --ckpt CKPT --config YAML --out DIR [--features ...]",
+    ),
     "cache": ("mtsae_app.cache", "check an activation cache: mtsae cache verify PATH [--repair]"),
     "example": (
         "mtsae_app.example",

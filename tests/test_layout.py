@@ -75,6 +75,7 @@ def test_tests_mirror_the_packages() -> None:
         "mtsae/lm",
         "mtsae/evals",
         "mtsae/evals/unlearning",
+        "mtsae/features",
         "data",
     ):
         assert Path("tests", package.removeprefix("mtsae/")).is_dir(), package
