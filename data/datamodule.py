@@ -6,8 +6,7 @@
 - Batches are whole sequences, shuffled across rows each epoch, never within a row. Every rank reads
   a disjoint set of rows.
 
-The samplers and loaders are in :mod:`data.loading` (re-exported here); how training reads rows is
-described there.
+The samplers and loaders are in :mod:`data.loading`; how training reads rows is described there.
 """
 
 from __future__ import annotations
@@ -16,38 +15,24 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.cache import (
-    ActivationCache,
-    CacheMismatchError,
-    CacheSpec,
-    build_cache,
-    fingerprint,
-    fingerprint_inputs,
-)
+from data.cache import ActivationCache
+from data.cache_format import CacheMismatchError, CacheSpec, fingerprint, fingerprint_inputs
+from data.cache_writer import build_cache
 from data.loading import (
     BlockShuffleSampler,
     ResumableDataLoader,
     RowDataset,
     ShardedRowSampler,
-    Window,
     WindowDataset,
     already_batched,
 )
 from data.sources import ActivationSource
+from mtsae.evals.ground_truth import GroundTruth
 
-__all__ = [
-    "ActivationDataModule",
-    "BlockShuffleSampler",
-    "ResumableDataLoader",
-    "RowDataset",
-    "ShardedRowSampler",
-    "Window",
-    "WindowDataset",
-]
+__all__ = ["ActivationDataModule"]
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -97,6 +82,12 @@ class ActivationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"block_rows and shuffle_buffer_rows must be >= 1, got {block_rows}, {shuffle_buffer_rows}"
             )
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"data.val_batch_size must be >= 1, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if source_batch_size < 1:
+            raise ValueError(f"data.source_batch_size must be >= 1, got {source_batch_size}")
         if val_sequences < 1:
             raise ValueError("val_sequences must be >= 1: validation metrics need held-out sequences")
         if n_sequences < val_sequences:
@@ -123,6 +114,16 @@ class ActivationDataModule(L.LightningDataModule):
         if self.cache_path is not None:
             return Path(self.cache_path)
         return Path(self.cache_dir) / fingerprint(fingerprint_inputs(self.source, self.spec))
+
+    def check_training_batches(self, world_size: int = 1) -> None:
+        """Refuse, before the cache is built, a batch size that leaves a device without one training batch."""
+        per_device = self.spec.n_sequences // world_size
+        if self.batch_size > per_device:
+            raise ValueError(
+                f"data.batch_size ({self.batch_size}) is larger than the {per_device} training sequences per "
+                f"device (data.n_sequences {self.spec.n_sequences} over {world_size} device(s)): not one "
+                "training batch; lower data.batch_size or cache more sequences"
+            )
 
     # ------------------------------------------------------------------ hooks
     def prepare_data(self) -> None:
@@ -229,7 +230,8 @@ class ActivationDataModule(L.LightningDataModule):
         return self.cache.stats
 
     @property
-    def ground_truth(self) -> dict[str, np.ndarray]:
+    def ground_truth(self) -> GroundTruth | None:
+        """The planted features of a synthetic source (:meth:`data.cache.ActivationCache.ground_truth`)."""
         if self.cache is None:
             self.setup()
         return self.cache.ground_truth()

@@ -1,4 +1,5 @@
-"""``mtsae cache verify PATH [--repair]``: read a whole activation cache and report every bad shard.
+"""Read a whole activation cache and report every bad shard (the command: ``mtsae cache verify PATH
+[--repair]``, :mod:`mtsae_app.cache`).
 
 A shard is bad when its file is missing, its bytes do not match the SHA-256 recorded in
 ``manifest.json``, its row count differs from the manifest, any dataset fails to read (HDF5's
@@ -10,27 +11,29 @@ those shards and leaves the good ones untouched.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
 import h5py
 
 from data.cache_format import (
+    SHARD_IDENTITY,
     CacheMismatchError,
+    check_shard_identity,
     file_sha256,
+    manifest_problem,
     manifest_stats,
     read_manifest,
+    shard_layout_problem,
     static_ground_truth_sha256,
     stats_sha256,
     write_json_atomic,
 )
 from mtsae.progress import progress_bar
 
-__all__ = ["BadShard", "verify_cache", "repair_cache", "main"]
+__all__ = ["BadShard", "verify_cache", "repair_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +47,24 @@ class BadShard(NamedTuple):
     """what is wrong with it"""
 
 
-def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
+def _check_shard(path: Path, entry: dict, manifest: dict) -> str | None:
     """The reason ``path`` is bad, or None."""
     if not path.is_file():
         return "missing"
+    gt_sha = manifest.get("static_ground_truth_sha256")
+    cache_fingerprint = manifest.get("fingerprint", path.parent.name)
     sha_differs = "sha256" in entry and file_sha256(path) != entry["sha256"]
     try:
         with h5py.File(path, "r") as h5:
-            n = h5["acts"].shape[0]
-            if n != entry["n_sequences"]:
-                return f"holds {n} rows, manifest.json says {entry['n_sequences']}"
+            layout = shard_layout_problem(h5, entry["n_sequences"], manifest)
+            if layout is not None:  # before any read: its sizes are not trusted
+                return layout
+            identity = {k: h5.attrs.get(k) for k in SHARD_IDENTITY}
+            if all(v is not None for v in identity.values()):
+                try:
+                    check_shard_identity(path, entry, identity, cache_fingerprint)
+                except CacheMismatchError:
+                    return f"written for another cache or file ({identity})"
             names: list[str] = []
             h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
             for name in names:
@@ -81,7 +92,7 @@ def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
 def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShard]:
     """Read every shard of the cache at ``root``; return the bad ones (empty: the cache is sound).
 
-    Raises :class:`~data.cache.CacheMismatchError` when the manifest itself is unusable.
+    Raises :class:`~data.cache_format.CacheMismatchError` when the manifest itself is unusable.
     """
     root = Path(root)
     mpath = root / "manifest.json"
@@ -94,6 +105,11 @@ def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShar
         )
         raise CacheMismatchError(f"no activation cache at {root} (missing manifest.json){hint}")
     manifest = read_manifest(mpath)
+    problem = manifest_problem(manifest)
+    if problem is None and manifest.get("stats_sha256") != stats_sha256(manifest["stats"]):
+        problem = "holds statistics (mean_sq_norm, mean) that do not match their checksum (stats_sha256)"
+    if problem is not None:  # no shard can be blamed: --repair would not help
+        raise CacheMismatchError(f"{mpath} {problem}; delete {root} and build the cache again")
     shards = manifest["shards"]
     bad: list[BadShard] = []
     seen: set[str] = set()
@@ -105,7 +121,7 @@ def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShar
                 bad.append(BadShard(path, "listed more than once in manifest.json"))
             else:
                 seen.add(entry["file"])
-                reason = _check_shard(path, entry, manifest.get("static_ground_truth_sha256"))
+                reason = _check_shard(path, entry, manifest)
                 if reason is not None:
                     bad.append(BadShard(path, reason))
             bar.update(1)
@@ -120,8 +136,6 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     mpath = root / "manifest.json"
     manifest = read_manifest(mpath)
     names = {b.file.name for b in bad}
-    for name in sorted(names):
-        (root / name).unlink(missing_ok=True)
     kept, seen = [], set()
     for e in manifest["shards"]:
         if e["file"] not in names and e["file"] not in seen:
@@ -131,62 +145,8 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     manifest["stats"] = manifest_stats(kept)
     manifest["stats_sha256"] = stats_sha256(manifest["stats"])
     manifest["complete"] = False
+    # the manifest first: if it cannot be written (a read-only or full disk), no shard has been deleted,
+    # and a manifest never lists a deleted shard
     write_json_atomic(mpath, manifest)
-
-
-def _say(msg: str, err: bool = False) -> None:
-    (sys.stderr if err else sys.stdout).write(msg + "\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mtsae cache",
-        description="Check an activation cache: read every shard, report every bad one.",
-        allow_abbrev=False,
-    )
-    sub = p.add_subparsers(dest="action", required=True)
-    v = sub.add_parser("verify", help="read every shard and report the bad ones", allow_abbrev=False)
-    v.add_argument("path", help="the cache directory (the one holding manifest.json)")
-    v.add_argument(
-        "--repair",
-        action="store_true",
-        help="delete bad shards and mark the cache incomplete, so the next build regenerates exactly those",
-    )
-    v.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``mtsae cache verify PATH [--repair]``: exit status 0 when sound (or repaired), 1 when bad shards remain."""
-    args = build_parser().parse_args(argv)
-    try:
-        bad = verify_cache(args.path, progress=args.progress)
-    except CacheMismatchError as err:
-        _say(f"mtsae cache verify: {err}", err=True)
-        return 1
-    manifest = read_manifest(Path(args.path) / "manifest.json")
-    n = len(manifest["shards"])
-    if not bad:
-        if not manifest.get("complete"):
-            _say(
-                f"{args.path}: all {n} listed shards verified, but the cache is incomplete (an interrupted or "
-                "repaired build): run the training command again to build the missing shards"
-            )
-            return 0
-        _say(f"{args.path}: all {n} shards verified")
-        return 0
-    for b in bad:
-        _say(f"bad shard {b.file}: {b.reason}", err=True)
-    if not args.repair:
-        _say(
-            f"{len(bad)} of {n} shards are bad; `mtsae cache verify {args.path} --repair` deletes them so that "
-            "the next build regenerates them",
-            err=True,
-        )
-        return 1
-    repair_cache(args.path, bad)
-    _say(
-        f"deleted {len(bad)} bad shards and marked the cache incomplete; run the build again (e.g. the same "
-        "`python train.py fit --config ...`) to regenerate them"
-    )
-    return 0
+    for name in sorted(names):
+        (root / name).unlink(missing_ok=True)
