@@ -198,6 +198,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
         cache_dir=cache_dir,
         model_id=model_id,
         progress=args.progress,
+        scoring=cfg.scoring,
         strict_letters=cfg.saebench_exact,
     )
     sae = loaded.sae.to(device)  # raw activations: multipliers in raw units
