@@ -211,7 +211,8 @@ class Unlearning(EveryNValidations):
                 batch_size=self.config.mcq_batch_size,
                 chat_template=self.config.chat_template,
                 cache_dir=cache_dir,
-                model_id=mid,
+                # the key `mtsae eval unlearning` uses too: one question cache serves both
+                model_id={k: mid[k] for k in ("name", "revision", "dtype")},
                 scoring=self.config.scoring,
                 strict_letters=self.config.saebench_exact,
             )

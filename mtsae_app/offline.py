@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mtsae.lm.gguf import materialise_gguf
-from mtsae.lm.offline_corpora import build_corpora
+from mtsae.lm.offline_corpora import build_corpora, topic_rule_agreement
 
 __all__ = ["SMOLLM2_FILE", "link_smollm2", "main"]
 
@@ -50,9 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mtsae_app.offline", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="artifacts/smollm2", help="output folder (default: %(default)s)")
     p.add_argument("--skip-model", action="store_true", help="only build the corpora")
+    p.add_argument(
+        "--check-labels",
+        metavar="JSONL",
+        help="compare the topic rule with hand labels (reports/smollm2/topic_labels.jsonl) and exit",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out)
+    if args.check_labels:
+        agreement = topic_rule_agreement(out / "data" / "questions.jsonl", args.check_labels)
+        print(json.dumps(agreement, indent=2))
+        return 0
     try:
         if not args.skip_model:
             t0 = time.perf_counter()

