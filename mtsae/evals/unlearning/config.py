@@ -78,7 +78,7 @@ class UnlearningConfig:
     """``letter``: SAEBench's (the answer letter's probability after the lettered options); ``cloze``: the
     small-model mode (each choice's log-likelihood per character as the continuation of ``Question: ..
     \nAnswer:``; forget = ``forget_topic`` questions of ``question_file``, retain = the others; needs
-    ``saebench_exact: false``); see ``docs/unlearning_small_models.md``"""
+    ``saebench_exact: false``); see ``docs/design.md`` §6"""
     question_file: str | None = None
     """cloze: a JSONL of questions (``question``, ``choices``, ``answer``, ``topic``), e.g.
     ``artifacts/smollm2/data/questions.jsonl`` from ``make smollm2``"""
