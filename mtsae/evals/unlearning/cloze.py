@@ -67,7 +67,10 @@ def cloze_requests(tokenizer: Any, question: MCQuestion) -> list[tuple[list[int]
     """``[(ids, n_prompt)]`` per choice: ``[BOS] + prompt + continuation`` tokens and the prompt's length
     (BOS included), so the continuation is ``ids[n_prompt:]``."""
     bos = special_ids(tokenizer)[0]
-    prompt = [bos, *tokenizer(CLOZE_PROMPT.format(question=question.question), add_special_tokens=False)["input_ids"]]
+    prompt = [
+        bos,
+        *tokenizer(CLOZE_PROMPT.format(question=question.question), add_special_tokens=False)["input_ids"],
+    ]
     out = []
     for choice in question.choices:
         cont = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
@@ -135,7 +138,9 @@ def score_cloze(
     n_max = max((len(q.choices) for q in questions), default=0)
     loglik = torch.full((len(questions), n_max), float("-inf"), dtype=torch.float64)
     scores = loglik.clone()
-    reqs = [(qi, ci, r) for qi, q in enumerate(questions) for ci, r in enumerate(cloze_requests(tokenizer, q))]
+    reqs = [
+        (qi, ci, r) for qi, q in enumerate(questions) for ci, r in enumerate(cloze_requests(tokenizer, q))
+    ]
     logps = _token_logprobs(model, [r[0] for _, _, r in reqs], _pad_id(tokenizer), batch_size, intervention)
     for (qi, ci, (_, n_prompt)), lp in zip(reqs, logps, strict=True):
         ll = float(lp[n_prompt - 1 :].sum())  # the continuation's tokens: ids[n_prompt:]
@@ -175,7 +180,9 @@ def load_topic_questions(
             if missing:
                 raise ValueError(f"{path} row {i}: missing fields {sorted(missing)}")
             name = forget_name if r["topic"] == forget_topic else retain_name
-            q = MCQuestion(str(r["question"]), tuple(str(c) for c in r["choices"]), int(r["answer"]), r["topic"], i)
+            q = MCQuestion(
+                str(r["question"]), tuple(str(c) for c in r["choices"]), int(r["answer"]), r["topic"], i
+            )
             out[name].append(q)
     if not out[forget_name]:
         raise ValueError(f"{path}: no question has topic {forget_topic!r}")
@@ -211,9 +218,7 @@ def mean_text_ce(
     return total / count
 
 
-def text_selectivity(
-    clean: dict[str, float], clamped: dict[str, float]
-) -> dict[str, float]:
+def text_selectivity(clean: dict[str, float], clamped: dict[str, float]) -> dict[str, float]:
     """CE increases under a clamp and the selectivity from ``{"forget": ce, "retain": ce}`` pairs."""
     d_forget = clamped["forget"] - clean["forget"]
     d_retain = clamped["retain"] - clean["retain"]

@@ -171,7 +171,9 @@ def filter_questions(
     for name, qs in track(questions.items(), desc="filter questions", disable=not progress, leave=False):
         if scoring == "cloze":
             kept[name] = filter_correct_cloze(model, tokenizer, qs, batch_size)
-            log.info("kept %d / %d %s questions answered correctly in cloze form", len(kept[name]), len(qs), name)
+            log.info(
+                "kept %d / %d %s questions answered correctly in cloze form", len(kept[name]), len(qs), name
+            )
             continue
         kept[name] = filter_correct(
             model,
@@ -361,7 +363,13 @@ class _GridScorer:
         if not features:
             return None
         return ClampIntervention(
-            self.model, self.layer, self.sae, list(features), multiplier, self.special, position_rule=self.cfg.rule
+            self.model,
+            self.layer,
+            self.sae,
+            list(features),
+            multiplier,
+            self.special,
+            position_rule=self.cfg.rule,
         )
 
     def _correct(self, qs: Sequence[MCQuestion], iv: ClampIntervention | None) -> Tensor:

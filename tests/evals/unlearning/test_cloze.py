@@ -70,7 +70,9 @@ def test_cloze_scores_equal_a_hand_computation(lm) -> None:
     pred = out.scores.argmax(-1)
     assert out.correct.tolist() == (pred == torch.tensor([0, 0, 0])).tolist()
     kept = filter_correct_cloze(model, tok, QUESTIONS, batch_size=2)
-    assert [q.index for q in kept] == [q.index for q, c in zip(QUESTIONS, out.correct.tolist(), strict=True) if c]
+    assert [q.index for q in kept] == [
+        q.index for q, c in zip(QUESTIONS, out.correct.tolist(), strict=True) if c
+    ]
 
 
 def test_text_selectivity_under_a_clamp(lm) -> None:
@@ -103,11 +105,16 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def test_topic_questions_file(tmp_path: Path) -> None:
-    rows = [{"question": q.question, "choices": list(q.choices), "answer": q.answer, "topic": q.subject} for q in QUESTIONS]
+    rows = [
+        {"question": q.question, "choices": list(q.choices), "answer": q.answer, "topic": q.subject}
+        for q in QUESTIONS
+    ]
     sets = load_topic_questions(_write_jsonl(tmp_path / "q.jsonl", rows))
     assert [q.index for q in sets["forget"]] == [0, 2] and [q.index for q in sets["retain"]] == [1]
     with pytest.raises(ValueError, match="missing fields"):
-        load_topic_questions(_write_jsonl(tmp_path / "bad.jsonl", [{"question": "x", "choices": ["a"], "answer": 0}]))
+        load_topic_questions(
+            _write_jsonl(tmp_path / "bad.jsonl", [{"question": "x", "choices": ["a"], "answer": 0}])
+        )
     with pytest.raises(FileNotFoundError, match="make smollm2"):
         load_topic_questions(tmp_path / "none.jsonl")
 
