@@ -64,6 +64,7 @@ compare-demo: $(STAMP)
 test: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
+# every test, the ones marked slow included (none is at present: the DDP test runs in `make test`)
 test-all: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 

@@ -21,6 +21,8 @@ from mtsae.evals.disentanglement import (
 __all__ = ["Disentanglement"]
 
 PREFIX = "val/disentanglement/"
+#: scalars of :func:`mtsae.evals.disentanglement.disentanglement_results` that are not logged here
+RECOVERY = "recovery/"
 
 
 class Disentanglement(EveryNValidations):
@@ -39,7 +41,9 @@ class Disentanglement(EveryNValidations):
       ``density/median_log10``, ``density/mean_log10``;
     * MTSAE only: ``scale/share/dilation_<r>``, ``scale/majority/dilation_<r>``, ``scale/entropy``;
     * ``persistence/lag_<k>`` for each lag;
-    * with ground truth: ``recovery/mmcs``, ``recovery/recovered`` and ``recovery/{mmcs,recovered}/<group>``.
+    Ground-truth recovery (MMCS, recovered fraction) is logged once, by ``callbacks.GroundTruthRecovery``
+    as ``val/mmcs`` and ``val/recovered`` (per group ``val/mmcs/<group>``): this callback does not log its
+    own copy (``mtsae eval disentanglement`` still writes it to ``results.json``).
 
     Undefined values (``nan``: a lag longer than the sequences, no live feature) are not logged.
 
@@ -111,7 +115,11 @@ class Disentanglement(EveryNValidations):
             self.config.dense_threshold,
         )
         # identical on every rank (reduced counts, synchronised parameters): no further sync
-        scalars = {PREFIX + k: float(v) for k, v in res["scalars"].items() if not math.isnan(v)}
+        scalars = {
+            PREFIX + k: float(v)
+            for k, v in res["scalars"].items()
+            if not math.isnan(v) and not k.startswith(RECOVERY)  # val/mmcs: GroundTruthRecovery's
+        }
         pl_module.log_dict(scalars, sync_dist=False)
         logger = trainer.logger
         if self.log_figures and trainer.is_global_zero and isinstance(logger, TensorBoardLogger):

@@ -8,26 +8,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import nn
 from typing_extensions import override
 
 from callbacks.core_metrics import is_lm_source, shared_lm
 from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
-from mtsae.evals.unlearning.mcq import MCQuestion
-from mtsae.evals.unlearning.pipeline import (
-    UnlearningData,
-    UnlearningDuringTraining,
-    evaluate_unlearning,
-    filter_questions,
-    load_unlearning_data,
-    save_results,
-)
-from mtsae.lm.loading import load_tokenizer
+from mtsae.evals.records import save_results
+from mtsae.evals.unlearning.config import UnlearningDuringTraining
+from mtsae.evals.unlearning.run import UnlearningRun
 
 __all__ = ["Unlearning", "LOGGED_METRICS"]
 
-#: metric name -> key of the results of :func:`mtsae.evals.unlearning.pipeline.evaluate_unlearning`
+#: metric name -> key of the results of :meth:`mtsae.evals.unlearning.run.UnlearningRun.evaluate`
 LOGGED_METRICS = {
     "val/unlearning_score": "unlearning_score",
     "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
@@ -40,6 +32,9 @@ OPTIONAL_METRICS = {"val/unlearning/text_selectivity_best": "text_selectivity_be
 class Unlearning(EveryNValidations):
     """Unlearning score of the SAE being trained (SAEBench; see :mod:`mtsae.evals.unlearning.pipeline`).
 
+    A thin wrapper of :class:`mtsae.evals.unlearning.run.UnlearningRun`, the entry point
+    ``mtsae eval unlearning`` calls too: with the same settings and SAE, both write the same results.
+
     It is expensive (two corpora through the LM, then every grid point scores every question), so by
     default (``every_n_val: 0``) it runs **once, when training ends** (``on_train_end``, while the model
     is still on its device); ``every_n_val: n`` also runs it on every n-th validation. Defaults are the
@@ -49,8 +44,9 @@ class Unlearning(EveryNValidations):
 
     Logs ``val/unlearning_score``, ``val/unlearning/wmdp_acc_best`` and ``val/unlearning/mmlu_acc_best``
     (of the best grid point; with none keeping MMLU accuracy, those of the unmodified model), with held-out
-    text also ``val/unlearning/text_selectivity_best``, and writes
-    every grid point (features, accuracies) to ``<run dir>/unlearning/step<global_step>.json``.
+    text also ``val/unlearning/text_selectivity_best``, and writes every grid point (features, accuracies)
+    to ``<run dir>/unlearning/step<global_step>.json`` (the results record of ``mtsae eval unlearning``
+    with ``global_step`` added).
 
     The evaluation runs on global rank 0 (the others wait) and its summary is broadcast, so every rank
     logs the same values. The filtered question set depends only on the model and the settings: it is
@@ -58,7 +54,7 @@ class Unlearning(EveryNValidations):
     so a missing file fails before training. With a non-LM source it warns and does nothing.
 
     Args:
-        config: the evaluation's settings (:class:`mtsae.evals.unlearning.pipeline.UnlearningDuringTraining`,
+        config: the evaluation's settings (:class:`mtsae.evals.unlearning.config.UnlearningDuringTraining`,
             the cheap defaults above; every field is documented there). In YAML::
 
                 - class_path: callbacks.Unlearning
@@ -88,10 +84,7 @@ class Unlearning(EveryNValidations):
         self.last_results: dict[str, Any] | None = None  # on rank 0
         self.last_path: Path | None = None
         self._enabled = True
-        self._tokenizer: Any = None
-        self._data: UnlearningData | None = None
-        self._filtered: dict[str, dict[str, list[MCQuestion]]] = {}  # per model: kept questions
-        self._model: nn.Module | None = None
+        self._unlearning: UnlearningRun | None = None  # on rank 0: data, model and kept questions, built once
 
     # ------------------------------------------------------------------ state
     @override
@@ -103,16 +96,12 @@ class Unlearning(EveryNValidations):
         super().load_state_dict(state_dict)
         self.last_step = state_dict.get("last_step")
 
-    # ------------------------------------------------------------------ the model
-    def _model_id(self, source: Any) -> dict[str, Any]:
-        cfg = self.config
-        own = cfg.model_name is None or cfg.model_name == source.model_name
-        return {
-            "name": source.model_name if cfg.model_name is None else cfg.model_name,
-            "revision": source.revision if own and cfg.revision is None else cfg.revision,
-            "dtype": cfg.model_dtype or source.model_dtype,
-            "trust_remote_code": bool(getattr(source, "trust_remote_code", False)),
-        }
+    # ------------------------------------------------------------------ the run
+    def _unlearning_run(self, trainer: L.Trainer) -> UnlearningRun:
+        if self._unlearning is None:
+            cache_dir = Path(trainer.default_root_dir) / "unlearning_cache"
+            self._unlearning = UnlearningRun(self.config, trainer.datamodule.source, cache_dir=cache_dir)
+        return self._unlearning
 
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -123,10 +112,8 @@ class Unlearning(EveryNValidations):
             rank_zero_warn("Unlearning: the data source is not a language model; the evaluation is skipped")
             self._enabled = False
             return
-        if trainer.is_global_zero and self._data is None:  # fail fast: before any training
-            mid = self._model_id(source)
-            self._tokenizer = load_tokenizer(mid["name"], mid["revision"], mid["trust_remote_code"])
-            self._data = load_unlearning_data(self._tokenizer, self.config)
+        if trainer.is_global_zero:  # fail fast: corpora and questions are read before any training
+            self._unlearning_run(trainer).load_data()
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -188,38 +175,11 @@ class Unlearning(EveryNValidations):
         return summary
 
     def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        source = trainer.datamodule.source
-        mid = self._model_id(source)
-        if self._data is None:  # setup() was not called (e.g. a bare trainer.validate)
-            self._tokenizer = load_tokenizer(mid["name"], mid["revision"], mid["trust_remote_code"])
-            self._data = load_unlearning_data(self._tokenizer, self.config)
-        device = pl_module.device
-        if self._model is None:
-            self._model = shared_lm(
-                mid["name"], mid["revision"], mid["dtype"], device, mid["trust_remote_code"]
-            )
-        key = repr(sorted(mid.items()))
-        if key not in self._filtered:
-            cache_dir = self.config.question_cache_dir or str(
-                Path(trainer.default_root_dir) / "unlearning_cache"
-            )
-            self._filtered[key] = filter_questions(
-                self._model,
-                self._tokenizer,
-                self._data.questions,
-                all_perms=self.config.all_perms,
-                batch_size=self.config.mcq_batch_size,
-                chat_template=self.config.chat_template,
-                cache_dir=cache_dir,
-                # the key `mtsae eval unlearning` uses too: one question cache serves both
-                model_id={k: mid[k] for k in ("name", "revision", "dtype")},
-                scoring=self.config.scoring,
-                strict_letters=self.config.saebench_exact,
-            )
-        sae = pl_module.export_sae().to(device)  # acts on raw activations: multipliers in raw units
-        results = evaluate_unlearning(
-            self._model, self._tokenizer, sae, source.layer, self._data, self._filtered[key], self.config
-        )
-        results["model"] = mid
-        results["global_step"] = trainer.global_step
-        return results
+        run = self._unlearning_run(trainer)  # setup() may not have run (e.g. a bare trainer.validate)
+        if run.model is None:  # the LM is shared with the other callbacks that hold the same model
+            mid = run.model_id
+            device = pl_module.device
+            model = shared_lm(mid["name"], mid["revision"], mid["dtype"], device, mid["trust_remote_code"])
+            run.prepare(device, model=model)
+        sae = pl_module.export_sae().to(pl_module.device)  # acts on raw activations: multipliers in raw units
+        return {**run.evaluate(sae), "global_step": trainer.global_step}

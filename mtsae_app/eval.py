@@ -20,11 +20,8 @@ reachability), so a mistake fails in seconds with a message that says what to ch
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +29,8 @@ import torch
 
 from mtsae.evals.core import CoreConfig
 from mtsae.evals.disentanglement import DisentanglementConfig
-from mtsae.evals.unlearning.pipeline import UnlearningConfig
+from mtsae.evals.records import save_results
+from mtsae.evals.unlearning.config import UnlearningConfig
 from mtsae.lm.loading import resolve_device
 from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
 from mtsae_app.options import add_settings_options, settings_from_args
@@ -54,23 +52,8 @@ __all__ = ["COMMANDS", "build_parser", "main", "run_core", "run_disentanglement"
 log = logging.getLogger("mtsae.eval")
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return _jsonable(v.tolist())
-    if isinstance(v, float):
-        return None if math.isnan(v) or math.isinf(v) else v
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if hasattr(v, "tolist"):  # numpy
-        return _jsonable(v.tolist())
-    return v
-
-
 def _write(out: Path, results: dict[str, Any], summary: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    save_results(results, out / "results.json")
     (out / "summary.md").write_text(summary)
     step = results.get("checkpoint_step")
     at = f" (checkpoint {results.get('checkpoint')} at step {step})" if step is not None else ""
@@ -160,15 +143,8 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval unlearning``: SAEBench's unlearning evaluation (full setting by default)."""
-    from mtsae.evals.unlearning.pipeline import (
-        UnlearningConfig,
-        best_recipe,
-        evaluate_unlearning,
-        filter_questions,
-        load_unlearning_data,
-        summary_markdown,
-    )
-    from mtsae.lm.loading import load_causal_lm, load_tokenizer
+    from mtsae.evals.unlearning.report import best_recipe, summary_markdown
+    from mtsae.evals.unlearning.run import UnlearningRun
     from mtsae.sae.export import save_sae
 
     mmlu_source: str | dict[str, str] = args.mmlu_source
@@ -180,37 +156,12 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     check_d_in(loaded, dm, args.config)
     source = lm_source(dm, "eval unlearning")
     check_sae_source(loaded, source, args.config)
-    name = cfg.model_name or source.model_name
-    revision = cfg.revision if cfg.model_name else (cfg.revision or source.revision)
-    dtype = cfg.model_dtype or source.model_dtype
-    tokenizer = load_tokenizer(name, revision, source.trust_remote_code)
-    data = load_unlearning_data(tokenizer, cfg)  # every dataset read before the model is loaded
+    run = UnlearningRun(cfg, source, cache_dir=Path(args.out) / "question_cache")
+    run.load_data()  # every dataset read before the model is loaded
     device = resolve_device(args.device)
-    model = load_causal_lm(name, revision, dtype, device, source.trust_remote_code)
-    model_id = {"name": name, "revision": revision, "dtype": dtype}
-    cache_dir = cfg.question_cache_dir or str(Path(args.out) / "question_cache")
-    filtered = filter_questions(
-        model,
-        tokenizer,
-        data.questions,
-        all_perms=cfg.all_perms,
-        batch_size=cfg.mcq_batch_size,
-        cache_dir=cache_dir,
-        model_id=model_id,
-        progress=args.progress,
-        scoring=cfg.scoring,
-        strict_letters=cfg.saebench_exact,
-    )
+    run.prepare(device, progress=args.progress)
     sae = loaded.sae.to(device)  # raw activations: multipliers in raw units
-    results = evaluate_unlearning(
-        model, tokenizer, sae, source.layer, data, filtered, cfg, progress=args.progress
-    )
-    results = {
-        "command": "unlearning",
-        **loaded.label,
-        "model": model_id,
-        **results,
-    }
+    results = {"command": "unlearning", **loaded.label, **run.evaluate(sae, progress=args.progress)}
     out = Path(args.out)
     # the recipe names the SAE it was chosen with: the exported raw-activation SAE, beside the results
     recipe = best_recipe(results, save_sae(sae.cpu(), out / "sae"), out)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 FORBIDDEN = {
@@ -60,3 +62,39 @@ def test_tests_mirror_the_packages() -> None:
         "data",
     ):
         assert Path("tests", package.removeprefix("mtsae/")).is_dir(), package
+
+
+_REFERENCE = re.compile(r":(?:func|class|mod|meth|attr|data):`~?(mtsae[\w.]*)`")
+_TEST_PATH = re.compile(r"``(tests/[\w/]+\.py)``")
+
+
+def _resolves(dotted: str) -> bool:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[i:]:
+                obj = getattr(obj, name)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_docstring_references_resolve() -> None:
+    """Every ``:func:`mtsae....``` (and class, module, ...) reference and every ``tests/...py`` path cited in
+    the library names something that exists (modules move; their citations must follow)."""
+    root = Path(__file__).resolve().parents[1]
+    stale = []
+    for path in sorted((root / "mtsae").rglob("*.py")):
+        text = path.read_text()
+        stale += [
+            f"{path.relative_to(root)}: {ref}" for ref in _REFERENCE.findall(text) if not _resolves(ref)
+        ]
+        stale += [
+            f"{path.relative_to(root)}: {p}" for p in _TEST_PATH.findall(text) if not (root / p).is_file()
+        ]
+    assert not stale, "stale references:\n" + "\n".join(stale)

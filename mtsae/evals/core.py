@@ -7,8 +7,8 @@ For held-out token sequences, three forward passes of a Hugging Face causal LM:
 - **zero**: that output replaced by zeros (the reference ablation).
 
 From them: next-token cross-entropy ``CE_clean``, ``CE_sae``, ``CE_zero``, ``KL(p_clean || p_sae)`` and
-``KL(p_clean || p_zero)``, and the scores (:func:`mtsae.evals.unlearning.intervention.ce_loss_score`,
-:func:`mtsae.evals.unlearning.intervention.kl_div_score`)::
+``KL(p_clean || p_zero)``, and the scores (:func:`mtsae.evals.scores.ce_loss_score`,
+:func:`mtsae.evals.scores.kl_div_score`)::
 
     ce_loss_score = (CE_zero - CE_sae) / (CE_zero - CE_clean)
     kl_div_score  = (KL_zero - KL_sae) / KL_zero

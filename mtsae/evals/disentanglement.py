@@ -6,7 +6,7 @@ What is measured, for an SAE with decoder rows ``w_i = W_dec[i]`` and codes ``f 
   ``i < j`` of distinct rows, ``c_ij = |cos(w_i, w_j)|``; reported are ``max c_ij``, ``mean c_ij`` and the
   fraction of pairs with ``c_ij > threshold`` (0.9: near-duplicate features). Computed in row blocks, so
   the ``d_sae x d_sae`` matrix never exists at once (16384 features: blocks of ``1024 x 16384``).
-* **feature density** (:class:`mtsae.evals.unlearning.intervention.SparsityAccumulator`, reused): ``rho_i`` = fraction of valid
+* **feature density** (:class:`mtsae.evals.sparsity.SparsityAccumulator`, reused): ``rho_i`` = fraction of valid
   tokens on which ``f_i > 0``; :func:`density_summary` gives the dead fraction (``rho_i = 0``), the dense
   fraction (``rho_i > dense_threshold``, 0.1) and the median ``log10 rho_i`` of live features;
   :func:`log10_density_histogram` the histogram of ``log10 rho_i`` over live features.

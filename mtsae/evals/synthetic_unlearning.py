@@ -7,7 +7,7 @@ designated (by default the first 4 features of the ``slow`` group, :func:`forget
 1. **Corpora**: a sequence is a *forget* sequence if some ``j in F`` has ``c_tj > 0`` at a valid token;
    the other sequences (no forget signal at all) are the *retain* sequences.
 2. **Selection and intervention**, exactly the LM code: feature sparsities on each corpus
-   (:class:`mtsae.evals.unlearning.intervention.SparsityAccumulator`), :func:`mtsae.evals.unlearning.intervention.select_features`, and
+   (:class:`mtsae.evals.sparsity.SparsityAccumulator`), :func:`mtsae.evals.unlearning.selection.select_features`, and
    :func:`mtsae.evals.unlearning.intervention.clamp_intervention` (``x' = x + sum_{i in S, f_i > 0} (-m - f_i) W_dec[i]``,
    error term kept), applied to every sequence; ``delta_t = x'_t - x_t``.
 3. **Scores**, with ``P`` the orthogonal projector onto ``span{d_j : j in F}``, the forget signal

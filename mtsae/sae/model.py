@@ -64,7 +64,7 @@ class MTSAE(nn.Module):
             perturbation breaks the tie. It is drawn from torch's global generator after every other
             parameter, so it is seeded by ``seed_everything`` and leaves the other initial weights
             unchanged. With the default 0.01 the untrained MTSAE's pre-activations differ from those of
-            the equivalent per-token SAE by about 1% (``tests/test_model.py``); 0 gives the exact identity.
+            the equivalent per-token SAE by about 1% (``tests/sae/test_model.py``); 0 gives the exact identity.
     """
 
     def __init__(

@@ -224,10 +224,17 @@ class SAEModule(L.LightningModule):
         The training metrics are computed and passed to ``self.log`` only then: on other steps Lightning
         would discard them, and their reductions and bookkeeping are per-step host work that a GPU-sized
         step cannot hide (``bench/bench_trainer.py`` measures it).
+
+        Lightning's own rule, from public attributes: the step about to be counted (``global_step + 1``;
+        one optimizer, so optimizer steps and logged steps agree) is a multiple of
+        ``log_every_n_steps``, or training is stopping.
         """
         if self._trainer is None:
             return True
-        return self.trainer._logger_connector.should_update_logs
+        trainer = self.trainer
+        if trainer.log_every_n_steps == 0:
+            return False
+        return (trainer.global_step + 1) % trainer.log_every_n_steps == 0 or trainer.should_stop
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         raw = self.raw_sae

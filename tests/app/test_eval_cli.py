@@ -181,51 +181,18 @@ def _unlearning_args(run: dict) -> list[str]:
     return ["--no-saebench-exact", *_unlearning_data_args(run)]  # the tiny LM is not an instruct model
 
 
-def test_eval_unlearning_writes_results(
+def test_eval_unlearning_saebench_exact_refuses_a_base_model(
     run: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
+    """SAEBench-exact (the default) refuses a model without a chat template, before loading it. The full
+    command (results, recipe, ``mtsae unlearn generate``) is run by tests/app/test_unlearning_one_path.py."""
     offline_hub(monkeypatch)
-    out = tmp_path / "unlearning"
-    argv = [
-        "eval",
-        "unlearning",
-        "--ckpt",
-        str(run["ckpt"]),
-        "--config",
-        str(run["config"]),
-        "--out",
-        str(out),
-    ]
-    argv += [*_unlearning_data_args(run), "--no-progress", "--min-mmlu-accuracy", "0"]
-    # SAEBench-exact (the default) refuses a model without a chat template, before loading it
-    assert mtsae_cli.main([*argv, "--out", str(tmp_path / "exact")]) == 2
+    argv = ["eval", "unlearning", "--ckpt", str(run["ckpt"]), "--config", str(run["config"])]
+    argv += [*_unlearning_data_args(run), "--no-progress", "--out", str(tmp_path / "exact")]
+    assert mtsae_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "instruct model" in err and "--no-saebench-exact" in err
-    assert mtsae_cli.main([*argv, "--no-saebench-exact"]) == 0
-    res = json.loads((out / "results.json").read_text())
-    assert len(res["configs"]) == 1 and 0 <= res["unlearning_score"] <= 1
-    assert (
-        res["conventions"]["position_rule"] == "special_tokens" and not res["conventions"]["saebench_exact"]
-    )
-    assert "unlearning score" in (out / "summary.md").read_text()
-    assert list((out / "question_cache").glob("filtered_*.json"))
-    # the best config's recipe, beside the results, with the exported SAE it names
-    recipe = json.loads((out / "recipe.json").read_text())
-    assert recipe["features"] == res["best"]["features"] and recipe["layer"] == 1
-    assert recipe["sae_path"] == "sae" and (out / "sae" / "config.json").exists()
-    assert recipe["model"]["name"] == res["model"]["name"]
-    # ... which `mtsae unlearn generate` applies
-    gen = ["unlearn", "generate", "--recipe", str(out / "recipe.json"), "--prompt", "The cell binds"]
-    gen += ["--prompt", "A virus", "--max-new-tokens", "6", "--compare", "--device", "cpu"]
-    assert mtsae_cli.main([*gen, "--out", str(tmp_path / "gen.jsonl")]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
-    assert [r["prompt"] for r in rows] == ["The cell binds", "A virus"]
-    assert all(r["clamped"] and r["original"] for r in rows)
-    assert "[clamped]" in capsys.readouterr().out
-    assert (
-        mtsae_cli.main(["unlearn", "generate", "--recipe", str(tmp_path / "none.json"), "--prompt", "x"]) == 2
-    )
-    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "exact" / "results.json").exists()
 
 
 def test_eval_disentanglement_writes_results(run: dict, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mtsae.evals.records import save_results
 from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.evals.unlearning.cloze import filter_correct_cloze, mean_text_ce, score_cloze, text_selectivity
 from mtsae.evals.unlearning.config import UnlearningConfig, UnlearningDuringTraining
@@ -58,7 +59,7 @@ from mtsae.evals.unlearning.mcq import (
     score_mcq,
     special_token_ids,
 )
-from mtsae.evals.unlearning.report import best_recipe, save_results, summary_markdown
+from mtsae.evals.unlearning.report import best_recipe, summary_markdown
 from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
 
@@ -134,29 +135,29 @@ def filter_questions(
     model: nn.Module,
     tokenizer: Any,
     questions: Mapping[str, Sequence[MCQuestion]],
+    config: UnlearningConfig,
     *,
-    all_perms: bool = True,
-    batch_size: int = 8,
-    chat_template: bool | None = None,
     cache_dir: str | Path | None = None,
     model_id: Mapping[str, Any] | None = None,
     progress: bool = False,
-    strict_letters: bool = True,
-    scoring: str = "letter",
 ) -> dict[str, list[MCQuestion]]:
     """Questions the unmodified model answers correctly (:func:`mtsae.evals.unlearning.mcq.filter_correct`), per set.
 
-    ``scoring="cloze"``: the questions answered correctly in cloze form
-    (:func:`mtsae.evals.unlearning.cloze.filter_correct_cloze`; ``all_perms``, ``chat_template`` and
-    ``strict_letters`` do not apply).
+    The prompt format and the letter rule come from ``config`` (``chat_template``, ``saebench_exact``), as
+    in :func:`evaluate_unlearning`, which scores the kept questions with the same ``config``; orderings
+    (``all_perms``) and batch size (``mcq_batch_size``) too. With ``cache_dir``, the kept question indices
+    are stored in ``<cache_dir>/filtered_<hash>.json``, keyed by the questions, ``model_id`` (what
+    identifies the model: name, revision, dtype, trust_remote_code) and those settings, and reused on the
+    next call.
 
-    With ``cache_dir``, the kept question indices are stored in ``<cache_dir>/filtered_<hash>.json``,
-    keyed by the questions, ``model_id`` (name, revision, dtype: what identifies the model) and the
-    settings, and reused on the next call.
+    ``config.scoring == "cloze"``: the questions answered correctly in cloze form
+    (:func:`mtsae.evals.unlearning.cloze.filter_correct_cloze`, the original order; ``all_perms``,
+    ``chat_template`` and the letter rule do not apply).
     """
     from mtsae.progress import track
 
-    settings: dict[str, Any] = {"all_perms": all_perms, "chat_template": chat_template}
+    strict_letters, scoring = config.saebench_exact, config.scoring
+    settings: dict[str, Any] = {"all_perms": config.all_perms, "chat_template": config.chat_template}
     if not strict_letters:  # keys of caches written before the setting existed stay valid
         settings["strict_letters"] = False
     if scoring != "letter":  # cloze: the choices' log-likelihoods, original order (all_perms ignored)
@@ -170,7 +171,7 @@ def filter_questions(
     kept: dict[str, list[MCQuestion]] = {}
     for name, qs in track(questions.items(), desc="filter questions", disable=not progress, leave=False):
         if scoring == "cloze":
-            kept[name] = filter_correct_cloze(model, tokenizer, qs, batch_size)
+            kept[name] = filter_correct_cloze(model, tokenizer, qs, config.mcq_batch_size)
             log.info(
                 "kept %d / %d %s questions answered correctly in cloze form", len(kept[name]), len(qs), name
             )
@@ -179,16 +180,16 @@ def filter_questions(
             model,
             tokenizer,
             qs,
-            all_perms=all_perms,
-            batch_size=batch_size,
-            chat_template=chat_template,
+            all_perms=config.all_perms,
+            batch_size=config.mcq_batch_size,
+            chat_template=config.chat_template,
             strict_letters=strict_letters,
         )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "model": dict(model_id or {}),
-            "all_perms": all_perms,
+            "all_perms": config.all_perms,
             "kept": {n: [q.index for q in qs] for n, qs in kept.items()},
             "loaded": {n: len(qs) for n, qs in questions.items()},
         }
@@ -306,6 +307,7 @@ def evaluate_unlearning(
         "n_questions": {
             n: {"loaded": len(data.questions.get(n, [])), "kept": len(filtered[n])} for n in filtered
         },
+        "kept_questions": {n: [q.index for q in qs] for n, qs in filtered.items()},
         "n_sparsity_tokens": {"forget": int(forget_acc.n_tokens), "retain": int(retain_acc.n_tokens)},
         "warnings": warnings,
         "conventions": {

@@ -1,9 +1,8 @@
-"""The unlearning evaluation's outputs: the best configuration as a recipe, ``results.json`` and the
-Markdown summary."""
+"""The unlearning evaluation's outputs: the best configuration as a recipe and the Markdown summary
+(``results.json`` is written by :func:`mtsae.evals.records.save_results`)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 
-__all__ = ["best_recipe", "save_results", "summary_markdown"]
+__all__ = ["best_recipe", "summary_markdown"]
 
 
 def _portable_model_id(model: dict) -> dict:
@@ -66,16 +65,6 @@ def best_recipe(
             "mmlu_accuracy": best["mmlu_accuracy"],
         },
     )
-
-
-def save_results(results: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``results`` as indented JSON (atomically) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=str))
-    tmp.replace(path)
-    return path
 
 
 def summary_markdown(results: Mapping[str, Any]) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from mtsae.evals.unlearning.pipeline import (
     filter_questions,
     load_unlearning_data,
 )
+from mtsae.evals.unlearning.run import UnlearningRun
 from mtsae.evals.unlearning.selection import GridConfig
 from mtsae.lm.text import pack_rows
 from mtsae.sae.model import MTSAE
@@ -130,8 +132,9 @@ def test_cloze_config_is_checked() -> None:
         UnlearningConfig(forget_heldout="f.jsonl")
 
 
-def test_pipeline_in_cloze_mode(lm, tmp_path: Path) -> None:
+def test_pipeline_in_cloze_mode(lm, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     model, tok = lm
+    lm_path = tiny_lm_dir(tmp_path_factory)
     bio = "The cell divides and the gene is copied into the protein of the blood and the plant."
     other = "The river runs past the town and the old mill where the road turns to the hill."
     text = lambda t: [{"text": f"{t} Number {i}."} for i in range(40)]  # noqa: E731
@@ -158,13 +161,20 @@ def test_pipeline_in_cloze_mode(lm, tmp_path: Path) -> None:
     assert set(data.questions) == {"wmdp-bio", "retain"}
     assert len(data.questions["wmdp-bio"]) == 7 and len(data.questions["retain"]) == 3
     assert data.forget_heldout_rows.shape == (3, 24) and data.retain_heldout_rows.shape == (3, 24)
-    kept = filter_questions(model, tok, data.questions, scoring="cloze", batch_size=8)
+    kept = filter_questions(model, tok, data.questions, cfg)
     # each question appears once per possible answer: exactly one of them is the model's choice
     assert len(kept["wmdp-bio"]) == 2 and len(kept["retain"]) == 1
     torch.manual_seed(0)
     sae = MTSAE(64, 128, dilations=[1, 2], activation="topk", activation_kwargs={"k": 8}).eval()
     res = evaluate_unlearning(model, tok, sae, 1, data, kept, cfg)
     assert res["scoring"] == "cloze" and len(res["configs"]) == 2
+    # the one entry point of the command and the callback gives the same record
+    source = SimpleNamespace(model_name=str(lm_path), revision=None, model_dtype="float32", layer=1)
+    run = UnlearningRun(cfg, source).prepare("cpu", model=model)
+    assert {n: [q.index for q in v] for n, v in run.filtered.items()} == {
+        n: [q.index for q in v] for n, v in kept.items()
+    }
+    assert run.evaluate(sae)["configs"] == res["configs"]
     base = res["baseline"]
     assert base["wmdp_accuracy"] == 1.0 and base["ce_forget"] > 0 and base["ce_retain"] > 0
     for c in res["configs"]:

@@ -112,15 +112,11 @@ def test_unlearning_eval_end_to_end(lm, files: dict[str, object], tmp_path: Path
     assert set(data.questions) == {"wmdp-bio", *MMLU} and len(data.questions["wmdp-bio"]) == 32
 
     model_id = {"name": "tiny", "dtype": "float32"}
-    kept = filter_questions(
-        model, tok, data.questions, all_perms=False, cache_dir=tmp_path, model_id=model_id
-    )
+    kept = filter_questions(model, tok, data.questions, cfg, cache_dir=tmp_path, model_id=model_id)
     assert kept["wmdp-bio"] and sum(len(v) for n, v in kept.items() if n != "wmdp-bio")
     (cache_file,) = tmp_path.glob("filtered_*.json")
     # the second call reads the cache: the model is never run
-    again = filter_questions(
-        None, tok, data.questions, all_perms=False, cache_dir=tmp_path, model_id=model_id
-    )
+    again = filter_questions(None, tok, data.questions, cfg, cache_dir=tmp_path, model_id=model_id)
     assert {n: [q.index for q in v] for n, v in again.items()} == {
         n: [q.index for q in v] for n, v in kept.items()
     }
@@ -233,7 +229,7 @@ def test_saebench_exact_end_to_end_and_recipe(mcq_lm: Path, files, tmp_path: Pat
     cfg = _cfg(files, saebench_exact=True, grid=grid)
     data = load_unlearning_data(tok, cfg)
     assert (data.forget_rows[:, 0] == tok.bos_token_id).all() and data.forget_rows.shape == (12, 32)
-    kept = filter_questions(model, tok, data.questions, all_perms=False, strict_letters=True)
+    kept = filter_questions(model, tok, data.questions, cfg)
     torch.manual_seed(0)
     sae = MTSAE(64, 128, dilations=[1, 2], activation="topk", activation_kwargs={"k": 4}).double().eval()
     res = evaluate_unlearning(model, tok, sae, 1, data, kept, cfg)
@@ -260,7 +256,7 @@ def test_no_eligible_feature_is_a_warning_not_a_best_config(lm, files) -> None:
     grid = GridConfig(retain_thresholds=[0.001], n_features=[2], multipliers=[25.0])
     cfg = _cfg(files, grid=grid)
     data = load_unlearning_data(tok, cfg)
-    kept = filter_questions(model, tok, data.questions, all_perms=False)
+    kept = filter_questions(model, tok, data.questions, cfg)
     sae = MTSAE(64, 128, dilations=[1, 2]).eval()
     with torch.no_grad():
         sae.b_enc.fill_(-1e4)  # every feature dead: none fires on the forget corpus
@@ -291,7 +287,7 @@ def test_offline_example_runs_on_the_stock_tiny_lm(tmp_path_factory: pytest.Temp
     grid = GridConfig(retain_thresholds=[1.0], n_features=[2], multipliers=[5.0], min_mmlu_accuracy=0.0)
     cfg = _cfg(files, grid=grid)
     data = load_unlearning_data(tok, cfg)
-    kept = filter_questions(model, tok, data.questions, all_perms=False, strict_letters=False)
+    kept = filter_questions(model, tok, data.questions, cfg)
     assert kept["wmdp-bio"]
     sae = MTSAE(64, 128, dilations=[1, 2], activation="topk", activation_kwargs={"k": 4}).eval()
     res = evaluate_unlearning(model, tok, sae, 1, data, kept, cfg)
