@@ -21,6 +21,7 @@ measures nothing on it. In cloze form it knows things (SciQ 0.71):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,34 +86,48 @@ def _pad_id(tokenizer: Any) -> int:
 
 
 @torch.no_grad()
-def _token_logprobs(
+def _continuation_logprobs(
     model: nn.Module,
-    seqs: Sequence[list[int]],
+    reqs: Sequence[tuple[list[int], int]],
     pad_id: int,
     batch_size: int,
     intervention: Intervention | None,
 ) -> list[Tensor]:
-    """Per sequence, ``log p(ids[t] | ids[:t])`` for ``t = 1 .. len - 1`` (float64, CPU); right padded
-    batches sorted by length (right padding changes no earlier position of a causal model)."""
+    """Per request ``(ids, n_prompt)``, ``log p(ids[t] | ids[:t])`` for the continuation ``t >= n_prompt``
+    (float64, CPU). Batches sorted by length are left padded (position ids from the attention mask, so
+    padding changes nothing), and only the last positions' logits are computed (``logits_to_keep``) and
+    normalised: the vocabulary projection of the prompt is never needed."""
     device = next(model.parameters()).device
-    out: list[Tensor | None] = [None] * len(seqs)
-    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+    out: list[Tensor | None] = [None] * len(reqs)
+    order = sorted(range(len(reqs)), key=lambda i: -len(reqs[i][0]))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        t_max = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), t_max), pad_id, dtype=torch.long)  # [B, T]
+        t_max = max(len(reqs[i][0]) for i in idx)
+        k = max(len(reqs[i][0]) - reqs[i][1] for i in idx) + 1  # positions predicting the continuations
+        ids = torch.full((len(idx), t_max), pad_id, dtype=torch.long)  # [B, T], left padded
         mask = torch.zeros((len(idx), t_max), dtype=torch.long)
         for row, i in enumerate(idx):
-            ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-            mask[row, : len(seqs[i])] = 1
+            n = len(reqs[i][0])
+            ids[row, t_max - n :] = torch.tensor(reqs[i][0], dtype=torch.long)
+            mask[row, t_max - n :] = 1
         ids, mask = ids.to(device), mask.to(device)
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        kwargs = {"logits_to_keep": k} if keep_arg else {}
         ctx = intervention(ids, mask) if intervention is not None else contextlib.nullcontext()
         with ctx:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
-        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)  # [B, T-1, V]
-        tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()  # [B, T-1]
+            logits = (
+                model(
+                    input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **kwargs
+                )
+                .logits[:, -k:-1]
+                .double()
+            )  # [B, k-1, V]: predictions of the last k-1 tokens (few: double precision is cheap)
+        lse = torch.logsumexp(logits, dim=-1)  # [B, k-1]
+        tok = (logits.gather(-1, ids[:, t_max - k + 1 :, None]).squeeze(-1) - lse).cpu()
         for row, i in enumerate(idx):
-            out[i] = tok[row, : len(seqs[i]) - 1]
+            n_cont = len(reqs[i][0]) - reqs[i][1]
+            out[i] = tok[row, k - 1 - n_cont :]
     return out  # type: ignore[return-value]
 
 
@@ -141,9 +156,11 @@ def score_cloze(
     reqs = [
         (qi, ci, r) for qi, q in enumerate(questions) for ci, r in enumerate(cloze_requests(tokenizer, q))
     ]
-    logps = _token_logprobs(model, [r[0] for _, _, r in reqs], _pad_id(tokenizer), batch_size, intervention)
-    for (qi, ci, (_, n_prompt)), lp in zip(reqs, logps, strict=True):
-        ll = float(lp[n_prompt - 1 :].sum())  # the continuation's tokens: ids[n_prompt:]
+    logps = _continuation_logprobs(
+        model, [r for _, _, r in reqs], _pad_id(tokenizer), batch_size, intervention
+    )
+    for (qi, ci, _), lp in zip(reqs, logps, strict=True):
+        ll = float(lp.sum())  # the continuation's tokens: ids[n_prompt:]
         loglik[qi, ci] = ll
         scores[qi, ci] = ll / len(" " + questions[qi].choices[ci])
     answers = torch.tensor([q.answer for q in questions], dtype=torch.long)
