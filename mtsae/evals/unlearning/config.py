@@ -91,6 +91,9 @@ class UnlearningConfig:
     """held-out retain text for the text selectivity (needs ``forget_heldout``)"""
     n_selectivity_rows: int = 32
     """rows of ``seq_len`` tokens per held-out text for the text selectivity"""
+    max_kept: int | None = None
+    """score the grid on at most this many of the kept questions per set (a seeded sample after the
+    filter, for a cheap run); None: all kept questions"""
 
     @property
     def rule(self) -> str:
@@ -119,6 +122,8 @@ class UnlearningConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS + one token), got {self.seq_len}")
+        if self.max_kept is not None and self.max_kept < 1:
+            raise ValueError(f"max_kept must be >= 1 or None, got {self.max_kept}")
         if self.max_questions is not None and self.max_questions < 1:
             raise ValueError(f"max_questions must be >= 1 or None, got {self.max_questions}")
         if self.min_chars < 0:

@@ -27,6 +27,7 @@ __all__ = [
     "load_questions",
     "load_texts",
     "load_unlearning_data",
+    "sample_questions",
 ]
 
 #: name of the WMDP-bio question set in results (with cloze scoring: the forget-topic questions)
@@ -113,7 +114,8 @@ def check_instruct(tokenizer: Any, name: str = "the model") -> None:
         )
 
 
-def _sample(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQuestion]:
+def sample_questions(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQuestion]:
+    """At most ``k`` of ``questions`` (a seeded sample, in their order); None: all."""
     if k is None or len(questions) <= k:
         return questions
     keep = sorted(random.Random(seed).sample(range(len(questions)), k))
@@ -131,14 +133,14 @@ def load_questions(cfg: UnlearningConfig) -> dict[str, list[MCQuestion]]:
             sets = load_topic_questions(cfg.question_file, cfg.forget_topic, WMDP_NAME, RETAIN_SET)
         except FileNotFoundError as err:
             raise UnlearningDataError(str(err)) from err
-        return {k: _sample(v, cfg.max_questions, cfg.seed) for k, v in sets.items()}
+        return {k: sample_questions(v, cfg.max_questions, cfg.seed) for k, v in sets.items()}
     wmdp_setting = "wmdp_source (mtsae eval unlearning --wmdp-source)"
     out = {WMDP_NAME: load_mcq(cfg.wmdp_source, WMDP_BIO[1], WMDP_BIO[2], setting=wmdp_setting)}
     for subset in cfg.mmlu_subsets:
         src = cfg.mmlu_source[subset] if isinstance(cfg.mmlu_source, Mapping) else cfg.mmlu_source
         setting = f"mmlu_source (mtsae eval unlearning --mmlu-file {subset}=FILE)"
         out[subset] = load_mcq(src, subset, "test", setting=setting)
-    return {k: _sample(v, cfg.max_questions, cfg.seed) for k, v in out.items()}
+    return {k: sample_questions(v, cfg.max_questions, cfg.seed) for k, v in out.items()}
 
 
 def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningData:

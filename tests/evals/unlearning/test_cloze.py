@@ -4,6 +4,7 @@ the text selectivity, the topic question file and the pipeline with ``scoring: c
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -175,6 +176,10 @@ def test_pipeline_in_cloze_mode(lm, tmp_path: Path, tmp_path_factory: pytest.Tem
         n: [q.index for q in v] for n, v in kept.items()
     }
     assert run.evaluate(sae)["configs"] == res["configs"]
+    # a cheap run scores a seeded sample of the kept questions, and says how many were kept
+    cheap = UnlearningRun(replace(cfg, max_kept=1), source).prepare("cpu", model=model)
+    assert [len(v) for v in cheap.filtered.values()] == [1, 1]
+    assert cheap.evaluate(sae)["n_kept_before_sample"] == {"wmdp-bio": 2, "retain": 1}
     base = res["baseline"]
     assert base["wmdp_accuracy"] == 1.0 and base["ce_forget"] > 0 and base["ce_retain"] > 0
     for c in res["configs"]:
