@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install smollm2 real-tier demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install smollm2 smollm2-unlearning real-tier demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -34,6 +34,23 @@ smollm2: $(SMOLLM2)/.ready
 $(SMOLLM2)/.ready: $(REAL_STAMP)
 	$(PY) -m mtsae_app.offline --out $(SMOLLM2)
 	touch $(SMOLLM2)/.ready
+
+# the unlearning evaluation of the configs/smollm2.yaml run in its cheap setting (the grid on 50 kept questions
+# per set, 32 sparsity rows), then the recipe in generation with and without the clamp (README: "A real
+# language model, offline"). SMOLLM2_SET passes overrides of the training run (--set KEY=VALUE ...).
+SD := $(SMOLLM2)/data
+SMOLLM2_SET ?=
+smollm2-unlearning: $(SMOLLM2)/.ready
+	$(PY) -m mtsae_app eval unlearning --ckpt runs/smollm2/checkpoints/last.ckpt --config configs/smollm2.yaml \
+		--out runs/smollm2_unlearning --no-saebench-exact --scoring cloze --question-file $(SD)/questions.jsonl \
+		--forget-corpus $(SD)/forget.jsonl --retain-corpus $(SD)/retain.jsonl --retain-config "" \
+		--forget-heldout $(SD)/forget_heldout.jsonl --retain-heldout $(SD)/retain_heldout.jsonl \
+		--seq-len 128 --n-sparsity-rows 32 --n-selectivity-rows 8 --max-questions 300 --max-kept 50 \
+		--question-cache-dir $(SMOLLM2)/question_cache --mcq-batch-size 32 --llm-batch-size 16 \
+		--retain-thresholds 0.01 0.5 --n-features 10 --multipliers 25 100 $(SMOLLM2_SET)
+	test ! -e runs/smollm2_unlearning/recipe.json || $(PY) -m mtsae_app unlearn generate \
+		--recipe runs/smollm2_unlearning/recipe.json --prompts-file reports/smollm2/prompts.jsonl --compare \
+		--max-new-tokens 24 --out runs/smollm2_unlearning/generations.jsonl
 
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
