@@ -61,21 +61,21 @@ demo: $(STAMP)
 # (callbacks.PlateauStopping). Resumable: finished runs are skipped.
 JOBS ?= 2
 compare: $(STAMP)
-	$(PY) -m mtsae.compare --config configs/compare/temporal.yaml --jobs $(JOBS)
-	$(PY) -m mtsae.compare --config configs/compare/local.yaml --jobs $(JOBS)
+	$(PY) -m mtsae_app compare --config configs/compare/temporal.yaml --jobs $(JOBS)
+	$(PY) -m mtsae_app compare --config configs/compare/local.yaml --jobs $(JOBS)
 
 # does the separation loss act? TopK MTSAEs with separation none / scales / scales_decorr (reports/separation/)
 compare-separation: $(STAMP)
-	$(PY) -m mtsae.compare --config configs/compare/separation.yaml --jobs $(JOBS)
+	$(PY) -m mtsae_app compare --config configs/compare/separation.yaml --jobs $(JOBS)
 
 # the same machinery on a tiny problem, about two minutes (not a result; output under /tmp)
 compare-quick: $(STAMP)
-	$(PY) -m mtsae.compare --config configs/compare/quick.yaml --jobs $(JOBS) --out /tmp/mtsae-reports \
+	$(PY) -m mtsae_app compare --config configs/compare/quick.yaml --jobs $(JOBS) --out /tmp/mtsae-reports \
 		--set data.cache_dir=/tmp/mtsae-reports/cache
 
 # the earlier single-seed comparison of MTSAE, baselines and ablations (reports/demo/)
 compare-demo: $(STAMP)
-	$(PY) -m mtsae.compare --config configs/compare/demo.yaml --jobs $(JOBS)
+	$(PY) -m mtsae_app compare --config configs/compare/demo.yaml --jobs $(JOBS)
 
 # the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them)
 test: $(STAMP) $(REAL_STAMP)
@@ -97,7 +97,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 tiny-lm: $(STAMP)
-	$(PY) -m mtsae.lm.tiny_lm --out artifacts/tiny_lm
+	$(PY) -m mtsae_app example tiny-lm --out artifacts/tiny_lm
 
 # `mtsae eval unlearning` and `mtsae unlearn generate` end to end on the tiny LM, offline (under a minute on
 # a 2-core CPU): example corpora and questions, a TopK MTSAE trained with configs/tiny_lm.yaml, the
@@ -105,7 +105,7 @@ tiny-lm: $(STAMP)
 EX := artifacts/tiny_unlearning
 MMLU_FILES := $(foreach s,high_school_us_history college_computer_science high_school_geography human_aging,$(s)=$(EX)/$(s).jsonl)
 unlearning-example: $(STAMP)
-	$(PY) -m mtsae.evals.unlearning.tiny_example --lm artifacts/tiny_lm --out $(EX)
+	$(PY) -m mtsae_app example unlearning --lm artifacts/tiny_lm --out $(EX)
 	# configs/tiny_lm.yaml checkpoints into a fixed folder: a second run reuses the finished training
 	test -e runs/tiny_lm/checkpoints/last.ckpt || \
 		$(PY) train.py fit --config configs/tiny_lm.yaml --model.activation topk --model.activation_kwargs '{k: 8}'

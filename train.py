@@ -86,7 +86,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MTSAECLI:
 
 def _fault_types() -> tuple[type[BaseException], ...]:
     from callbacks.checkpoint import CheckpointFolderInUseError
-    from data.cache import CacheMismatchError, CacheReadError, CacheWriteError
+    from data.cache_format import CacheMismatchError, CacheReadError, CacheWriteError
     from data.lm_source import SourceUnavailableError
 
     return (

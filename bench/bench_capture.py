@@ -153,7 +153,8 @@ class _KeepLoaded:
 
 
 def bench_cache_overhead(model_dir: Path, repeats: int, batch: int, ctx_len: int, n_rows: int) -> None:
-    from data.cache import CacheSpec, build_cache
+    from data.cache_format import CacheSpec
+    from data.cache_writer import build_cache
     from data.lm_source import LMSource
 
     source = LMSource(
@@ -257,7 +258,8 @@ def bench_writer(
     ctx_len: int, d_in: int = 2304, rows: int = 64, shard_rows: int = 16, repeats: int = 3
 ) -> None:
     """Writer throughput at Gemma-2-2B's width: what capture rate it can keep up with at +10%."""
-    from data.cache import CacheSpec, build_cache
+    from data.cache_format import CacheSpec
+    from data.cache_writer import build_cache
 
     src = _Replay(d_in, ctx_len)
     spec = CacheSpec(n_sequences=rows, val_sequences=0, shard_size=shard_rows, dtype="bfloat16")

@@ -15,8 +15,9 @@ from mtsae.evals.disentanglement import (
     DisentanglementAccumulator,
     DisentanglementConfig,
     disentanglement_results,
-    figures,
 )
+from mtsae.evals.disentanglement_figures import figures
+from mtsae.evals.ground_truth import GroundTruth
 
 __all__ = ["Disentanglement"]
 
@@ -64,7 +65,8 @@ class Disentanglement(EveryNValidations):
         self.config = config if config is not None else DisentanglementConfig()
         self.log_figures = log_figures
         self._acc: DisentanglementAccumulator | None = None
-        self._truth: dict | None = None
+        self._truth: GroundTruth | None = None
+        self._truth_read = False
 
     @override
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -92,10 +94,10 @@ class Disentanglement(EveryNValidations):
             f = pl_module(batch["acts"], batch["valid"]).f  # [B, T, d_sae]
         self._acc.update(f, batch["valid"])
 
-    def _ground_truth(self, trainer: L.Trainer) -> dict:
-        if self._truth is None:
-            gt = getattr(trainer.datamodule, "ground_truth", None) or {}
-            self._truth = dict(gt) if "features" in gt else {}
+    def _ground_truth(self, trainer: L.Trainer) -> GroundTruth | None:
+        if not self._truth_read:
+            self._truth = getattr(trainer.datamodule, "ground_truth", None)
+            self._truth_read = True
         return self._truth
 
     @override
@@ -110,9 +112,8 @@ class Disentanglement(EveryNValidations):
         res = disentanglement_results(
             pl_module.sae,
             acc,
-            self._ground_truth(trainer) or None,
-            self.config.coherence_threshold,
-            self.config.dense_threshold,
+            self._ground_truth(trainer),  # for the recovery figure; its scalars are not logged here
+            self.config,
         )
         # identical on every rank (reduced counts, synchronised parameters): no further sync
         scalars = {

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from mtsae.training.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
+from mtsae.evals.ground_truth import GroundTruth
+from mtsae.training.metrics import RECOVERY_THRESHOLD
 
 __all__ = ["GroundTruthRecovery"]
 
@@ -26,22 +26,15 @@ class GroundTruthRecovery(L.Callback):
 
     def __init__(self, threshold: float = RECOVERY_THRESHOLD) -> None:
         self.threshold = threshold
-        self._truth: dict | None = None
+        self._truth: GroundTruth | None = None
+        self._loaded = False
 
-    def _load(self, trainer: L.Trainer) -> dict:
-        if self._truth is None:
-            gt = getattr(trainer.datamodule, "ground_truth", {}) or {}
-            if "features" not in gt:
+    def _load(self, trainer: L.Trainer) -> GroundTruth | None:
+        if not self._loaded:
+            self._truth = getattr(trainer.datamodule, "ground_truth", None)
+            self._loaded = True
+            if self._truth is None:
                 rank_zero_warn("GroundTruthRecovery: the data has no ground truth; nothing will be logged")
-                self._truth = {}
-            else:
-                self._truth = {
-                    "features": torch.as_tensor(gt["features"]),
-                    "group_index": torch.as_tensor(gt.get("group_index")) if "group_index" in gt else None,
-                    "group_names": [
-                        n.decode() if isinstance(n, bytes) else str(n) for n in gt.get("group_names", [])
-                    ],
-                }
         return self._truth
 
     @override
@@ -49,14 +42,8 @@ class GroundTruthRecovery(L.Callback):
         if trainer.sanity_checking:
             return
         truth = self._load(trainer)
-        if not truth:
+        if truth is None:
             return
-        res = ground_truth_recovery(
-            truth["features"],
-            pl_module.sae.W_dec,
-            truth["group_index"],
-            truth["group_names"] or None,
-            self.threshold,
-        )
+        res = truth.recovery(pl_module.sae.W_dec, self.threshold)
         # identical on every rank (parameters are in sync), so no cross-rank reduction is needed
         pl_module.log_dict({f"val/{k}": v for k, v in res.items()}, sync_dist=False)

@@ -74,9 +74,9 @@ class SyntheticUnlearning(EveryNValidations):
             return self._data
         dm = trainer.datamodule
         cache = getattr(dm, "cache", None)
-        gt = (getattr(dm, "ground_truth", None) or {}) if cache is not None else {}
+        truth = getattr(dm, "ground_truth", None) if cache is not None else None
         rows = cache.rows("val")[: self.max_sequences] if cache is not None else np.zeros(0)
-        if "features" not in gt or "group_index" not in gt or not len(rows):
+        if truth is None or truth.group_index is None or not len(rows):
             rank_zero_warn("SyntheticUnlearning: the data has no ground truth; nothing will be logged")
             self._data = {}
             return self._data
@@ -89,17 +89,12 @@ class SyntheticUnlearning(EveryNValidations):
             self._data = {}
             return self._data
         batch = cache.read(rows)
-        forget = forget_feature_indices(
-            torch.as_tensor(gt["group_index"]),
-            list(gt.get("group_names", [])),
-            self.group,
-            self.n_forget_features,
-        )
+        forget = forget_feature_indices(truth, self.group, self.n_forget_features)
         data = {
             "acts": batch["acts"].float(),  # [N, T, d_in]
             "valid": batch["valid"].bool(),  # [N, T]
             "coefficients": torch.as_tensor(np.asarray(coef, dtype=np.float32)),
-            "features": torch.as_tensor(gt["features"]).float(),  # [n_true, d_in]
+            "features": truth.features,  # [n_true, d_in]
             "forget": forget,
         }
         is_forget = split_forget_retain(data["coefficients"], data["valid"], forget)

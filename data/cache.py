@@ -1,7 +1,7 @@
 """The HDF5 activation-sequence cache (a public format, docs/design.md §5): :class:`ActivationCache` reads it.
 
 The format (dtypes, manifest, checksums) is in :mod:`data.cache_format`, the writer (:func:`build_cache`)
-in :mod:`data.cache_writer`; their public names are re-exported here.
+in :mod:`data.cache_writer`; the names users type are in :mod:`data` (``data.CacheSpec``, ``data.build_cache``).
 """
 
 from __future__ import annotations
@@ -14,46 +14,19 @@ import numpy as np
 import torch
 
 from data.cache_format import (
-    DTYPES,
     FORMAT_VERSION,
     SPLITS,
     CacheMismatchError,
     CacheReadError,
-    CacheSpec,
-    CacheWriteError,
     check_manifest,
-    file_sha256,
-    fingerprint,
-    fingerprint_inputs,
     from_storage,
     read_context,
     read_manifest,
     static_ground_truth_sha256,
-    stats_sha256,
-    to_storage,
 )
-from data.cache_writer import build_cache
+from mtsae.evals.ground_truth import GroundTruth
 
-__all__ = [
-    "FORMAT_VERSION",
-    "DTYPES",
-    "CacheSpec",
-    "ActivationCache",
-    "build_cache",
-    "to_storage",
-    "from_storage",
-    "CacheMismatchError",
-    "CacheReadError",
-    "CacheWriteError",
-    "read_context",
-    "read_manifest",
-    "check_manifest",
-    "file_sha256",
-    "stats_sha256",
-    "static_ground_truth_sha256",
-    "fingerprint",
-    "fingerprint_inputs",
-]
+__all__ = ["ActivationCache"]
 
 
 class ActivationCache:
@@ -194,13 +167,14 @@ class ActivationCache:
             "valid": torch.from_numpy(out["valid"]),
         }
 
-    def ground_truth(self) -> dict[str, np.ndarray]:
-        """Static ground truth (true feature directions, groups) stored in the shards, checked against its checksum."""
+    def ground_truth(self) -> GroundTruth | None:
+        """Static ground truth (true feature directions, groups; names as ``str``) stored in the shards,
+        checked against its checksum; None when the source planted none."""
         path = self.root / self.manifest["shards"][0]["file"]
         with read_context(path, "ground_truth", (0, 0)):
             h5 = self._file(0)
             if "ground_truth" not in h5:
-                return {}
+                return None
             out = {k: v[()] for k, v in h5["ground_truth"].items() if k != "coefficients"}
         if static_ground_truth_sha256(out) != self.manifest.get("static_ground_truth_sha256"):
             raise CacheReadError(
@@ -208,7 +182,7 @@ class ActivationCache:
                 f"(static_ground_truth_sha256): the shard is corrupted; `mtsae cache verify {self.root} "
                 "--repair` deletes bad shards so that the next build regenerates them"
             )
-        return out
+        return GroundTruth.from_arrays(out)
 
     def ground_truth_rows(self, name: str, rows: np.ndarray | list[int]) -> np.ndarray:
         """Per-row ground truth ``name`` (e.g. ``coefficients``) for the given global rows."""

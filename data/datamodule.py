@@ -6,8 +6,7 @@
 - Batches are whole sequences, shuffled across rows each epoch, never within a row. Every rank reads
   a disjoint set of rows.
 
-The samplers and loaders are in :mod:`data.loading` (re-exported here); how training reads rows is
-described there.
+The samplers and loaders are in :mod:`data.loading`; how training reads rows is described there.
 """
 
 from __future__ import annotations
@@ -16,38 +15,24 @@ import math
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from data.cache import (
-    ActivationCache,
-    CacheMismatchError,
-    CacheSpec,
-    build_cache,
-    fingerprint,
-    fingerprint_inputs,
-)
+from data.cache import ActivationCache
+from data.cache_format import CacheMismatchError, CacheSpec, fingerprint, fingerprint_inputs
+from data.cache_writer import build_cache
 from data.loading import (
     BlockShuffleSampler,
     ResumableDataLoader,
     RowDataset,
     ShardedRowSampler,
-    Window,
     WindowDataset,
     already_batched,
 )
 from data.sources import ActivationSource
+from mtsae.evals.ground_truth import GroundTruth
 
-__all__ = [
-    "ActivationDataModule",
-    "BlockShuffleSampler",
-    "ResumableDataLoader",
-    "RowDataset",
-    "ShardedRowSampler",
-    "Window",
-    "WindowDataset",
-]
+__all__ = ["ActivationDataModule"]
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -229,7 +214,8 @@ class ActivationDataModule(L.LightningDataModule):
         return self.cache.stats
 
     @property
-    def ground_truth(self) -> dict[str, np.ndarray]:
+    def ground_truth(self) -> GroundTruth | None:
+        """The planted features of a synthetic source (:meth:`data.cache.ActivationCache.ground_truth`)."""
         if self.cache is None:
             self.setup()
         return self.cache.ground_truth()

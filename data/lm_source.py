@@ -44,7 +44,7 @@ from mtsae.lm.loading import (
 from mtsae.lm.text import open_dataset, pack_documents, tokenize_documents
 from mtsae.progress import progress_bar
 
-__all__ = ["LMSource", "SourceUnavailableError", "pack_documents"]
+__all__ = ["LMSource", "SourceUnavailableError"]
 
 log = logging.getLogger(__name__)
 

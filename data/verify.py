@@ -1,4 +1,5 @@
-"""``mtsae cache verify PATH [--repair]``: read a whole activation cache and report every bad shard.
+"""Read a whole activation cache and report every bad shard (the command: ``mtsae cache verify PATH
+[--repair]``, :mod:`mtsae_app.cache`).
 
 A shard is bad when its file is missing, its bytes do not match the SHA-256 recorded in
 ``manifest.json``, its row count differs from the manifest, any dataset fails to read (HDF5's
@@ -10,10 +11,8 @@ those shards and leaves the good ones untouched.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +29,7 @@ from data.cache_format import (
 )
 from mtsae.progress import progress_bar
 
-__all__ = ["BadShard", "verify_cache", "repair_cache", "main"]
+__all__ = ["BadShard", "verify_cache", "repair_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
 def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShard]:
     """Read every shard of the cache at ``root``; return the bad ones (empty: the cache is sound).
 
-    Raises :class:`~data.cache.CacheMismatchError` when the manifest itself is unusable.
+    Raises :class:`~data.cache_format.CacheMismatchError` when the manifest itself is unusable.
     """
     root = Path(root)
     mpath = root / "manifest.json"
@@ -132,61 +131,3 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     manifest["stats_sha256"] = stats_sha256(manifest["stats"])
     manifest["complete"] = False
     write_json_atomic(mpath, manifest)
-
-
-def _say(msg: str, err: bool = False) -> None:
-    (sys.stderr if err else sys.stdout).write(msg + "\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="mtsae cache",
-        description="Check an activation cache: read every shard, report every bad one.",
-        allow_abbrev=False,
-    )
-    sub = p.add_subparsers(dest="action", required=True)
-    v = sub.add_parser("verify", help="read every shard and report the bad ones", allow_abbrev=False)
-    v.add_argument("path", help="the cache directory (the one holding manifest.json)")
-    v.add_argument(
-        "--repair",
-        action="store_true",
-        help="delete bad shards and mark the cache incomplete, so the next build regenerates exactly those",
-    )
-    v.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``mtsae cache verify PATH [--repair]``: exit status 0 when sound (or repaired), 1 when bad shards remain."""
-    args = build_parser().parse_args(argv)
-    try:
-        bad = verify_cache(args.path, progress=args.progress)
-    except CacheMismatchError as err:
-        _say(f"mtsae cache verify: {err}", err=True)
-        return 1
-    manifest = read_manifest(Path(args.path) / "manifest.json")
-    n = len(manifest["shards"])
-    if not bad:
-        if not manifest.get("complete"):
-            _say(
-                f"{args.path}: all {n} listed shards verified, but the cache is incomplete (an interrupted or "
-                "repaired build): run the training command again to build the missing shards"
-            )
-            return 0
-        _say(f"{args.path}: all {n} shards verified")
-        return 0
-    for b in bad:
-        _say(f"bad shard {b.file}: {b.reason}", err=True)
-    if not args.repair:
-        _say(
-            f"{len(bad)} of {n} shards are bad; `mtsae cache verify {args.path} --repair` deletes them so that "
-            "the next build regenerates them",
-            err=True,
-        )
-        return 1
-    repair_cache(args.path, bad)
-    _say(
-        f"deleted {len(bad)} bad shards and marked the cache incomplete; run the build again (e.g. the same "
-        "`python train.py fit --config ...`) to regenerate them"
-    )
-    return 0

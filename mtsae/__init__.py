@@ -1,7 +1,7 @@
 """mtsae: Multi-Scale Temporal Sparse Autoencoders.
 
 ``import mtsae`` loads the SAE alone (torch and safetensors): :class:`MTSAE`, :func:`load_sae` and the
-file formats. :class:`SAEModule` (Lightning) is imported on first use. The sub-packages: :mod:`mtsae.sae`, :mod:`mtsae.training`, :mod:`mtsae.lm`, :mod:`mtsae.evals`.
+file formats. :class:`SAEModule` and :func:`load_sae_from_checkpoint` (Lightning) are imported on first use. The sub-packages: :mod:`mtsae.sae`, :mod:`mtsae.training`, :mod:`mtsae.lm`, :mod:`mtsae.evals`.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import importlib
 from typing import Any
 
 from mtsae.sae.activations import ACTIVATIONS, make_activation
-from mtsae.sae.export import SAEMetadata, load_sae, load_sae_from_checkpoint, read_metadata, save_sae
+from mtsae.sae.export import SAEMetadata, load_sae, read_metadata, save_sae
 from mtsae.sae.model import MTSAE, ForwardOutput
 
 #: names imported on first access (PEP 562), so that ``import mtsae`` does not load Lightning
 _LAZY = {
     "SAEModule": "mtsae.training.module",
+    "load_sae_from_checkpoint": "mtsae.training.checkpoint",
 }
 
 __all__ = [

@@ -1,10 +1,13 @@
 """The training application (``train.py``, ``data/``, ``callbacks/``, ``configs/``) lives in a checkout of
 the repository and is not installed with the package: ``data`` and ``callbacks`` are names that other
 projects use, so installing them at the top level of site-packages could shadow a user's own modules.
-Subcommands that read a training configuration find the checkout here (see README, "Installing")."""
+Subcommands that read a training configuration find the checkout here (see README, "Installing") and load
+its two packages, ``data`` and ``callbacks``, from their files (``sys.path`` is left as it is, so no other
+folder of the checkout can shadow an installed module)."""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,6 +15,9 @@ __all__ = ["CheckoutNotFoundError", "checkout_root", "require_checkout"]
 
 #: files that identify a checkout of this repository
 _MARKERS = ("train.py", "data/datamodule.py", "callbacks/__init__.py")
+
+#: the checkout's packages that training configurations name (``data.LMSource``, ``callbacks.ExportSAE``)
+PACKAGES = ("data", "callbacks")
 
 
 class CheckoutNotFoundError(RuntimeError):
@@ -31,9 +37,33 @@ def checkout_root() -> Path | None:
     return None
 
 
+def _load_package(root: Path, name: str) -> None:
+    """Import the checkout's package ``name`` from ``root/name`` under its own name, unless that very
+    package is imported already; a module of that name from elsewhere (and its submodules) is replaced."""
+    init = (root / name / "__init__.py").resolve()
+    current = sys.modules.get(name)
+    if (
+        current is not None
+        and getattr(current, "__file__", None)
+        and Path(current.__file__).resolve() == init
+    ):
+        return
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
 def require_checkout(command: str) -> Path:
-    """Put the checkout first on ``sys.path`` (so ``data``, ``callbacks`` and ``train`` are this project's
-    modules) and return it; raises :class:`CheckoutNotFoundError` with what to do if there is none."""
+    """Import the checkout's ``data`` and ``callbacks`` packages (so a training configuration's classes are
+    this project's) and return the checkout; raises :class:`CheckoutNotFoundError` with what to do if
+    there is none."""
     root = checkout_root()
     if root is None:
         raise CheckoutNotFoundError(
@@ -41,8 +71,6 @@ def require_checkout(command: str) -> Path:
             f"callbacks/, configs/), which is not installed with the package: run it from the checkout's "
             f"folder (cd path/to/mtsae; mtsae {command} ...)"
         )
-    entry = str(root)
-    if entry in sys.path:
-        sys.path.remove(entry)
-    sys.path.insert(0, entry)
+    for name in PACKAGES:
+        _load_package(root, name)
     return root

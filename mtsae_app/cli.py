@@ -1,6 +1,6 @@
 """The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`mtsae_app.eval`), ``mtsae compare ...`` (see
-:mod:`mtsae.compare`), ``mtsae unlearn ...`` (see :mod:`mtsae_app.unlearn`) and ``mtsae cache verify ...``
-(see :mod:`data.verify`).
+:mod:`mtsae_app.compare`), ``mtsae unlearn ...`` (see :mod:`mtsae_app.unlearn`) and ``mtsae cache verify ...``
+(see :mod:`mtsae_app.cache`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """
@@ -24,10 +24,18 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "evaluate a checkpoint: mtsae eval {core,unlearning,disentanglement} --ckpt CKPT --config YAML --out DIR",
     ),
     "compare": (
-        "mtsae.compare",
+        "mtsae_app.compare",
         "train SAEs on equal terms and write a comparison report: mtsae compare --config YAML [--jobs N]",
     ),
-    "cache": ("data.verify", "check an activation cache: mtsae cache verify PATH [--repair]"),
+    "features": (
+        "mtsae_app.features",
+        "write a static feature dashboard: mtsae features --ckpt CKPT --config YAML --out DIR [--features ...]",
+    ),
+    "cache": ("mtsae_app.cache", "check an activation cache: mtsae cache verify PATH [--repair]"),
+    "example": (
+        "mtsae_app.example",
+        "write offline example inputs: mtsae example {tiny-lm,unlearning} [--out DIR]",
+    ),
     "unlearn": (
         "mtsae_app.unlearn",
         "apply an unlearning recipe: mtsae unlearn generate --recipe RECIPE --prompt TEXT [--compare]",

@@ -32,17 +32,18 @@ from mtsae.evals.disentanglement import DisentanglementConfig
 from mtsae.evals.records import save_results
 from mtsae.evals.unlearning.config import UnlearningConfig
 from mtsae.lm.loading import resolve_device
-from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
 from mtsae_app.options import add_settings_options, settings_from_args
 from mtsae_app.run_inputs import (
     EvalError,
     EvalSAE,
+    add_sae_options,
     check_d_in,
     check_sae_source,
     config_overrides,
     lm_source,
     load_datamodule,
     load_eval_sae,
+    run_command,
     setup_cache,
     val_batches,
 )
@@ -179,7 +180,8 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval disentanglement``: diagnostics over the validation rows, with figures."""
-    from mtsae.evals.disentanglement import evaluate_disentanglement, figures, results_to_json
+    from mtsae.evals.disentanglement import evaluate_disentanglement, results_to_json
+    from mtsae.evals.disentanglement_figures import figures
 
     cfg = _settings(DisentanglementConfig, args)
     loaded = load_eval_sae(args)
@@ -188,16 +190,9 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
     setup_cache(dm)
     device = resolve_device(args.device)
     sae = loaded.sae.to(device)  # acts on raw activations
-    truth = dm.ground_truth or None
+    truth = dm.ground_truth  # a GroundTruth, or None
     batches = val_batches(dm, cfg.max_batches, args.progress, "disentanglement")
-    res = evaluate_disentanglement(
-        sae,
-        batches,
-        ground_truth=truth,
-        lags=cfg.lags,
-        coherence_threshold=cfg.coherence_threshold,
-        dense_threshold=cfg.dense_threshold,
-    )
+    res = evaluate_disentanglement(sae, batches, truth, cfg)
     results = {"command": "disentanglement", **loaded.label, **results_to_json(res)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,23 +209,7 @@ def run_disentanglement(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def _common(p: argparse.ArgumentParser) -> None:
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--ckpt", help="Lightning checkpoint of the SAEModule (.ckpt)")
-    which.add_argument(
-        "--sae", help="exported SAE folder instead: this project's (run_dir/sae) or SAELens's (a public SAE)"
-    )
-    p.add_argument("--config", required=True, help="training YAML of the run (its saved config.yaml)")
-    p.add_argument("--out", required=True, help="output folder for results.json and summary.md")
-    p.add_argument(
-        "--set",
-        dest="set_args",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value after --config (repeatable), e.g. --set data.cache_dir=/elsewhere",
-    )
-    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_sae_options(p, "output folder for results.json and summary.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,34 +250,17 @@ COMMANDS = {"core": run_core, "unlearning": run_unlearning, "disentanglement": r
 def main(argv: list[str] | None = None) -> int:
     """Run ``mtsae eval``; returns the exit status (2 for a user error, with its message on stderr)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        require_checkout("eval")  # the training configuration's classes: data.*, callbacks.*
-    except CheckoutNotFoundError as e:
-        print(e, file=sys.stderr)
-        return 2
-    from data import CacheMismatchError, SourceUnavailableError
-    from mtsae.evals.unlearning.mcq import MCQDatasetError
-    from mtsae.evals.unlearning.pipeline import UnlearningDataError
-    from mtsae.evals.unlearning.recipe import RecipeError
-    from mtsae.lm.loading import LMUnavailableError
 
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    user_errors = (
-        EvalError,
-        SourceUnavailableError,
-        LMUnavailableError,
-        MCQDatasetError,
-        UnlearningDataError,
-        CacheMismatchError,
-        RecipeError,
+    def extra_errors() -> tuple[type, ...]:
+        from mtsae.evals.unlearning.corpora import UnlearningDataError
+        from mtsae.evals.unlearning.mcq import MCQDatasetError
+        from mtsae.evals.unlearning.recipe import RecipeError
+
+        return (MCQDatasetError, UnlearningDataError, RecipeError)
+
+    return run_command(
+        "eval", f"mtsae eval {args.command}", lambda: COMMANDS[args.command](args), extra_errors
     )
-    try:
-        COMMANDS[args.command](args)
-    except user_errors as e:
-        print(f"mtsae eval {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
 
 if __name__ == "__main__":

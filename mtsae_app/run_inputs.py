@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 __all__ = [
+    "add_sae_options",
+    "run_command",
     "EvalError",
     "EvalSAE",
     "check_d_in",
@@ -189,3 +191,53 @@ def val_batches(dm: Any, max_batches: int | None, progress: bool, desc: str) -> 
         if max_batches is not None and i >= max_batches:
             break
         yield batch
+
+
+def add_sae_options(p: argparse.ArgumentParser, out_help: str) -> None:
+    """The options of every command that reads a trained run: the SAE (``--ckpt`` or ``--sae``), its
+    training config, ``--out``, ``--set`` overrides, the device and the progress bars."""
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ckpt", help="Lightning checkpoint of the SAEModule (.ckpt)")
+    which.add_argument(
+        "--sae", help="exported SAE folder instead: this project's (run_dir/sae) or SAELens's (a public SAE)"
+    )
+    p.add_argument("--config", required=True, help="training YAML of the run (its saved config.yaml)")
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument(
+        "--set",
+        dest="set_args",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value after --config (repeatable), e.g. --set data.cache_dir=/elsewhere",
+    )
+    p.add_argument("--device", default="auto", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+
+
+def run_command(
+    command: str, label: str, run: Callable[[], Any], extra_errors: Callable[[], tuple[type, ...]] = tuple
+) -> int:
+    """Run ``run()`` for the subcommand ``command`` with the checkout first on ``sys.path`` and logging
+    set up; a user error (missing checkout, :class:`EvalError`, unreachable source or LM, a cache of
+    another config, or one of ``extra_errors()``) is one line ``<label>: error: ...`` on stderr and exit
+    status 2. ``extra_errors`` is called after the checkout is found (its classes may live in ``data``)."""
+    from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
+
+    try:
+        require_checkout(command)  # the training configuration's classes: data.*, callbacks.*
+    except CheckoutNotFoundError as e:
+        sys.stderr.write(f"{e}\n")
+        return 2
+    from data import CacheMismatchError, SourceUnavailableError
+    from mtsae.lm.loading import LMUnavailableError
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    user_errors = (EvalError, SourceUnavailableError, LMUnavailableError, CacheMismatchError, *extra_errors())
+    try:
+        run()
+    except user_errors as e:
+        sys.stderr.write(f"{label}: error: {e}\n")
+        return 2
+    return 0

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import re
 from pathlib import Path
+
+import pytest
 
 FORBIDDEN = {
     "data",
@@ -52,6 +55,19 @@ def test_the_sae_package_knows_nothing_about_lightning_or_transformers() -> None
     assert "lightning" not in Path("mtsae/sae/model.py").read_text()
 
 
+def test_the_sae_package_imports_no_other_layer_of_the_library() -> None:
+    """``mtsae/sae/`` is the bottom layer: no import (lazy ones included) of training, evals, lm, compare."""
+    upward = ("mtsae.training", "mtsae.evals", "mtsae.lm", "mtsae.compare")
+    offenders = []
+    for path in sorted(Path("mtsae/sae").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(upward):
+                offenders.append(f"{path}: from {node.module}")
+            elif isinstance(node, ast.Import):
+                offenders += [f"{path}: import {a.name}" for a in node.names if a.name.startswith(upward)]
+    assert not offenders
+
+
 def test_tests_mirror_the_packages() -> None:
     for package in (
         "mtsae/sae",
@@ -59,6 +75,7 @@ def test_tests_mirror_the_packages() -> None:
         "mtsae/lm",
         "mtsae/evals",
         "mtsae/evals/unlearning",
+        "mtsae/features",
         "data",
     ):
         assert Path("tests", package.removeprefix("mtsae/")).is_dir(), package
@@ -98,3 +115,38 @@ def test_docstring_references_resolve() -> None:
             f"{path.relative_to(root)}: {p}" for p in _TEST_PATH.findall(text) if not (root / p).is_file()
         ]
     assert not stale, "stale references:\n" + "\n".join(stale)
+
+
+def test_one_public_home_per_name() -> None:
+    """A module's ``__all__`` lists what it defines (aliases it defines included), not names re-exported from
+    other modules: each name is imported from one place. Package ``__init__`` files gather the names users
+    type (``mtsae.MTSAE``, ``data.LMSource``); ``mtsae.unlearning`` is a deprecated old path."""
+    root = Path(__file__).resolve().parents[1]
+    borrowed = []
+    for package in ("mtsae", "data", "callbacks", "mtsae_app"):
+        for path in sorted((root / package).rglob("*.py")):
+            name = ".".join(path.relative_to(root).with_suffix("").parts)
+            if path.name in ("__init__.py", "__main__.py") or name == "mtsae.unlearning":
+                continue
+            module = importlib.import_module(name)
+            for attr in getattr(module, "__all__", []):
+                obj = getattr(module, attr)
+                defined = getattr(obj, "__module__", name)
+                if (
+                    (inspect.isclass(obj) or inspect.isfunction(obj))
+                    and defined != name
+                    and obj.__name__ == attr
+                ):
+                    borrowed.append(f"{name}.{attr} (defined in {defined})")
+    assert not borrowed, "re-exported names:\n" + "\n".join(borrowed)
+
+
+def test_the_old_unlearning_path_warns_and_names_the_homes() -> None:
+    import sys
+
+    sys.modules.pop("mtsae.unlearning", None)
+    with pytest.warns(DeprecationWarning, match="mtsae.evals.unlearning.intervention"):
+        old = importlib.import_module("mtsae.unlearning")
+    from mtsae.evals.unlearning.intervention import clamped
+
+    assert old.clamped is clamped

@@ -1,7 +1,4 @@
-"""``mtsae compare``: train a set of SAEs on equal terms and write a comparison report.
-
-    mtsae compare --config configs/compare/temporal.yaml --jobs 2     # or: python -m mtsae.compare ...
-    mtsae compare --config configs/compare/temporal.yaml --only-report
+"""The comparison of trained SAEs behind ``mtsae compare`` (its command line: :mod:`mtsae_app.compare`).
 
 Modules: :mod:`~mtsae.compare.config` (the YAML schema), :mod:`~mtsae.compare.runner` (one ``train.py fit``
 process per run, ``--jobs`` at a time, resumable), :mod:`~mtsae.compare.curves` (validation curves from
@@ -11,7 +8,6 @@ ended, whether their metrics had settled), :mod:`~mtsae.compare.frontier_report`
 of a report) and :mod:`~mtsae.compare.report` (``report.md``).
 """
 
-from mtsae.compare.cli import build_parser, main
 from mtsae.compare.config import CompareConfig, RunSpec, load_compare_config
 from mtsae.compare.frontier import frontier_analysis
 from mtsae.compare.report import write_report
@@ -22,11 +18,9 @@ __all__ = [
     "CompareConfig",
     "RunResult",
     "RunSpec",
-    "build_parser",
     "collect_results",
     "frontier_analysis",
     "load_compare_config",
-    "main",
     "run_dir",
     "train_all",
     "train_args",

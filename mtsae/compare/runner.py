@@ -31,7 +31,6 @@ from mtsae.compare.config import CompareConfig, RunSpec
 __all__ = [
     "SPEC_FILE",
     "LOG_FILE",
-    "REPO_ROOT",
     "run_dir",
     "train_args",
     "train_run",
@@ -44,8 +43,6 @@ log = logging.getLogger("mtsae.compare")
 
 SPEC_FILE = "compare_run.json"
 LOG_FILE = "train.log"
-#: the source checkout that holds ``train.py`` (the runner launches it as a script)
-REPO_ROOT = Path(__file__).resolve().parents[2]
 #: environment of every training process: one thread each, so that ``--jobs`` runs share the cores
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -142,12 +139,12 @@ def _prepare(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str]) 
     return {"spec": spec, "files": _file_hashes(cfg, run)}
 
 
-def _train_process(args: list[str], log_file: Path, what: str, mode: str = "w") -> None:
-    """Run ``train.py`` with ``args`` (one thread), output into ``log_file``; :class:`RunFailed` with the
+def _train_process(train_py: Path, args: list[str], log_file: Path, what: str, mode: str = "w") -> None:
+    """Run ``train_py`` with ``args`` (one thread), output into ``log_file``; :class:`RunFailed` with the
     log's tail when it fails."""
     with open(log_file, mode) as fh:
         proc = subprocess.run(
-            [sys.executable, str(REPO_ROOT / "train.py"), *args],
+            [sys.executable, str(train_py), *args],
             stdout=fh,
             stderr=subprocess.STDOUT,
             env={**os.environ, **THREAD_ENV},
@@ -161,8 +158,11 @@ def _train_process(args: list[str], log_file: Path, what: str, mode: str = "w") 
         )
 
 
-def train_run(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] = ()) -> bool:
-    """Train one run in a ``train.py fit`` process unless it has finished; returns whether it trained.
+def train_run(
+    out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] = (), *, train_py: Path
+) -> bool:
+    """Train one run in a ``train.py fit`` process (``train_py``: the checkout's ``train.py``) unless it has
+    finished; returns whether it trained.
 
     A run with ``summary.json`` is skipped (its recorded specification must match); an unfinished run with
     ``checkpoints/last.ckpt`` is resumed from it; otherwise its folder is cleared and it starts afresh.
@@ -188,7 +188,7 @@ def train_run(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] 
         "run %s: %s\n  python train.py %s", run.name, "resuming" if ckpt else "training", shlex.join(args)
     )
     t0 = time.perf_counter()
-    _train_process(args, rd / LOG_FILE, f"run {run.name!r}", mode="a")
+    _train_process(train_py, args, rd / LOG_FILE, f"run {run.name!r}", mode="a")
     wall = time.perf_counter() - t0
     if not (rd / "summary.json").exists():
         raise RunFailed(
@@ -203,9 +203,17 @@ def train_run(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] 
 
 
 def train_all(
-    out: Path, cfg: CompareConfig, runs: Sequence[RunSpec], extra: Sequence[str] = (), jobs: int = 1
+    out: Path,
+    cfg: CompareConfig,
+    runs: Sequence[RunSpec],
+    extra: Sequence[str] = (),
+    jobs: int = 1,
+    *,
+    train_py: Path,
 ) -> list[str]:
     """Train ``runs`` (finished ones are skipped), ``jobs`` processes at a time; returns failed run names.
+
+    ``train_py`` is the ``train.py`` each run is launched with (the command passes its checkout's).
 
     Every specification is checked before anything trains. With ``jobs > 1`` one process first builds the
     shared activation cache (:func:`build_cache_first`), so that the parallel runs only read it. A failed
@@ -213,10 +221,9 @@ def train_all(
     """
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
-    if not (REPO_ROOT / "train.py").is_file():
+    if not Path(train_py).is_file():
         raise FileNotFoundError(
-            f"mtsae compare launches {REPO_ROOT / 'train.py'}, which does not exist: run it from a source "
-            "checkout of mtsae"
+            f"mtsae compare launches {train_py}, which does not exist: run it from a source checkout of mtsae"
         )
     pending = [r for r in runs if _prepare(out, cfg, r, extra) is not None]
     failed: list[str] = []
@@ -226,7 +233,7 @@ def train_all(
     def one(run: RunSpec) -> None:
         nonlocal done
         try:
-            train_run(out, cfg, run, extra)
+            train_run(out, cfg, run, extra, train_py=train_py)
         except RunFailed as e:
             log.error("%s", e)
             failed.append(run.name)
@@ -240,7 +247,7 @@ def train_all(
             one(run)
         return failed
     try:
-        build_cache_first(out, cfg, pending[0], extra)
+        build_cache_first(out, cfg, pending[0], extra, train_py=train_py)
     except RunFailed as e:  # the runs will each report the problem; train the first alone as before
         log.error("%s", e)
         one(pending[0])
@@ -250,7 +257,9 @@ def train_all(
     return failed
 
 
-def build_cache_first(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] = ()) -> None:
+def build_cache_first(
+    out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequence[str] = (), *, train_py: Path
+) -> None:
     """Build (or check) the activation cache of ``run`` in one ``train.py fit --trainer.max_steps=0``
     process that trains nothing and writes nothing but the cache: no callbacks, no logger, its folder
     ``<out>/<name>/.cache_build`` removed afterwards. Runs share the data settings, so this is every run's
@@ -267,6 +276,6 @@ def build_cache_first(out: Path, cfg: CompareConfig, run: RunSpec, extra: Sequen
     tmp.mkdir(parents=True, exist_ok=True)
     log.info("building the shared activation cache before the parallel runs")
     try:
-        _train_process(args, tmp / LOG_FILE, "building the activation cache")
+        _train_process(train_py, args, tmp / LOG_FILE, "building the activation cache")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

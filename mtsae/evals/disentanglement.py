@@ -30,7 +30,7 @@ What is measured, for an SAE with decoder rows ``w_i = W_dec[i]`` and codes ``f 
 
 :func:`evaluate_disentanglement` runs all of it over batches of activations (used by ``mtsae eval
 disentanglement``); :func:`disentanglement_results` turns accumulated statistics into results (used by the
-``Disentanglement`` callback); :func:`figures` draws them with matplotlib's Agg canvas.
+``Disentanglement`` callback); :func:`mtsae.evals.disentanglement_figures.figures` draws them with matplotlib's Agg canvas.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.disentanglement_figures import figures
+from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
-from mtsae.training.metrics import RECOVERY_THRESHOLD, ground_truth_recovery
+from mtsae.training.metrics import RECOVERY_THRESHOLD
 
 __all__ = [
     "DisentanglementConfig",
@@ -64,7 +64,6 @@ __all__ = [
     "disentanglement_results",
     "evaluate_disentanglement",
     "results_to_json",
-    "figures",
 ]
 
 COHERENCE_THRESHOLD = 0.9
@@ -341,27 +340,23 @@ class DisentanglementAccumulator:
 
 
 # ---------------------------------------------------------------------------------------------- results
-def _group_names(names: Any) -> list[str] | None:
-    if names is None:
-        return None
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in list(names)]
-
-
 def disentanglement_results(
     sae: nn.Module,
     acc: DisentanglementAccumulator,
-    ground_truth: Mapping[str, Any] | None = None,
-    coherence_threshold: float = COHERENCE_THRESHOLD,
-    dense_threshold: float = DENSE_THRESHOLD,
+    ground_truth: GroundTruth | None = None,
+    config: DisentanglementConfig | None = None,
     recovery_threshold: float = RECOVERY_THRESHOLD,
 ) -> dict[str, Any]:
     """All disentanglement results from an SAE and accumulated (already all-reduced) statistics.
 
+    The one computation behind ``callbacks.Disentanglement`` and ``mtsae eval disentanglement``.
+
     Args:
         sae: an :class:`mtsae.MTSAE` (``W_dec``, ``W_enc``, ``dilations``).
         acc: density counts and persistence sums over the evaluated tokens.
-        ground_truth: optional ``{"features": [n_true, d_in], "group_index": [n_true],
-            "group_names": [n_groups]}`` (arrays or tensors; names may be bytes).
+        ground_truth: the true features, when the data has them (:class:`mtsae.evals.ground_truth.GroundTruth`,
+            ``data.ActivationCache.ground_truth()``).
+        config: the thresholds (:class:`DisentanglementConfig`; None: its defaults).
 
     Returns:
         ``{"scalars": {name: float}, "density": Tensor [d_sae], "log10_density_hist": (counts, edges),
@@ -372,6 +367,8 @@ def disentanglement_results(
         median_log10,mean_log10}``, ``scale/{share,majority}/dilation_<r>``, ``scale/entropy`` (MTSAE
         only), ``persistence/lag_<k>`` and, with ground truth, ``recovery/{mmcs,recovered}[/<group>]``.
     """
+    config = config if config is not None else DisentanglementConfig()
+    coherence_threshold, dense_threshold = config.coherence_threshold, config.dense_threshold
     density = acc.density.compute()  # [d_sae]
     coh = decoder_coherence(sae.W_dec, coherence_threshold)
     scalars: dict[str, float] = {
@@ -396,15 +393,8 @@ def disentanglement_results(
         r = r[~r.isnan()]
         scalars[f"persistence/lag_{k}"] = r.mean().item() if r.numel() else math.nan
     recovery = None
-    if ground_truth is not None and "features" in ground_truth:
-        gi = ground_truth.get("group_index")
-        recovery = ground_truth_recovery(
-            torch.as_tensor(ground_truth["features"]),
-            sae.W_dec,
-            None if gi is None else torch.as_tensor(gi),
-            _group_names(ground_truth.get("group_names")),
-            recovery_threshold,
-        )
+    if ground_truth is not None:
+        recovery = ground_truth.recovery(sae.W_dec, recovery_threshold)
         scalars |= {f"recovery/{k}": v for k, v in recovery.items()}
     return {
         "scalars": scalars,
@@ -429,11 +419,8 @@ def disentanglement_results(
 def evaluate_disentanglement(
     sae: nn.Module,
     batches: Iterable[Mapping[str, Tensor]],
-    ground_truth: Mapping[str, Any] | None = None,
-    lags: Sequence[int] = DEFAULT_LAGS,
-    max_batches: int | None = None,
-    coherence_threshold: float = COHERENCE_THRESHOLD,
-    dense_threshold: float = DENSE_THRESHOLD,
+    ground_truth: GroundTruth | None = None,
+    config: DisentanglementConfig | None = None,
 ) -> dict[str, Any]:
     """Encode batches of activation sequences and compute every disentanglement diagnostic.
 
@@ -442,14 +429,16 @@ def evaluate_disentanglement(
             :class:`mtsae.MTSAE` or ``SAEModule.raw_sae``.
         batches: iterable of ``{"acts": [B, T, d_in], "valid": [B, T]}`` (validation batches).
         ground_truth: optional true features (see :func:`disentanglement_results`).
-        lags: persistence lags.
-        max_batches: stop after this many batches (``None``: all).
+        config: the settings (:class:`DisentanglementConfig`: ``max_batches``, ``lags``, thresholds;
+            None: its defaults).
 
     Returns:
         see :func:`disentanglement_results`; :func:`results_to_json` makes it JSON-serialisable.
     """
+    config = config if config is not None else DisentanglementConfig()
+    max_batches = config.max_batches
     p = next(sae.parameters())
-    acc = DisentanglementAccumulator(sae.W_dec.shape[0], lags, device=p.device)
+    acc = DisentanglementAccumulator(sae.W_dec.shape[0], config.lags, device=p.device)
     n = 0
     for batch in batches:
         if max_batches is not None and n >= max_batches:
@@ -460,7 +449,7 @@ def evaluate_disentanglement(
         n += 1
     if n == 0:
         raise ValueError("evaluate_disentanglement got no batches")
-    return disentanglement_results(sae, acc, ground_truth, coherence_threshold, dense_threshold)
+    return disentanglement_results(sae, acc, ground_truth, config)
 
 
 def results_to_json(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,13 +36,13 @@ removed, not a behavioural change.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.evals.unlearning.intervention import clamp_intervention
 from mtsae.evals.unlearning.selection import check_grid, select_features
@@ -85,17 +85,9 @@ class SyntheticGrid:
         ]
 
 
-def forget_feature_indices(
-    group_index: Tensor | Sequence[int],
-    group_names: Sequence[str | bytes],
-    group: str = "slow",
-    n_features: int | None = 4,
-) -> Tensor:
+def forget_feature_indices(truth: GroundTruth, group: str = "slow", n_features: int | None = 4) -> Tensor:
     """Indices (into the true features) of the first ``n_features`` features of ``group`` (``None``: all)."""
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in group_names]
-    if group not in names:
-        raise ValueError(f"forget group {group!r} is not among the ground-truth groups {names}")
-    members = (torch.as_tensor(group_index).flatten() == names.index(group)).nonzero().squeeze(1)
+    members = truth.group(group)
     if n_features is not None:
         if n_features < 1:
             raise ValueError(

@@ -9,14 +9,13 @@ with ``AutoTokenizer.from_pretrained(out_dir)`` and ``AutoModelForCausalLM.from_
 The model is not trained: it exists to test the plumbing (hooks, packing, caching) end to end.
 Everything is deterministic: the same arguments give the same files.
 
-CLI::
+Command line (``make tiny-lm``)::
 
-    python -m mtsae.lm.tiny_lm --out artifacts/tiny_lm [--arch gemma2|llama|gpt2|gpt_neox] [--seed 0]
+    mtsae example tiny-lm --out artifacts/tiny_lm [--arch gemma2|llama|gpt2|gpt_neox] [--seed 0]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -26,7 +25,7 @@ import torch
 
 from mtsae.lm.hooks import hf_dtype_kwargs
 
-__all__ = ["ARCHS", "SPECIAL_TOKENS", "build_tiny_lm", "make_corpus", "main"]
+__all__ = ["ARCHS", "SPECIAL_TOKENS", "build_tiny_lm", "make_corpus"]
 
 log = logging.getLogger(__name__)
 
@@ -252,22 +251,3 @@ def build_tiny_lm(
         out,
     )
     return out
-
-
-def main(argv: list[str] | None = None) -> Path:
-    """CLI entry point: ``python -m mtsae.lm.tiny_lm --out artifacts/tiny_lm``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="artifacts/tiny_lm", help="output folder (default: artifacts/tiny_lm)")
-    p.add_argument("--arch", default="gemma2", choices=ARCHS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--hidden-size", type=int, default=64)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return build_tiny_lm(
-        args.out, arch=args.arch, seed=args.seed, n_layers=args.n_layers, hidden_size=args.hidden_size
-    )
-
-
-if __name__ == "__main__":
-    main()

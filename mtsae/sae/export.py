@@ -34,7 +34,6 @@ __all__ = [
     "save_sae",
     "load_sae",
     "read_metadata",
-    "load_sae_from_checkpoint",
     "git_commit",
     "hook_name",
 ]
@@ -261,11 +260,3 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTS
             f"unexpected {sorted(unexpected)}"
         )
     return sae.to(device).eval().requires_grad_(False)
-
-
-def load_sae_from_checkpoint(ckpt: str | os.PathLike, device: str | torch.device = "cpu") -> MTSAE:
-    """The raw-activation SAE of a Lightning checkpoint of :class:`mtsae.SAEModule`."""
-    from mtsae.training.module import SAEModule
-
-    module = SAEModule.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    return module.export_sae().to(device)

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from callbacks.unlearning import Unlearning
-from mtsae.evals.unlearning.pipeline import UnlearningConfig, UnlearningDuringTraining
+from mtsae.evals.unlearning.config import UnlearningConfig, UnlearningDuringTraining
 from mtsae.evals.unlearning.selection import GridConfig
 from mtsae_app import cli
 from mtsae_app.options import add_settings_options, field_docs, settings_from_args

@@ -37,6 +37,8 @@ def test_wheel_installs_only_the_package_names(tmp_path: Path) -> None:
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"mtsae", "mtsae_app"}
     assert "mtsae/sae/model.py" in names and "mtsae_app/cli.py" in names
+    # the feature dashboard copies its script and style sheet from the package into every site
+    assert {"mtsae/features/static/app.js", "mtsae/features/static/style.css"} <= set(names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "mtsae = mtsae_app.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 import mtsae.compare as compare
+import mtsae_app.compare as compare_cli
 from mtsae.compare import frontier
 from mtsae.compare.config import frontier_runs
 
@@ -78,7 +79,7 @@ def test_runs_may_change_only_the_model(tmp_path: Path) -> None:
 
 
 def test_dry_run_prints_fixed_run_folders(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert compare.main(["--config", TINY, "--out", str(tmp_path), "--dry-run"]) == 0
+    assert compare_cli.main(["--config", TINY, "--out", str(tmp_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert f"--trainer.default_root_dir {tmp_path}/tiny/runs/topk" in out
     assert "--config configs/baselines/demo_topk.yaml" in out
@@ -94,7 +95,7 @@ def test_compare_tiny_report_skip_resume_only_report(
     # a timing.json left from an earlier grid (no run of this one finished) is not added to this grid's time
     root.mkdir()
     (root / "timing.json").write_text('{"wall_s": 1e6, "jobs": 2, "started": "old", "invocations": 5}')
-    assert compare.main(argv) == 0
+    assert compare_cli.main(argv) == 0
     timing = json.loads((root / "timing.json").read_text())
     assert timing["invocations"] == 1 and timing["wall_s"] < 1e6 and timing["started"] != "old"
     report = (root / "report.md").read_text()
@@ -119,7 +120,7 @@ def test_compare_tiny_report_skip_resume_only_report(
     # interrupted after its last checkpoint: topk resumes from it, the finished mtsae is skipped
     summaries["topk"].unlink()
     caplog.clear()
-    assert compare.main(argv) == 0
+    assert compare_cli.main(argv) == 0
     assert "run mtsae: finished, skipped" in caplog.text and "run topk: resuming" in caplog.text
     assert "--ckpt_path" in caplog.text
     assert summaries["mtsae"].stat().st_mtime_ns == mtime
@@ -134,7 +135,7 @@ def test_compare_tiny_report_skip_resume_only_report(
         (root / f).unlink()
     mtimes = {r: p.stat().st_mtime_ns for r, p in summaries.items()}
     caplog.clear()
-    assert compare.main([*argv, "--only-report"]) == 0
+    assert compare_cli.main([*argv, "--only-report"]) == 0
     assert (
         (root / "report.md").exists()
         and (root / "frontier.png").exists()
@@ -145,12 +146,12 @@ def test_compare_tiny_report_skip_resume_only_report(
 
     # a finished run whose specification changed is an error (one line, exit 2), not silently reused
     capsys.readouterr()
-    assert compare.main([*argv, "--set", "trainer.max_epochs=2"]) == 2
+    assert compare_cli.main([*argv, "--set", "trainer.max_epochs=2"]) == 2
     assert "different specification" in capsys.readouterr().err
 
 
 def test_a_bad_compare_config_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert compare.main(["--config", str(tmp_path / "nope.yaml")]) == 2
+    assert compare_cli.main(["--config", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert "no compare config" in err and "Traceback" not in err
 
@@ -362,7 +363,7 @@ def test_quick_frontier_comparison_end_to_end(tmp_path: Path, caplog: pytest.Log
     argv = ["--config", "configs/compare/quick.yaml", "--out", str(tmp_path), "--jobs", "2",
             "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
     caplog.set_level(logging.INFO, logger="mtsae.compare")
-    assert compare.main(argv) == 0
+    assert compare_cli.main(argv) == 0
     root = tmp_path / "quick"
     cfg = compare.load_compare_config("configs/compare/quick.yaml")
     results = compare.collect_results(tmp_path, cfg, argv[-1:])
@@ -385,7 +386,7 @@ def test_quick_frontier_comparison_end_to_end(tmp_path: Path, caplog: pytest.Log
     assert "building the shared activation cache" in caplog.text and not (root / ".cache_build").exists()
     assert len(list((tmp_path / "cache").iterdir())) == 1
     caplog.clear()
-    assert compare.main(argv) == 0
+    assert compare_cli.main(argv) == 0
     assert caplog.text.count("finished, skipped") == 16 and "training" not in caplog.text
 
 
@@ -394,7 +395,7 @@ def test_a_failed_run_does_not_stop_the_others(tmp_path: Path, caplog: pytest.Lo
         tmp_path, {"name": "x", "base": TINY_BASE, "runs": [{"name": "bad", "args": {"model.d_sae": -1}}]}
     )
     caplog.set_level(logging.INFO, logger="mtsae.compare")
-    assert compare.main(["--config", path, "--out", str(tmp_path)]) == 1
+    assert compare_cli.main(["--config", path, "--out", str(tmp_path)]) == 1
     assert (
         "run 'bad' failed" in caplog.text
         and str(tmp_path / "x" / "runs" / "bad" / "train.log") in caplog.text
@@ -424,7 +425,7 @@ def test_synthetic_presets_parse_and_stop_early(preset: str, capsys: pytest.Capt
 
 
 def test_timing_sums_resumed_invocations_and_restarts_for_a_new_grid(tmp_path: Path) -> None:
-    from mtsae.compare.cli import TIMING_FILE, _record_timing
+    from mtsae_app.compare import TIMING_FILE, _record_timing
 
     _record_timing(tmp_path, 60.0, 2, "t0", resumed=False)
     t = _record_timing(tmp_path, 30.0, 2, "t1", resumed=True)  # a resumed comparison adds its time

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from data.cache import ActivationCache, from_storage
+from data.cache import ActivationCache
+from data.cache_format import from_storage
 from tests.helpers.lm import offline_hub, tiny_lm_args, tiny_lm_dir
 from train import cli_main
 

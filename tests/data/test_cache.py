@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from data.cache import ActivationCache, CacheMismatchError, CacheReadError, CacheSpec, build_cache
+from data.cache import ActivationCache
+from data.cache_format import CacheMismatchError, CacheReadError, CacheSpec
+from data.cache_writer import build_cache
 from data.datamodule import ActivationDataModule
 from data.sources import ActivationSource
 from tests.helpers.factories import tiny_source
@@ -61,7 +63,9 @@ def test_round_trip_is_bit_exact(tmp_path: Path, dtype: str) -> None:
         if dtype == "bfloat16":
             assert h5["acts"].dtype == np.uint16
     gt = cache.ground_truth()
-    assert gt["features"].shape == (20, 16)
+    assert gt.features.shape == (20, 16) and gt.features.dtype == torch.float32
+    assert gt.group_names == tuple(src.group_names) and all(type(n) is str for n in gt.group_names)
+    assert gt.group_index.tolist() == src.group_index.tolist()
     coeff = cache.ground_truth_rows("coefficients", [12, 1])
     np.testing.assert_array_equal(coeff, expected.ground_truth["coefficients"][[12, 1]])
 
@@ -198,7 +202,7 @@ def test_concurrent_builders_wait_for_each_other(tmp_path: Path) -> None:
     import sys
 
     script = (
-        "import sys; from data.cache import CacheSpec, build_cache; from tests.helpers.factories import tiny_source; "
+        "import sys; from data import CacheSpec, build_cache; from tests.helpers.factories import tiny_source; "
         "build_cache(tiny_source(), sys.argv[1], CacheSpec(40, 8, 8, 'float32'), 4, progress=False)"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

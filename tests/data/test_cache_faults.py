@@ -11,14 +11,9 @@ import h5py
 import pytest
 
 import mtsae_app.cli as mtsae_cli
-from data.cache import (
-    ActivationCache,
-    CacheMismatchError,
-    CacheReadError,
-    CacheSpec,
-    CacheWriteError,
-    build_cache,
-)
+from data.cache import ActivationCache
+from data.cache_format import CacheMismatchError, CacheReadError, CacheSpec, CacheWriteError
+from data.cache_writer import build_cache
 from data.verify import verify_cache
 from tests.helpers.factories import tiny_source
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.datamodule import ActivationDataModule, BlockShuffleSampler, ShardedRowSampler
+from data.datamodule import ActivationDataModule
+from data.loading import BlockShuffleSampler, ShardedRowSampler
 from tests.helpers.factories import tiny_source
 
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data.lm_source import LMSource, SourceUnavailableError, pack_documents
+from data.lm_source import LMSource, SourceUnavailableError
 from mtsae.lm.hooks import capture_resid_post
+from mtsae.lm.text import pack_documents
 from tests.helpers.lm import offline_hub, tiny_lm_dir
 
 BOS, EOS = 1, 2

@@ -13,18 +13,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mtsae.evals.disentanglement import (
     DisentanglementAccumulator,
+    DisentanglementConfig,
     PersistenceAccumulator,
     decoder_coherence,
     density_summary,
     disentanglement_results,
     evaluate_disentanglement,
-    figures,
     log10_density_histogram,
     results_to_json,
     scale_attribution,
     scale_attribution_summary,
     scale_entropy,
 )
+from mtsae.evals.disentanglement_figures import figures
+from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
 from tests.helpers.factories import tiny_sae, tiny_source
 from tests.helpers.train import tiny_args
@@ -154,8 +156,8 @@ def _batches(src, n: int = 4, bs: int = 8) -> list[dict[str, torch.Tensor]]:
 def test_evaluate_disentanglement_with_ground_truth_and_figures() -> None:
     src = tiny_source()
     sae = tiny_sae(d_in=src.d_in)
-    gt = src.static_ground_truth()
-    res = evaluate_disentanglement(sae, _batches(src), ground_truth=gt, lags=(1, 4))
+    gt = GroundTruth.from_arrays(src.static_ground_truth())
+    res = evaluate_disentanglement(sae, _batches(src), gt, DisentanglementConfig(lags=[1, 4]))
     sc = res["scalars"]
     for key in (
         "coherence/max",
@@ -172,7 +174,7 @@ def test_evaluate_disentanglement_with_ground_truth_and_figures() -> None:
     json.dumps(results_to_json(res))
 
     flat = tiny_sae(dilations=(), d_in=src.d_in)  # per-token SAE: no scale attribution
-    res = evaluate_disentanglement(flat, _batches(src, n=1), lags=(1,))
+    res = evaluate_disentanglement(flat, _batches(src, n=1), config=DisentanglementConfig(lags=[1]))
     assert res["scale_share"] is None and not any(k.startswith("scale/") for k in res["scalars"])
     assert "scale_attribution" not in figures(res) and "recovery" not in figures(res)
 

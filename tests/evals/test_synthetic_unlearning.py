@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from data.synthetic import SyntheticSource
 from mtsae import SAEModule
+from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.synthetic_unlearning import (
     SyntheticGrid,
     forget_feature_indices,
@@ -31,11 +33,14 @@ GROUPS = [
 
 
 def test_forget_indices_and_split() -> None:
-    idx = forget_feature_indices(torch.tensor([0, 0, 1, 1, 1]), [b"local", b"slow"], "slow", 2)
-    assert idx.tolist() == [2, 3]
-    assert forget_feature_indices(torch.tensor([0, 1, 1]), ["local", "slow"], "slow", None).tolist() == [1, 2]
+    truth = GroundTruth.from_arrays(  # as stored in a shard: names as HDF5 bytes
+        {"features": np.eye(5), "group_index": np.array([0, 0, 1, 1, 1]), "group_names": [b"local", b"slow"]}
+    )
+    assert truth.group_names == ("local", "slow")
+    assert forget_feature_indices(truth, "slow", 2).tolist() == [2, 3]
+    assert forget_feature_indices(truth, "slow", None).tolist() == [2, 3, 4]
     with pytest.raises(ValueError, match="medium"):
-        forget_feature_indices(torch.tensor([0, 1]), ["local", "slow"], "medium")
+        forget_feature_indices(truth, "medium")
     coef = torch.zeros(3, 4, 5)
     coef[0, 2, 2] = 1.0  # forget feature on at a valid token
     coef[1, 0, 3] = 1.0  # ... only at an invalid one
@@ -85,9 +90,9 @@ def test_planted_sae_removes_the_forget_group_and_scales_do_not_matter() -> None
     src = SyntheticSource(d_in=32, ctx_len=16, groups=[*GROUPS[:1], {**GROUPS[1], "amplitude": 3.0}])
     chunk = src._rows(0, 96)
     coef = torch.as_tensor(chunk.ground_truth["coefficients"]).float()
-    gt = src.static_ground_truth()
-    feats = torch.as_tensor(gt["features"])
-    forget = forget_feature_indices(torch.as_tensor(gt["group_index"]), list(gt["group_names"]), "slow", 2)
+    gt = GroundTruth.from_arrays(src.static_ground_truth())
+    feats = gt.features
+    forget = forget_feature_indices(gt, "slow", 2)
     sae = _planted_sae(feats, forget)
     grid = SyntheticGrid(retain_thresholds=[0.01], n_features=[2], multipliers=[0.0])
     res = synthetic_unlearning(sae, chunk.acts, chunk.valid, coef, feats, forget, grid)

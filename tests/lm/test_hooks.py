@@ -8,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+import mtsae_app.cli as mtsae_cli
 from mtsae.lm.hooks import capture_resid_post, decoder_layers, lm_hidden_size, n_layers, splice_resid_post
-from mtsae.lm.tiny_lm import build_tiny_lm, main
+from mtsae.lm.tiny_lm import build_tiny_lm
 from tests.helpers.lm import tiny_lm_dir
 
 ARCHS = ["gemma2", "llama", "gpt2", "gpt_neox"]
@@ -229,7 +230,20 @@ def test_tiny_lm_loads(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 def test_tiny_lm_deterministic(tmp_path) -> None:
     a = build_tiny_lm(tmp_path / "a", arch="llama", seed=1, n_layers=2)
-    b = main(["--out", str(tmp_path / "b"), "--arch", "llama", "--seed", "1", "--n-layers", "2"])
+    argv = [
+        "example",
+        "tiny-lm",
+        "--out",
+        str(tmp_path / "b"),
+        "--arch",
+        "llama",
+        "--seed",
+        "1",
+        "--n-layers",
+        "2",
+    ]
+    assert mtsae_cli.main(argv) == 0
+    b = tmp_path / "b"
     c = build_tiny_lm(tmp_path / "c", arch="llama", seed=2, n_layers=2)
     for name in ("model.safetensors", "tokenizer.json", "config.json"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from mtsae.evals.unlearning.corpora import UnlearningDataError, load_texts
 from mtsae.evals.unlearning.mcq import MCQDatasetError, load_mcq
-from mtsae.evals.unlearning.pipeline import UnlearningDataError, load_texts
 from mtsae.lm.text import FILE_TYPES, DatasetUnavailableError, open_dataset, pack_documents
 from tests.helpers.lm import offline_hub
 

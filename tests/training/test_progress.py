@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from data.cache import CacheSpec, build_cache
+from data.cache_format import CacheSpec
+from data.cache_writer import build_cache
 from data.lm_source import LMSource
 from mtsae.progress import progress_bar, track
 from tests.helpers.lm import offline_hub, tiny_lm_dir

@@ -98,7 +98,7 @@ def test_checkpoint_loads_never_run_pickled_code(tmp_path: Path, monkeypatch) ->
     state["payload"] = _Payload(tmp_path / "ran")
     torch.save(state, planted)
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # would make an unspecified load unsafe
-    from mtsae.sae.export import load_sae_from_checkpoint
+    from mtsae.training.checkpoint import load_sae_from_checkpoint
     from mtsae_app.run_inputs import load_module
 
     for load in (load_module, load_sae_from_checkpoint):

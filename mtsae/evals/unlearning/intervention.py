@@ -23,7 +23,7 @@ position 0) or this project's (all but BOS/EOS/PAD tokens).
 
 Also here: :class:`ClampIntervention`, which applies the clamp inside a Hugging Face causal LM through
 :func:`mtsae.lm.hooks.splice_resid_post`. Steps 1, 2 and 5 live in :mod:`mtsae.evals.sparsity` and
-:mod:`mtsae.evals.unlearning.selection`; the public API of all three is :mod:`mtsae.unlearning`.
+:mod:`mtsae.evals.unlearning.selection`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SAEBench's unlearning evaluation end to end (Farrell et al. 2024), from the building blocks in
 :mod:`mtsae.evals.unlearning.intervention` and :mod:`mtsae.evals.unlearning.mcq`. Settings:
-:mod:`.config`; what is read before any model runs: :mod:`.corpora`; outputs: :mod:`.report`; this module
-re-exports their names.
+:mod:`.config`; what is read before any model runs: :mod:`.corpora`; outputs: :mod:`.report`; the entry
+point that runs these steps for the command and the callback: :mod:`.run`.
 
 1. :func:`load_unlearning_data`: the forget corpus (the WMDP bio forget corpus, a gated file the user
    supplies as a local path), the retain corpus (``wikitext`` / ``wikitext-2-raw-v1`` test, or a local
@@ -37,20 +37,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mtsae.evals.records import save_results
 from mtsae.evals.sparsity import SparsityAccumulator
 from mtsae.evals.unlearning.cloze import filter_correct_cloze, mean_text_ce, score_cloze, text_selectivity
-from mtsae.evals.unlearning.config import UnlearningConfig, UnlearningDuringTraining
+from mtsae.evals.unlearning.config import UnlearningConfig
 from mtsae.evals.unlearning.corpora import (
-    FORGET_CORPUS_HELP,
     WMDP_NAME,
     UnlearningData,
-    UnlearningDataError,
-    check_instruct,
-    load_forget_texts,
-    load_questions,
-    load_texts,
-    load_unlearning_data,
 )
 from mtsae.evals.unlearning.intervention import ClampIntervention, valid_token_mask
 from mtsae.evals.unlearning.mcq import (
@@ -59,30 +51,10 @@ from mtsae.evals.unlearning.mcq import (
     score_mcq,
     special_token_ids,
 )
-from mtsae.evals.unlearning.report import best_recipe, summary_markdown
 from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
 
-__all__ = [
-    "FORGET_CORPUS_HELP",
-    "WMDP_NAME",
-    "UnlearningConfig",
-    "UnlearningDuringTraining",
-    "UnlearningData",
-    "UnlearningDataError",
-    "load_texts",
-    "load_forget_texts",
-    "check_instruct",
-    "best_recipe",
-    "load_questions",
-    "load_unlearning_data",
-    "feature_sparsities",
-    "questions_fingerprint",
-    "filter_questions",
-    "evaluate_unlearning",
-    "save_results",
-    "summary_markdown",
-]
+__all__ = ["evaluate_unlearning", "feature_sparsities", "filter_questions", "questions_cache_key"]
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +94,7 @@ def feature_sparsities(
 
 
 # ---------------------------------------------------------------------------------------------- filtering
-def questions_fingerprint(questions: Mapping[str, Sequence[MCQuestion]], **settings: Any) -> str:
+def questions_cache_key(questions: Mapping[str, Sequence[MCQuestion]], **settings: Any) -> str:
     """Hash of the question sets (text, choices, answers) and ``settings`` (model, orderings, ...)."""
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for name in sorted(questions):
@@ -162,7 +134,7 @@ def filter_questions(
         settings["strict_letters"] = False
     if scoring != "letter":  # cloze: the choices' log-likelihoods, original order (all_perms ignored)
         settings = {"scoring": scoring}
-    key = questions_fingerprint(questions, model=dict(model_id or {}), **settings)
+    key = questions_cache_key(questions, model=dict(model_id or {}), **settings)
     path = None if cache_dir is None else Path(cache_dir) / f"filtered_{key}.json"
     if path is not None and path.exists():
         kept_idx = {n: set(v) for n, v in json.loads(path.read_text())["kept"].items()}

@@ -55,7 +55,8 @@ def sae_sha256(path: str | os.PathLike) -> str:
 
 def load_sae_path(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """An SAE acting on raw activations from a folder written by :func:`mtsae.save_sae` or a ``.ckpt``."""
-    from mtsae.sae.export import load_sae, load_sae_from_checkpoint
+    from mtsae.sae.export import load_sae
+    from mtsae.training.checkpoint import load_sae_from_checkpoint
 
     path = Path(path)
     if path.is_file() and path.suffix == ".ckpt":

@@ -8,12 +8,11 @@ this exercises the commands end to end, it does not measure anything.
 
 CLI (``make unlearning-example`` runs it, then trains, evaluates and generates; see the README)::
 
-    python -m mtsae.evals.unlearning.tiny_example --lm artifacts/tiny_lm --out artifacts/tiny_unlearning
+    mtsae example unlearning --lm artifacts/tiny_lm --out artifacts/tiny_unlearning
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import random
@@ -22,7 +21,7 @@ from pathlib import Path
 from mtsae.evals.unlearning.mcq import MMLU_SUBSETS
 from mtsae.lm.tiny_lm import build_tiny_lm
 
-__all__ = ["BIO_WORDS", "PROMPTS", "write_unlearning_files", "build_unlearning_example", "main"]
+__all__ = ["BIO_WORDS", "PROMPTS", "write_unlearning_files", "build_unlearning_example"]
 
 log = logging.getLogger(__name__)
 
@@ -88,17 +87,3 @@ def build_unlearning_example(lm_dir: str | Path, out: str | Path) -> dict[str, o
     (out / "files.json").write_text(json.dumps(files, indent=1))
     log.info("wrote the unlearning example files to %s", out)
     return files
-
-
-def main(argv: list[str] | None = None) -> dict[str, object]:
-    """CLI entry point: ``python -m mtsae.evals.unlearning.tiny_example --lm artifacts/tiny_lm --out ...``."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lm", default="artifacts/tiny_lm", help="tiny LM folder (built there if missing)")
-    p.add_argument("--out", default="artifacts/tiny_unlearning", help="output folder")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return build_unlearning_example(args.lm, args.out)
-
-
-if __name__ == "__main__":
-    main()

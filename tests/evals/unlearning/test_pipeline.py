@@ -8,22 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtsae.evals.records import save_results
 from mtsae.evals.sparsity import round_sparsity
-from mtsae.evals.unlearning.mcq import letter_token_ids
-from mtsae.evals.unlearning.pipeline import (
+from mtsae.evals.unlearning.config import UnlearningConfig
+from mtsae.evals.unlearning.corpora import (
     FORGET_CORPUS_HELP,
-    UnlearningConfig,
     UnlearningDataError,
-    best_recipe,
     check_instruct,
-    evaluate_unlearning,
-    filter_questions,
     load_forget_texts,
     load_unlearning_data,
-    save_results,
-    summary_markdown,
 )
+from mtsae.evals.unlearning.mcq import letter_token_ids
+from mtsae.evals.unlearning.pipeline import evaluate_unlearning, filter_questions
 from mtsae.evals.unlearning.recipe import UnlearningRecipe
+from mtsae.evals.unlearning.report import best_recipe, summary_markdown
 from mtsae.evals.unlearning.selection import GridConfig, select_features
 from mtsae.evals.unlearning.tiny_example import write_unlearning_files
 from mtsae.lm.text import pack_rows, pack_rows_saebench

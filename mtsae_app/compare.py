@@ -1,4 +1,11 @@
-"""The ``mtsae compare`` command line (the config schema is in :mod:`mtsae.compare.config`)."""
+"""``mtsae compare``: train a set of SAEs on equal terms and write a comparison report.
+
+    mtsae compare --config configs/compare/temporal.yaml --jobs 2     # or: python -m mtsae_app compare ...
+    mtsae compare --config configs/compare/temporal.yaml --only-report
+
+The command line only: the config schema, the runner, the frontiers and the report are the library's
+:mod:`mtsae.compare`. Each run is the checkout's ``train.py`` in its own process.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,7 @@ from mtsae.compare.config import load_compare_config
 from mtsae.compare.report import write_report
 from mtsae.compare.results import collect_results
 from mtsae.compare.runner import now, run_dir, train_all, train_args
+from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
 
 __all__ = ["build_parser", "main", "TIMING_FILE"]
 
@@ -107,13 +115,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed: list[str] = []
     if not args.only_report:
+        try:
+            train_py = require_checkout("compare") / "train.py"
+        except CheckoutNotFoundError as e:
+            print(e, file=sys.stderr)
+            return 2
         log.info("%d runs, --jobs %d, output %s", len(selected), args.jobs, root)
         started, t0 = now(), time.perf_counter()
         # a comparison that starts with no finished run times itself afresh (an old timing.json, e.g.
         # one committed with an earlier grid, is not this grid's time)
         resumed = any((run_dir(out, cfg, r) / "summary.json").exists() for r in cfg.runs)
         try:
-            failed = train_all(out, cfg, selected, extra, jobs=args.jobs)
+            failed = train_all(out, cfg, selected, extra, jobs=args.jobs, train_py=train_py)
         except ValueError as e:  # e.g. a finished run trained with another specification
             print(f"mtsae compare: {e}", file=sys.stderr)
             return 2
