@@ -18,14 +18,11 @@ from mtsae.evals.unlearning.cloze import (
     score_cloze,
     text_selectivity,
 )
+from mtsae.evals.unlearning.config import UnlearningConfig
+from mtsae.evals.unlearning.corpora import load_unlearning_data
 from mtsae.evals.unlearning.intervention import ClampIntervention
 from mtsae.evals.unlearning.mcq import MCQuestion
-from mtsae.evals.unlearning.pipeline import (
-    UnlearningConfig,
-    evaluate_unlearning,
-    filter_questions,
-    load_unlearning_data,
-)
+from mtsae.evals.unlearning.pipeline import evaluate_unlearning, filter_questions
 from mtsae.evals.unlearning.run import UnlearningRun
 from mtsae.evals.unlearning.selection import GridConfig
 from mtsae.lm.text import pack_rows
