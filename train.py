@@ -1,22 +1,32 @@
 """Train an SAE with LightningCLI: ``python train.py fit --config configs/demo.yaml``.
 
-Run as a script, a plain configuration error prints one message (exit status 2) instead of a
-traceback; a full disk, a damaged or foreign cache, or an unreachable model ends with one message and
-exit status 1; SIGTERM saves ``last.ckpt`` and ends with exit status 143 (resume with
-``--ckpt_path last``).
+Run as a script, a plain configuration error, a damaged ``--ckpt_path`` file or a resume with other
+settings than the checkpoint's prints one message (exit status 2) instead of a traceback; a full disk
+(cache or run folder), a damaged or foreign cache, non-finite activations or loss, a checkpoint folder
+in use, or an unreachable model ends with one message and exit status 1; SIGTERM saves ``last.ckpt``
+and ends with exit status 143 (resume with ``--ckpt_path last``), also during the cache build (the
+finished shards are kept).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import threading
+from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from data import ActivationDataModule
+from data.cache_format import CacheBuildInterrupted
 from mtsae import SAEModule
+from mtsae.training.checkpoint_file import CheckedCheckpointIO, CheckpointFileError, load_checkpoint_file
+from mtsae.training.module import ResumeSettingsError, model_settings_differ
 
 __all__ = ["ConfigError", "MTSAECLI", "cli_main", "main"]
 
@@ -40,6 +50,8 @@ class MTSAECLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
+            if self.subcommand == "fit" and isinstance(self.datamodule, ActivationDataModule):
+                self.datamodule.check_training_batches(self.trainer.world_size)  # before the cache build
         except MisconfigurationException as err:
             if "gpu" in str(err).lower() and not torch.cuda.is_available():
                 raise ConfigError(f"{err} This machine has no GPU; {CPU_OVERRIDES_HINT}") from err
@@ -60,7 +72,26 @@ class MTSAECLI(LightningCLI):
                 *callbacks,
                 LogProgressBar(),
             ]  # readable in log files (SLURM), not only on a terminal
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # not a plugin the config chose
+            trainer.strategy.checkpoint_io = CheckedCheckpointIO()  # --ckpt_path files are checked
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning merges the checkpoint's model settings over the configuration's. Check the file first
+        # (one line for a damaged one, not a traceback) and refuse settings that differ, which would
+        # otherwise be silently replaced (and `--ckpt_path last` would then load another model).
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            saved = load_checkpoint_file(ckpt_path).get("hyper_parameters") or {}
+            model = self.config[sub].get("model")
+            config = model.as_dict() if hasattr(model, "as_dict") else dict(model or {})
+            config.pop("d_in", None)  # linked from the data when the classes are built
+            differ = model_settings_differ(saved, config)
+            if differ:
+                raise ResumeSettingsError(differ)
+        super()._parse_ckpt_path()
 
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
@@ -86,25 +117,66 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> MTSAECLI:
 
 def _fault_types() -> tuple[type[BaseException], ...]:
     from callbacks.checkpoint import CheckpointFolderInUseError
-    from data.cache_format import CacheMismatchError, CacheReadError, CacheWriteError
+    from data.cache_format import (
+        CacheMismatchError,
+        CacheReadError,
+        CacheWriteError,
+        NonFiniteActivationsError,
+    )
     from data.lm_source import SourceUnavailableError
+    from mtsae.training.module import NonFiniteLossError
 
     return (
         CacheWriteError,
         CacheReadError,
         CacheMismatchError,
+        NonFiniteActivationsError,
+        NonFiniteLossError,
         SourceUnavailableError,
         CheckpointFolderInUseError,
     )
 
 
+#: write failures that freeing space (or another folder) fixes: disk full, quota, file-size limit, read-only
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """The one-line reason of a failed write of the run's files (logs, checkpoints, export), or None."""
+    if isinstance(err, OSError) and err.errno in _WRITE_ERRNOS:
+        where = f" {err.filename}" if err.filename else ""
+        return f"cannot write{where}: {os.strerror(err.errno)} (errno {err.errno})"
+    if isinstance(err, RuntimeError) and "PytorchStreamWriter failed writing file" in str(err):
+        return "cannot write a checkpoint: the file write failed (disk full or a file-size limit?)"
+    return None
+
+
+def _quiet_write_failures_in_threads(hook: Any) -> Any:
+    """A ``threading.excepthook`` that leaves a write failure in a background writer (TensorBoard's) to
+    the main thread's one message instead of printing a traceback."""
+
+    def excepthook(args: Any) -> None:
+        if _write_failure(args.exc_value) is None:
+            hook(args)
+
+    return excepthook
+
+
 def main(args: list[str] | None = None) -> int:
     """``python train.py ...``: the exit status, with one message (no traceback) for the errors a user can fix."""
+    previous_hook = threading.excepthook
+    threading.excepthook = _quiet_write_failures_in_threads(previous_hook)
     try:
         cli_main(args)
     except ConfigError as err:
         print(f"train.py: configuration error: {err}", file=sys.stderr)
         return 2
+    except (CheckpointFileError, ResumeSettingsError) as err:  # --ckpt_path names a file that cannot resume
+        print(f"train.py: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    except CacheBuildInterrupted as err:
+        print(f"train.py: {err}", file=sys.stderr)
+        return 143
     except SIGTERMException:
         print(
             "train.py: stopped by SIGTERM; last.ckpt holds the last finished step. Resume with the same "
@@ -116,6 +188,18 @@ def main(args: list[str] | None = None) -> int:
         message = getattr(err, "strerror", None) or err  # an OSError's text without "[Errno n]"
         print(f"train.py: {type(err).__name__}: {message}", file=sys.stderr)
         return 1
+    except (OSError, RuntimeError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        print(
+            f"train.py: {reason}. Free space where the run writes (trainer.default_root_dir, the checkpoint "
+            "folder) or point them elsewhere; checkpoints already written are kept (--ckpt_path last resumes)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        threading.excepthook = previous_hook
     return 0
 
 

@@ -9,12 +9,17 @@ run needs.
   per-run ``version_<n>/checkpoints`` folder (the resumed run logs into a new version folder).
 - A new run (not a resume) refuses a checkpoint folder that already holds checkpoints, instead of
   writing ``last-v1.ckpt`` beside an earlier run's ``last.ckpt``.
+- One training at a time per checkpoint folder: a run holds ``<dirpath>/.lock`` (an exclusive
+  ``flock``) while it trains; a second one started meanwhile, resume or not, is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
@@ -43,6 +48,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._last_step_saved: int | None = None
+        self._lock_key: str | None = None  # the folder whose lock this callback shares while training
 
     @override
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
@@ -57,7 +63,11 @@ class ModelCheckpoint(LightningModelCheckpoint):
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
-        if trainer.ckpt_path is not None or self.dirpath is None:
+        if self.dirpath is None:
+            return
+        if trainer.is_global_zero:
+            self._lock_folder()
+        if trainer.ckpt_path is not None:
             return
         earlier = sorted(p.name for p in Path(self.dirpath).glob(f"*{self.FILE_EXTENSION}"))
         if earlier:
@@ -67,6 +77,57 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 "--ckpt_path last, or give this run its own folder (dirpath of the checkpoint callback), or "
                 "delete the old checkpoints"
             )
+
+    #: the folder locks this process holds: ``resolved dirpath -> [open lock file, callbacks sharing it]``
+    #: (a config may give several checkpoint callbacks of one run the same folder: configs/tiny_lm.yaml)
+    _held_locks: ClassVar[dict[str, list[Any]]] = {}
+
+    def _lock_folder(self) -> None:
+        """Hold ``<dirpath>/.lock`` until the run ends: one training per checkpoint folder at a time.
+
+        The lock is taken before the folder is checked for earlier checkpoints, so two runs started at
+        the same moment cannot both find it empty. The OS releases it if the process dies.
+        """
+        path = Path(self.dirpath)
+        key = str(path.resolve())
+        if key in self._held_locks:  # another checkpoint callback of this run writes there too
+            self._held_locks[key][1] += 1
+            self._lock_key = key
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        fh = open(path / ".lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            fh.close()
+            raise CheckpointFolderInUseError(
+                f"another training ({holder}) is writing checkpoints into {self.dirpath} now; wait for it to "
+                "end, or give this run its own folder (dirpath of the checkpoint callback, or another "
+                "trainer.default_root_dir / logger version)"
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        fh.flush()
+        self._held_locks[key] = [fh, 1]
+        self._lock_key = key
+
+    def _unlock_folder(self) -> None:
+        key, self._lock_key = self._lock_key, None
+        held = self._held_locks.get(key) if key is not None else None
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            held[0].close()  # releases the lock
+            del self._held_locks[key]
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._unlock_folder()
 
     @override
     def on_train_batch_end(
@@ -92,6 +153,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         super().on_exception(trainer, pl_module, exception)
         if isinstance(exception, SIGTERMException):  # e.g. received during validation
             self._save_last_now(trainer)
+        self._unlock_folder()
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

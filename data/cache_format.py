@@ -38,6 +38,8 @@ __all__ = [
     "CacheMismatchError",
     "CacheReadError",
     "CacheWriteError",
+    "NonFiniteActivationsError",
+    "CacheBuildInterrupted",
     "to_storage",
     "from_storage",
     "read_context",
@@ -50,6 +52,11 @@ __all__ = [
     "write_json_atomic",
     "read_manifest",
     "check_manifest",
+    "check_shard_identity",
+    "manifest_problem",
+    "shard_layout_problem",
+    "SHARD_IDENTITY",
+    "STORED_DTYPES",
 ]
 
 FORMAT_VERSION = 2  # 2: checksums of shards, static ground truth and statistics
@@ -67,6 +74,15 @@ class CacheReadError(OSError):
 
 class CacheWriteError(OSError):
     """A shard could not be written (disk full, quota, permissions); the message names the file and what to do."""
+
+
+class CacheBuildInterrupted(Exception):
+    """SIGTERM arrived while the cache was being built; the finished shards are kept."""
+
+
+class NonFiniteActivationsError(ValueError):
+    """A source produced a NaN or infinite activation at a valid position; the message names the shard,
+    the row and the position."""
 
 
 def _row_range(rows: np.ndarray | slice | tuple[int, int]) -> str:
@@ -241,7 +257,10 @@ def check_manifest(root: Path, manifest: dict) -> None:
     statistics match their checksum and the per-shard sums they derive from.
     """
     where = f"the cache at {root}"
-    rebuild = f"delete {root} and build again, or run `mtsae cache verify {root} --repair`"
+    rebuild = f"delete {root} and build again"  # --repair deletes bad shards; it cannot mend a manifest
+    problem = manifest_problem(manifest)
+    if problem is not None:
+        raise CacheMismatchError(f"{where}: manifest.json {problem}; {rebuild}")
     shards = manifest["shards"]
     files = [e.get("file") for e in shards]
     dup = sorted({f for f in files if files.count(f) > 1})
@@ -279,8 +298,104 @@ def check_manifest(root: Path, manifest: dict) -> None:
             raise CacheMismatchError(f"{where}: shard {path} listed in manifest.json is missing; {rebuild}")
         with read_context(path, "acts", (0, int(e["n_sequences"]))):
             with h5py.File(path, "r") as h5:
-                n = h5["acts"].shape[0]
-        if n != e["n_sequences"]:
+                layout = shard_layout_problem(h5, e["n_sequences"], manifest)
+                identity = {k: h5.attrs.get(k) for k in SHARD_IDENTITY}
+        if layout is not None:
             raise CacheMismatchError(
-                f"{where}: shard {path} holds {n} rows, manifest.json says {e['n_sequences']}; {rebuild}"
+                f"{where}: shard {path} {layout}; `mtsae cache verify {root} --repair` deletes it so that the "
+                "next build regenerates it"
             )
+        check_shard_identity(path, e, identity, manifest.get("fingerprint", root.name))
+
+
+#: the numpy dtype ``acts`` is stored as, per storage dtype
+STORED_DTYPES = {
+    "float32": np.dtype("float32"),
+    "float16": np.dtype("float16"),
+    "bfloat16": np.dtype("uint16"),
+}
+
+
+def manifest_problem(manifest: dict) -> str | None:
+    """What makes a parsed manifest unusable (missing or mistyped fields, unsafe file names), or None.
+
+    Checked before any size in it is used, so a hostile or damaged manifest is one message.
+    """
+
+    def count(v: object) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    for key in ("d_in", "ctx_len"):
+        if not count(manifest.get(key)) or not manifest[key]:
+            return f"has no valid {key} (got {manifest.get(key)!r})"
+    if manifest.get("dtype") not in STORED_DTYPES:
+        return f"has dtype {manifest.get('dtype')!r}, not one of {sorted(STORED_DTYPES)}"
+    if not isinstance(manifest.get("fingerprint_inputs"), dict) or not isinstance(
+        manifest.get("stats"), dict
+    ):
+        return "has no fingerprint_inputs or stats"
+    for i, e in enumerate(manifest["shards"]):
+        if not isinstance(e, dict):
+            return f"lists shard {i} as {e!r}, not an entry"
+        missing = [
+            k for k in ("file", "n_sequences", "split", "n_valid_tokens", "sum_sq_norm", "sum") if k not in e
+        ]
+        if missing:
+            return f"lists shard {i} without {missing}"
+        name = e["file"]
+        if not isinstance(name, str) or Path(name).name != name or not name.endswith(".h5"):
+            return f"lists shard {i} as {name!r}, not a .h5 file name inside the cache folder"
+        if not count(e["n_sequences"]):
+            return f"lists {name} with n_sequences {e['n_sequences']!r}"
+    return None
+
+
+def shard_layout_problem(h5: h5py.File, n: int, manifest: dict) -> str | None:
+    """How a shard's datasets differ from the format the manifest promises (shapes, dtypes, one-row
+    chunks, checksums), or None. Reads metadata only: sizes in an untrusted header are checked before
+    anything is allocated from them."""
+    T, d, dtype = manifest["ctx_len"], manifest["d_in"], manifest["dtype"]
+    for name, shape, want in (
+        ("acts", (n, T, d), STORED_DTYPES[dtype]),
+        ("tokens", (n, T), np.dtype("int32")),
+        ("valid", (n, T), np.dtype("bool")),
+    ):
+        ds = h5.get(name)
+        if not isinstance(ds, h5py.Dataset):
+            return f"has no dataset {name!r}"
+        if ds.shape != shape:
+            return f"has {name!r} of shape {ds.shape}, manifest.json says {shape} (rows, ctx_len, d_in)"
+        if ds.dtype != want:
+            return f"has {name!r} of dtype {ds.dtype}, the {dtype} cache format stores {want}"
+        if ds.chunks != (1, *shape[1:]) or not ds.fletcher32:
+            return f"has {name!r} stored in chunks {ds.chunks} (fletcher32={ds.fletcher32}), not checksummed rows"
+    if h5["acts"].attrs.get("torch_dtype") != dtype:
+        return f"declares acts as {h5['acts'].attrs.get('torch_dtype')!r}, manifest.json says {dtype!r}"
+    return None
+
+
+#: the attributes naming the cache and the file a shard was written for
+SHARD_IDENTITY = ("cache_fingerprint", "shard_file")
+
+
+def check_shard_identity(path: Path, entry: dict, identity: dict, cache_fingerprint: str) -> None:
+    """Refuse a shard written for another cache or under another name (a file copied between caches).
+
+    Shards carry their identity as attributes (cheap to read); a shard written before they existed is
+    compared with the SHA-256 recorded in the manifest instead (one read of the file).
+    """
+    fp, name = (identity.get(k) for k in SHARD_IDENTITY)
+    if fp is None and name is None:
+        if "sha256" in entry and file_sha256(path) != entry["sha256"]:
+            found = "its bytes do not match the sha256 recorded in manifest.json"
+        else:
+            return
+    elif (str(fp), str(name)) != (cache_fingerprint, path.name):
+        found = f"it was written as {name} of the cache {fp}"
+    else:
+        return
+    raise CacheMismatchError(
+        f"shard {path} does not belong to the cache {cache_fingerprint} ({found}): copied from another "
+        f"cache or replaced. Run `mtsae cache verify {path.parent} --repair` (it deletes the shard) and "
+        "build again: exactly that shard is regenerated"
+    )

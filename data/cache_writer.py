@@ -12,7 +12,11 @@ import hashlib
 import io
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
@@ -21,9 +25,11 @@ import torch
 
 from data.cache_format import (
     FORMAT_VERSION,
+    CacheBuildInterrupted,
     CacheMismatchError,
     CacheSpec,
     CacheWriteError,
+    NonFiniteActivationsError,
     fingerprint,
     fingerprint_inputs,
     from_storage,
@@ -46,27 +52,59 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.h5"
 
 
-def _write_shard(path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: str) -> dict:
+def _check_finite(
+    path: Path, first_row: int, acts: torch.Tensor, values: torch.Tensor, valid: torch.Tensor
+) -> None:
+    """Refuse NaN or infinite stored ``values`` ``[n, T, d]`` at valid positions, naming the first one.
+
+    Invalid positions (BOS, padding) may hold anything: training and evaluation never read them.
+    """
+    bad = ~torch.isfinite(values).all(-1) & valid  # [n, T]
+    if not bool(bad.any()):
+        return
+    r, t = (int(i) for i in bad.nonzero()[0])
+    value = values[r, t][~torch.isfinite(values[r, t])][0].item()
+    if bool(torch.isfinite(acts[r, t]).all()):
+        why = (
+            "the source's values overflow the storage dtype (float16 ends at 65504): set data.dtype to "
+            "bfloat16 or float32"
+        )
+    else:
+        why = "the source itself produced it (a NaN setting? a model run in a dtype that overflows?)"
+    raise NonFiniteActivationsError(
+        f"cannot write cache shard {path.name}: activation {value} at shard row {r} (global row "
+        f"{first_row + r}), position {t}, a valid position ({int(bad.sum())} such positions in this shard); "
+        f"{why}. Nothing non-finite is cached; the finished shards are kept"
+    )
+
+
+def _write_shard(
+    path: Path, chunks: list[SourceChunk], static_gt: dict, dtype: str, first_row: int = 0
+) -> dict:
     """Write one shard (via ``*.tmp``, fsync, rename); return its manifest entry with statistics.
 
     A failed write (``OSError``: disk full, quota, ...) closes the file, removes the ``*.tmp`` and
     raises :class:`CacheWriteError` naming the file; the finished shards are untouched, so the build
-    resumes once space is freed.
+    resumes once space is freed. A non-finite activation at a valid position raises
+    :class:`NonFiniteActivationsError` before anything is written.
     """
     acts = torch.cat([c.acts for c in chunks])  # [n, T, d_in]
     tokens = torch.cat([c.tokens for c in chunks]).to(torch.int32)
     valid = torch.cat([c.valid for c in chunks]).to(torch.bool)
     n = acts.shape[0]
     stored = to_storage(acts, dtype)
-    # statistics of the stored values (what training will read), over valid tokens, float64 sums
-    x = from_storage(stored, dtype).float()[valid]  # [n_valid, d]
+    values = from_storage(stored, dtype).float()  # what training will read
+    _check_finite(path, first_row, acts, values, valid)
+    # statistics of the stored values, over valid tokens, float64 sums
+    x = values[valid]  # [n_valid, d]
     tmp = path.with_name(path.name + ".tmp")
     gt_rows = {k: np.concatenate([c.ground_truth[k] for c in chunks]) for k in chunks[0].ground_truth}
     # HDF5 writes the shard into memory; Python writes the bytes to disk. A full disk then raises an
     # ordinary OSError here, instead of failing inside HDF5's own writes, where h5py can only report it
     # while deallocating objects and the process later crashes (segmentation fault)
     image = io.BytesIO()
-    _write_h5(image, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype)
+    identity = {"cache_fingerprint": path.parent.name, "shard_file": path.name}
+    _write_h5(image, stored, tokens.numpy(), valid.numpy(), static_gt, gt_rows, dtype, identity)
     data = image.getbuffer()
     try:
         with open(tmp, "wb") as fh:
@@ -102,10 +140,13 @@ def _write_h5(
     static_gt: dict[str, np.ndarray],
     gt_rows: dict[str, np.ndarray],
     dtype: str,
+    identity: dict[str, str],
 ) -> None:
     n, T, d = stored.shape
     h5 = h5py.File(target, "w", track_order=False)
     try:
+        for k, v in identity.items():  # which cache and shard this file is (checked when a cache opens)
+            h5.attrs[k] = v
         ds = h5.create_dataset("acts", data=stored, chunks=(1, T, d), fletcher32=True, track_times=False)
         ds.attrs["torch_dtype"] = dtype
         del ds
@@ -134,6 +175,8 @@ def build_cache(
     """
     inputs = fingerprint_inputs(source, spec)
     root = Path(cache_dir) / fingerprint(inputs)
+    if _finished_shards(root, inputs) is None:
+        return root  # complete, so never written again: reading needs no lock (a read-only cache works)
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         try:  # one builder at a time: a second job on the same cache waits, then finds it done
@@ -141,7 +184,30 @@ def build_cache(
         except BlockingIOError:
             log.warning("another process is building the cache in %s; waiting for it", root)
             fcntl.flock(lock, fcntl.LOCK_EX)
-        return _build_locked(source, root, inputs, spec, source_batch_size, progress)
+        with _sigterm_stops_the_build(root):
+            return _build_locked(source, root, inputs, spec, source_batch_size, progress)
+
+
+@contextmanager
+def _sigterm_stops_the_build(root: Path) -> Iterator[None]:
+    """SIGTERM (preemption, ``scancel``) raises :class:`CacheBuildInterrupted` in the build, whose cleanup
+    keeps every finished shard; otherwise the process would die without a word (Lightning handles SIGTERM
+    only once training starts)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise CacheBuildInterrupted(
+            f"stopped by SIGTERM while building the cache at {root}; the finished shards are kept. Run the "
+            "same command again: the build resumes at the first missing shard"
+        )
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _finished_shards(root: Path, inputs: dict) -> list[dict] | None:
@@ -151,7 +217,10 @@ def _finished_shards(root: Path, inputs: dict) -> list[dict] | None:
         return []
     manifest = read_manifest(mpath)
     if manifest.get("fingerprint_inputs") != inputs:
-        raise CacheMismatchError(f"{mpath} does not belong to this configuration (hash collision?)")
+        raise CacheMismatchError(
+            f"{mpath}: its fingerprint_inputs do not match the settings its folder name was made from (the "
+            f"manifest was edited or copied from another cache); delete {root} and build again"
+        )
     if manifest.get("complete"):
         return None
     # keep the finished shards whose files are on disk (a repaired cache has gaps: exactly the deleted
@@ -232,7 +301,7 @@ def _build_locked(
                     record(*pending)
                     pending = None
                 pending = (
-                    writer.submit(_write_shard, root / _shard_name(i), chunks, static_gt, spec.dtype),
+                    writer.submit(_write_shard, root / _shard_name(i), chunks, static_gt, spec.dtype, a),
                     i,
                     split,
                 )

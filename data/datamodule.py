@@ -82,6 +82,12 @@ class ActivationDataModule(L.LightningDataModule):
             raise ValueError(
                 f"block_rows and shuffle_buffer_rows must be >= 1, got {block_rows}, {shuffle_buffer_rows}"
             )
+        if val_batch_size is not None and val_batch_size < 1:
+            raise ValueError(f"data.val_batch_size must be >= 1, got {val_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if source_batch_size < 1:
+            raise ValueError(f"data.source_batch_size must be >= 1, got {source_batch_size}")
         if val_sequences < 1:
             raise ValueError("val_sequences must be >= 1: validation metrics need held-out sequences")
         if n_sequences < val_sequences:
@@ -108,6 +114,16 @@ class ActivationDataModule(L.LightningDataModule):
         if self.cache_path is not None:
             return Path(self.cache_path)
         return Path(self.cache_dir) / fingerprint(fingerprint_inputs(self.source, self.spec))
+
+    def check_training_batches(self, world_size: int = 1) -> None:
+        """Refuse, before the cache is built, a batch size that leaves a device without one training batch."""
+        per_device = self.spec.n_sequences // world_size
+        if self.batch_size > per_device:
+            raise ValueError(
+                f"data.batch_size ({self.batch_size}) is larger than the {per_device} training sequences per "
+                f"device (data.n_sequences {self.spec.n_sequences} over {world_size} device(s)): not one "
+                "training batch; lower data.batch_size or cache more sequences"
+            )
 
     # ------------------------------------------------------------------ hooks
     def prepare_data(self) -> None:

@@ -301,5 +301,15 @@ class ResumableDataLoader(DataLoader):
         return {"epoch": self.sampler.epoch, "batches_done": int(self.batches_done())}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.sampler.set_epoch(state["epoch"])
-        self._skip_batches = state["batches_done"]
+        """Continue after the last batch trained on before ``state`` was saved.
+
+        Lightning iterates the restored loader before it sets the epoch of the run it resumes. A state
+        saved mid-epoch continues that epoch; one saved after the epoch's last batch (a checkpoint at
+        the end-of-epoch validation, or SIGTERM during it) starts the next epoch at its first batch,
+        which is the epoch Lightning resumes: skipping ``batches_done`` batches of it would drop it.
+        """
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= self.sampler.n_batches():  # the saved epoch was finished
+            epoch, done = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self._skip_batches = done

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
@@ -54,7 +55,7 @@ class FeatureGroup:
             raise ValueError(
                 f"group {self.name!r}: density {self.density} is too high for mean_span {self.mean_span}"
             )
-        if self.amplitude <= 0:
+        if not 0 < self.amplitude < math.inf:
             raise ValueError(f"group {self.name!r}: amplitude must be positive, got {self.amplitude}")
 
 
@@ -94,8 +95,9 @@ class SyntheticSource(ActivationSource):
             raise ValueError(f"d_in must be >= 2, got {d_in}")
         if ctx_len < 2:
             raise ValueError(f"ctx_len must be >= 2 (BOS + at least one token), got {ctx_len}")
-        if noise_std < 0 or jitter < 0:
-            raise ValueError("noise_std and jitter must be non-negative")
+        for name, v in (("noise_std", noise_std), ("jitter", jitter), ("bos_norm", bos_norm)):
+            if not 0 <= v < math.inf:  # NaN fails too: it would reach the cache and every statistic
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         self.groups = tuple(
             DEFAULT_GROUPS
             if groups is None

@@ -19,10 +19,14 @@ from typing import NamedTuple
 import h5py
 
 from data.cache_format import (
+    SHARD_IDENTITY,
     CacheMismatchError,
+    check_shard_identity,
     file_sha256,
+    manifest_problem,
     manifest_stats,
     read_manifest,
+    shard_layout_problem,
     static_ground_truth_sha256,
     stats_sha256,
     write_json_atomic,
@@ -43,16 +47,24 @@ class BadShard(NamedTuple):
     """what is wrong with it"""
 
 
-def _check_shard(path: Path, entry: dict, gt_sha: str | None) -> str | None:
+def _check_shard(path: Path, entry: dict, manifest: dict) -> str | None:
     """The reason ``path`` is bad, or None."""
     if not path.is_file():
         return "missing"
+    gt_sha = manifest.get("static_ground_truth_sha256")
+    cache_fingerprint = manifest.get("fingerprint", path.parent.name)
     sha_differs = "sha256" in entry and file_sha256(path) != entry["sha256"]
     try:
         with h5py.File(path, "r") as h5:
-            n = h5["acts"].shape[0]
-            if n != entry["n_sequences"]:
-                return f"holds {n} rows, manifest.json says {entry['n_sequences']}"
+            layout = shard_layout_problem(h5, entry["n_sequences"], manifest)
+            if layout is not None:  # before any read: its sizes are not trusted
+                return layout
+            identity = {k: h5.attrs.get(k) for k in SHARD_IDENTITY}
+            if all(v is not None for v in identity.values()):
+                try:
+                    check_shard_identity(path, entry, identity, cache_fingerprint)
+                except CacheMismatchError:
+                    return f"written for another cache or file ({identity})"
             names: list[str] = []
             h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
             for name in names:
@@ -93,6 +105,11 @@ def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShar
         )
         raise CacheMismatchError(f"no activation cache at {root} (missing manifest.json){hint}")
     manifest = read_manifest(mpath)
+    problem = manifest_problem(manifest)
+    if problem is None and manifest.get("stats_sha256") != stats_sha256(manifest["stats"]):
+        problem = "holds statistics (mean_sq_norm, mean) that do not match their checksum (stats_sha256)"
+    if problem is not None:  # no shard can be blamed: --repair would not help
+        raise CacheMismatchError(f"{mpath} {problem}; delete {root} and build the cache again")
     shards = manifest["shards"]
     bad: list[BadShard] = []
     seen: set[str] = set()
@@ -104,7 +121,7 @@ def verify_cache(root: str | os.PathLike, progress: bool = True) -> list[BadShar
                 bad.append(BadShard(path, "listed more than once in manifest.json"))
             else:
                 seen.add(entry["file"])
-                reason = _check_shard(path, entry, manifest.get("static_ground_truth_sha256"))
+                reason = _check_shard(path, entry, manifest)
                 if reason is not None:
                     bad.append(BadShard(path, reason))
             bar.update(1)
@@ -119,8 +136,6 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     mpath = root / "manifest.json"
     manifest = read_manifest(mpath)
     names = {b.file.name for b in bad}
-    for name in sorted(names):
-        (root / name).unlink(missing_ok=True)
     kept, seen = [], set()
     for e in manifest["shards"]:
         if e["file"] not in names and e["file"] not in seen:
@@ -130,4 +145,8 @@ def repair_cache(root: str | os.PathLike, bad: list[BadShard]) -> None:
     manifest["stats"] = manifest_stats(kept)
     manifest["stats_sha256"] = stats_sha256(manifest["stats"])
     manifest["complete"] = False
+    # the manifest first: if it cannot be written (a read-only or full disk), no shard has been deleted,
+    # and a manifest never lists a deleted shard
     write_json_atomic(mpath, manifest)
+    for name in sorted(names):
+        (root / name).unlink(missing_ok=True)

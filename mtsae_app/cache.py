@@ -67,7 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             err=True,
         )
         return 1
-    repair_cache(args.path, bad)
+    try:
+        repair_cache(args.path, bad)
+    except OSError as e:  # a read-only or full disk: the manifest is written first, so nothing was deleted
+        _say(f"cannot repair {args.path}: {getattr(e, 'strerror', None) or e}; nothing was deleted", err=True)
+        return 1
     _say(
         f"deleted {len(bad)} bad shards and marked the cache incomplete; run the build again (e.g. the same "
         "`python train.py fit --config ...`) to regenerate them"

@@ -49,8 +49,23 @@ def load_module(ckpt: str) -> Any:
             f"checkpoint {str(path)!r} does not exist: pass --ckpt with a Lightning checkpoint of a training "
             "run (e.g. runs/<name>/version_<n>/checkpoints/last.ckpt)"
         )
-    # weights_only: a checkpoint is data, never code (explicit, whatever torch's default is)
-    module = SAEModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    import pickle
+
+    from mtsae.training.checkpoint_file import CheckpointFileError, check_checkpoint_file, refused_pickle
+
+    try:
+        check_checkpoint_file(path)  # truncated, empty, bit-flipped: one message
+        # weights_only: a checkpoint is data, never code (explicit, whatever torch's default is)
+        module = SAEModule.load_from_checkpoint(str(path), map_location="cpu", weights_only=True)
+    except CheckpointFileError as e:
+        raise EvalError(str(e)) from None
+    except pickle.UnpicklingError as e:
+        raise EvalError(refused_pickle(path, e)) from None
+    except KeyError as e:
+        raise EvalError(
+            f"{path} is not a Lightning checkpoint of an SAE training run (it has no {e}): pass a "
+            "checkpoint written by train.py, or an exported SAE folder with --sae"
+        ) from None
     step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step")
     module.checkpoint_step = None if step is None else int(step)  # printed in every summary
     return module.eval()

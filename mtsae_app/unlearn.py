@@ -105,12 +105,14 @@ def generate_texts(
 
 def run_generate(args: argparse.Namespace) -> list[dict[str, str]]:
     from mtsae.evals.unlearning.intervention import clamped
-    from mtsae.evals.unlearning.recipe import UnlearningRecipe
-    from mtsae.lm.loading import load_causal_lm, load_tokenizer
+    from mtsae.evals.unlearning.recipe import RecipeError, UnlearningRecipe
+    from mtsae.lm.hooks import decoder_layers
+    from mtsae.lm.loading import load_causal_lm, load_tokenizer, model_dtype
 
-    recipe = UnlearningRecipe.load(args.recipe)
+    recipe = UnlearningRecipe.load(args.recipe)  # its fields are checked here
     if args.multiplier is not None:
         recipe.multiplier = args.multiplier
+        recipe.check_multiplier()
     prompts = read_prompts(args.prompt, args.prompts_file)
     name = args.model_name or recipe.model.get("name")
     if not name:
@@ -120,9 +122,18 @@ def run_generate(args: argparse.Namespace) -> list[dict[str, str]]:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model_dtype(dtype, "--model-dtype")
+    except ValueError as e:
+        raise UnlearnError(str(e)) from None
+    sae = recipe.load_sae(device)  # its hash and the features' range, before the model is loaded
     tokenizer = load_tokenizer(name, revision)
     model = load_causal_lm(name, revision, dtype, device)
-    sae = recipe.load_sae(device)  # checks the hash before the generation starts
+    n_layers = len(decoder_layers(model))
+    if recipe.layer >= n_layers:
+        raise RecipeError(
+            f"the recipe clamps layer {recipe.layer}, but {name} has {n_layers} decoder layers (0 .. {n_layers - 1})"
+        )
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,

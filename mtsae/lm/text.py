@@ -68,8 +68,11 @@ def dataset_error(
     must hold, ``setting`` which option names the dataset."""
     cfg = f" (config {config!r})" if config else ""
     local = f"/path/to/local/{Path(source.rstrip('/')).name or 'dataset'}"
-    if isinstance(err, FileNotFoundError) and looks_local(source):
+    local_path = looks_local(source) or Path(source).expanduser().exists()
+    if isinstance(err, FileNotFoundError) and local_path:
         hint = "Point it at an existing local file or folder, or at a Hugging Face hub dataset name"
+    elif local_path:  # it exists here: no download helps
+        hint = "The local file or folder exists but could not be read as such a dataset (is it empty?)"
     else:
         hint = (
             f"Without network access, download the dataset once elsewhere "
@@ -77,7 +80,8 @@ def dataset_error(
         )
     where = f":\n    {setting}: {local}" if setting else "."
     return error(
-        f"cannot read dataset {source!r}{cfg}, split {split!r}: {type(err).__name__}: {err}\n"
+        f"cannot read dataset {source!r}{cfg}, split {split!r}: {type(err).__name__}: "
+        f"{str(err) or 'no records found (an empty file?)'}\n"
         f"A local dataset is a folder or a file ({', '.join(FILE_TYPES)}) with {columns}. {hint}{where}"
     )
 

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 
 from mtsae.sae.model import MTSAE
+from mtsae.sae.safetensors_io import save_file_deterministic
 
 __all__ = [
     "SAEMetadata",
@@ -167,7 +167,8 @@ def save_sae(
     cfg = _config(sae, metadata)
     text = json.dumps(cfg, indent=1)
     tensors = {k: v.detach().cpu().contiguous() for k, v in sae.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "mtsae", "config": json.dumps(cfg)})
+    # sorted metadata keys: the same SAE gives the same bytes in every process (recipes pin its hash)
+    save_file_deterministic(tensors, out / WEIGHTS_FILE, {"format": "mtsae", "config": json.dumps(cfg)})
     (out / CONFIG_FILE).write_text(text)
     return out
 
@@ -243,13 +244,20 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTS
         _check_version(path, cfg)
         if not isinstance(cfg.get("sae"), dict):
             raise ExportFormatError(f"{path / CONFIG_FILE} has no 'sae' section (the model's arguments)")
+        weights = path / WEIGHTS_FILE
+        try:
+            with safe_open(str(weights), framework="pt", device="cpu") as fh:
+                # the header's shapes first: sizes in an untrusted config are checked before allocation
+                _check_shapes(path, cfg["sae"], {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})  # noqa: SIM118
+                state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        except (SafetensorError, OSError) as e:
+            raise ExportFormatError(f"{weights} is not a readable safetensors file ({e})") from None
         sae = MTSAE(**cfg["sae"])
-        with safe_open(str(path / WEIGHTS_FILE), framework="pt", device="cpu") as fh:
-            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     else:  # format 1: the constructor arguments at the top level, the weights pickled
         args = {k: v for k, v in cfg.items() if k != "metadata"}
-        sae = MTSAE(**args)
         state = torch.load(path / LEGACY_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        _check_shapes(path, args, {k: tuple(v.shape) for k, v in state.items()})
+        sae = MTSAE(**args)
     try:
         missing, unexpected = sae.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that do not fit the config
@@ -260,3 +268,18 @@ def load_sae(path: str | os.PathLike, device: str | torch.device = "cpu") -> MTS
             f"unexpected {sorted(unexpected)}"
         )
     return sae.to(device).eval().requires_grad_(False)
+
+
+def _check_shapes(path: Path, args: dict[str, Any], found: dict[str, tuple[int, ...]]) -> None:
+    """Refuse arguments that are not a valid :class:`MTSAE`, or weights of other names or shapes, before
+    the model is allocated (it is built on the ``meta`` device: no memory)."""
+    try:
+        with torch.device("meta"):
+            probe = MTSAE(**args)
+    except (TypeError, ValueError) as e:
+        raise ExportFormatError(f"{path / CONFIG_FILE}: the SAE's arguments are not valid ({e})") from None
+    want = {k: tuple(v.shape) for k, v in probe.state_dict().items()}
+    if found != want:
+        differ = sorted(k for k in set(want) | set(found) if want.get(k) != found.get(k))
+        detail = "; ".join(f"{k}: config {want.get(k)}, weights {found.get(k)}" for k in differ[:5])
+        raise ExportFormatError(f"the weights in {path} do not fit its config ({detail})")

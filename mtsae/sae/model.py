@@ -170,7 +170,8 @@ class MTSAE(nn.Module):
         """``u = x - b_dec``, zero at invalid positions: ``[B, T, d_in]``, the input of the branches."""
         u = x - self.b_dec.to(x.dtype)
         if valid is not None:
-            u = u * valid.unsqueeze(-1).to(u.dtype)  # invalid positions (BOS...) must not leak
+            # invalid positions (BOS...) must not leak; a select, not a product: 0 * inf would be NaN
+            u = torch.where(valid.unsqueeze(-1).bool(), u, u.new_zeros(()))
         return u
 
     def codes_from_branches(self, z: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:

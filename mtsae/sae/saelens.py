@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mtsae.sae.activations import BatchTopK, JumpReLU, ReLU, TopK
@@ -292,11 +292,22 @@ def load_saelens(path: str | os.PathLike, fold_decoder_norm: bool = True) -> Imp
     for name in (SAELENS_CFG_FILE, SAELENS_WEIGHTS_FILE):
         if not (path / name).is_file():
             raise ExportFormatError(f"{path} has no {name}: not a SAELens SAE folder")
-    cfg = _normalise_cfg(json.loads((path / SAELENS_CFG_FILE).read_text()), path)
+    try:
+        raw = json.loads((path / SAELENS_CFG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportFormatError(f"{path / SAELENS_CFG_FILE} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ExportFormatError(f"{path / SAELENS_CFG_FILE} is not a JSON object of SAELens settings")
+    cfg = _normalise_cfg(raw, path)
     _check_cfg(cfg, path)
     d_in, d_sae, arch = cfg["d_in"], cfg["d_sae"], cfg["architecture"]
-    with safe_open(str(path / SAELENS_WEIGHTS_FILE), framework="pt", device="cpu") as fh:
-        state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    try:
+        with safe_open(str(path / SAELENS_WEIGHTS_FILE), framework="pt", device="cpu") as fh:
+            state = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except (SafetensorError, OSError) as e:
+        raise ExportFormatError(
+            f"{path / SAELENS_WEIGHTS_FILE} is not a readable safetensors file ({e})"
+        ) from None
     W_enc = _expect(state, "W_enc", (d_in, d_sae), path)
     W_dec = _expect(state, "W_dec", (d_sae, d_in), path)
     b_enc = _expect(state, "b_enc", (d_sae,), path)

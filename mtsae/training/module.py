@@ -8,6 +8,7 @@ activations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,77 @@ from mtsae.training.losses import (
 from mtsae.training.metrics import ReconstructionMetrics
 from mtsae.training.schedulers import WarmupDecayLR
 
-__all__ = ["SAEModule"]
+__all__ = ["NonFiniteLossError", "ResumeSettingsError", "SAEModule"]
+
+#: optimizer and scheduler state entries that are not settings (they evolve, or choose an implementation)
+_NOT_SETTINGS = {
+    "params", "lr", "initial_lr", "fused", "foreach", "capturable", "differentiable",
+    "last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial", "base_lrs",
+    "lr_lambdas", "verbose", "total_steps",
+}  # fmt: skip
+
+
+class ResumeSettingsError(ValueError):
+    """``--ckpt_path`` names a checkpoint of a run whose settings differ from this configuration's."""
+
+
+def model_settings_differ(saved: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Why a checkpoint with hyperparameters ``saved`` cannot resume into the model ``config``, or None.
+
+    A resumed run continues *that* run: a model setting that differs (``d_sae``, ``sparsity_coeff``, ...)
+    would either fail to load or be silently replaced by one side. Settings missing on one side are
+    not compared (a setting added since the checkpoint was written).
+    """
+    differ = sorted(k for k in set(saved) & set(config) if _plain(saved[k]) != _plain(config[k]))
+    if not differ:
+        return None
+    detail = "; ".join(f"{k}: checkpoint {saved[k]!r}, config {config[k]!r}" for k in differ[:6])
+    return (
+        f"the checkpoint's model settings differ from this configuration's ({detail}): resume with the "
+        "settings of the checkpoint's run (its config.yaml), or drop --ckpt_path to start a new run"
+    )
+
+
+def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """The optimizer's and scheduler's settings as a resumed run would use them (from their states).
+
+    A checkpoint's optimizer state replaces the configured hyperparameters of every parameter group,
+    and a scheduler's state its settings (``warmup_steps`` ...): comparing this before and after the
+    restore shows what a resume would silently change.
+    """
+    out: dict[str, Any] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        out[f"lr[{i}]"] = group.get("initial_lr", group["lr"])  # the scheduler's base, else the constant LR
+        out |= {f"{k}[{i}]": v for k, v in group.items() if k not in _NOT_SETTINGS}
+    if scheduler is not None:
+        out |= {k: v for k, v in scheduler.state_dict().items() if k not in _NOT_SETTINGS}
+    return out
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the first such step and its cause."""
+
+
+def _plain(v: Any) -> Any:
+    """Lists and tuples compare alike (YAML gives lists, defaults are tuples); tensors as lists."""
+    if isinstance(v, torch.Tensor):
+        return v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def _probe_optimizer(optimizer: OptimizerCallable, lr_scheduler: LRSchedulerCallable | None) -> None:
+    """Build the optimizer and scheduler once on a one-element parameter, so that their own argument
+    checks (a negative or NaN learning rate, negative warm-up steps...) run when the model is configured."""
+    try:
+        probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
+        if lr_scheduler is not None:
+            lr_scheduler(probe)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"model.optimizer / model.lr_scheduler: {err}") from None
 
 
 class SAEModule(L.LightningModule):
@@ -111,11 +182,15 @@ class SAEModule(L.LightningModule):
             ("sparsity_warmup_steps", sparsity_warmup_steps),
             ("separation_coeff", separation_coeff),
             ("auxk_coeff", auxk_coeff),
+            ("context_init_std", context_init_std),
         ]:
-            if v < 0:
-                raise ValueError(f"{name} must be non-negative, got {v}")
+            if not 0 <= v < math.inf:  # NaN fails too (it would silently act as 0 or poison the weights)
+                raise ValueError(f"{name} must be a finite number >= 0, got {v}")
         if dead_after_tokens < 1:
             raise ValueError(f"dead_after_tokens must be >= 1, got {dead_after_tokens}")
+        if d_sae < 2:  # the evaluations compare features in pairs (decoder coherence, separation)
+            raise ValueError(f"d_sae must be >= 2, got {d_sae}")
+        _probe_optimizer(optimizer, lr_scheduler)  # bad lr, warmup_steps...: refused before any work
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.sae = MTSAE(
             d_in,
@@ -134,6 +209,10 @@ class SAEModule(L.LightningModule):
         self.register_buffer("act_scale", torch.tensor(1.0))
         self.register_buffer("data_initialised", torch.tensor(False))
         self.val_metrics = ReconstructionMetrics(d_in, d_sae)
+        # the first step whose loss was not finite, and what was not finite in it (kept on the device)
+        self._nonfinite: tuple[Tensor, Tensor] | None = None
+        self._nonfinite_names: list[str] = []
+        self._configured_settings: dict[str, Any] | None = None  # set by configure_optimizers
 
     # ------------------------------------------------------------------ set-up from the data
     def initialise_from_stats(self, stats: dict, force: bool = False) -> bool:
@@ -202,12 +281,21 @@ class SAEModule(L.LightningModule):
         terms["loss"] = loss
         return terms
 
+    def _inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Scaled activations ``[B, T, d_in]``, zero at invalid positions (whatever is stored there, an
+        overflowed BOS included, never reaches the encoder, the losses or their gradients), and ``valid``."""
+        valid = batch["valid"]
+        x = self.raw_sae.scale(batch["acts"].float())
+        return torch.where(valid.unsqueeze(-1), x, x.new_zeros(())), valid
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        x, valid = self.raw_sae.scale(batch["acts"].float()), batch["valid"]
+        x, valid = self._inputs(batch)
         out = self.sae(x, valid)
         self.dead_tracker.update(out.f.detach(), valid)
         terms = self._losses(x, valid, out)
+        self._record_nonfinite(x, terms)
         if self._writes_step_logs():
+            self.check_finite()
             with torch.no_grad():
                 l0 = (out.f[valid] > 0).float().sum(-1).mean()
                 batch_fvu = fvu(x, out.x_hat, valid)
@@ -217,6 +305,62 @@ class SAEModule(L.LightningModule):
             self.log("train/dead_fraction", dead.float().mean())
             self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return terms["loss"]
+
+    def _record_nonfinite(self, x: Tensor, terms: dict[str, Tensor]) -> None:
+        """Remember (on the device: no host sync per step) the first step whose loss is not finite, whether
+        its batch held non-finite activations and which loss terms were not finite."""
+        flags = torch.stack([~torch.isfinite(x).all(), *(~torch.isfinite(v) for v in terms.values())])
+        if self._nonfinite is None or len(self._nonfinite_names) != len(terms):
+            self._nonfinite = (torch.full((), -1, device=x.device), torch.zeros_like(flags))
+        self._nonfinite_names = list(terms)
+        step, what = self._nonfinite
+        first = (step < 0) & flags[-1]  # flags[-1]: the total loss
+        self._nonfinite = (torch.where(first, self.global_step, step), torch.where(first, flags, what))
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a training loss so far was NaN or infinite.
+
+        Called on the steps that are logged, before every checkpoint is written and at the end of
+        training: a checkpoint or an exported SAE never holds weights trained on a non-finite loss.
+        With several ranks the decision is collective (every rank calls this at the same points), so all
+        of them stop together instead of leaving the others waiting in a collective.
+        """
+        local = self._nonfinite is not None and int(self._nonfinite[0]) >= 0
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            if not trainer.strategy.reduce_boolean_decision(local, all=False):
+                return
+            if not local:
+                raise NonFiniteLossError(
+                    "the training loss was not finite on another rank (its message names the step and the "
+                    "cause); training stopped on every rank"
+                )
+        elif not local:
+            return
+        step, what = int(self._nonfinite[0]), self._nonfinite[1].tolist()
+        terms = [n for n, bad in zip(self._nonfinite_names, what[1:], strict=True) if bad and n != "loss"]
+        if what[0]:
+            cause = (
+                "the batch held non-finite activations at valid positions (`mtsae cache verify` and the "
+                "cache build refuse them: was a shard edited, or built by an older version?)"
+            )
+        elif terms:
+            cause = f"the loss terms {terms} were not finite with finite inputs (lower the learning rate?)"
+        else:
+            cause = "the sum of finite loss terms overflowed"
+        raise NonFiniteLossError(
+            f"the training loss was not finite at step {step}: {cause}. Training stopped; the "
+            "checkpoints written before that step are kept (resume from one with --ckpt_path)"
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_finite()
+
+    def on_validation_epoch_start(self) -> None:
+        self.check_finite()
+
+    def on_train_end(self) -> None:
+        self.check_finite()
 
     def _writes_step_logs(self) -> bool:
         """Whether the loggers record this step (every ``trainer.log_every_n_steps``).
@@ -238,7 +382,7 @@ class SAEModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         raw = self.raw_sae
-        x, valid = raw.scale(batch["acts"].float()), batch["valid"]
+        x, valid = self._inputs(batch)
         out = self.sae(x, valid)
         self.log("val/loss", self._losses(x, valid, out)["loss"], sync_dist=True)
         self.val_metrics.update(
@@ -260,12 +404,46 @@ class SAEModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
-        if self.lr_scheduler_factory is None:
+        scheduler = None if self.lr_scheduler_factory is None else self.lr_scheduler_factory(optimizer)
+        self._configured_settings = _optimizer_settings(optimizer, scheduler)
+        if scheduler is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
+        if missing:
+            raise ResumeSettingsError(
+                f"the checkpoint has no {missing}: it is not a checkpoint of an SAE training run of this project"
+            )
+        differ = model_settings_differ(checkpoint["hyper_parameters"], dict(self.hparams))
+        if differ:
+            raise ResumeSettingsError(differ)
+
+    def _check_resumed_settings(self) -> None:
+        """A resumed run uses the checkpoint's optimizer and scheduler state, settings included: refuse a
+        configuration that asks for other ones (it would be recorded in config.yaml but not applied)."""
+        if self._configured_settings is None or not self.trainer.optimizers:
+            return
+        configs = self.trainer.lr_scheduler_configs
+        restored = _optimizer_settings(self.trainer.optimizers[0], configs[0].scheduler if configs else None)
+        want = self._configured_settings
+        differ = sorted(
+            k for k in set(want) | set(restored) if _plain(want.get(k)) != _plain(restored.get(k))
+        )
+        if differ:
+            detail = "; ".join(
+                f"{k}: checkpoint {restored.get(k)!r}, config {want.get(k)!r}" for k in differ[:6]
+            )
+            raise ResumeSettingsError(
+                f"the resumed checkpoint's optimizer settings differ from this configuration's ({detail}); the "
+                "checkpoint's would be used while config.yaml recorded these. Resume with the settings of the "
+                "checkpoint's run (its config.yaml), or start a new run without --ckpt_path"
+            )
+
     def on_train_start(self) -> None:
+        if self.trainer.ckpt_path is not None:
+            self._check_resumed_settings()
         # the schedule's length is known once the data is set up. Not in configure_optimizers: asking
         # for estimated_stepping_batches there builds the train loader before a checkpoint's loop state
         # is restored, which would lose the loader's mid-epoch position on resume.

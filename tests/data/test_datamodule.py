@@ -144,17 +144,22 @@ def test_train_batches_come_from_shuffled_windows_and_cover_the_epoch(tmp_path: 
     assert torch.equal(torch.cat(batches), torch.cat([b["acts"] for b in workers.train_dataloader()]))
 
 
-@pytest.mark.parametrize("done", [0, 2, 3, 7, 11])
+@pytest.mark.parametrize("done", [0, 2, 3, 7, 11, 12])
 def test_train_loader_resumes_mid_epoch_across_windows(tmp_path: Path, done: int) -> None:
+    """``done`` = 12: the state was saved after the epoch's last batch (a checkpoint at the end-of-epoch
+    validation); the resumed loader serves the whole next epoch, not that epoch minus 12 batches."""
     dm = _dm_blocks(tmp_path)
     dm.prepare_data()
     loader = dm.train_dataloader()
-    loader.sampler.set_epoch(3)
-    full = [b["acts"] for b in loader]
+    epochs = {}
+    for epoch in (3, 4):
+        loader.sampler.set_epoch(epoch)
+        epochs[epoch] = [b["acts"] for b in loader]
     resumed = _dm_blocks(tmp_path).train_dataloader()
     resumed.load_state_dict({"epoch": 3, "batches_done": done})
+    want = epochs[3][done:] if done < 12 else epochs[4]
     rest = [b["acts"] for b in resumed]
-    assert len(rest) == 12 - done
-    assert all(torch.equal(a, b) for a, b in zip(rest, full[done:], strict=True))
+    assert len(rest) == len(want) and all(torch.equal(a, b) for a, b in zip(rest, want, strict=True))
     again = [b["acts"] for b in resumed]  # the skip applies once: the next pass is the whole epoch
-    assert all(torch.equal(a, b) for a, b in zip(again, full, strict=True))
+    whole = epochs[3] if done < 12 else epochs[4]
+    assert all(torch.equal(a, b) for a, b in zip(again, whole, strict=True))

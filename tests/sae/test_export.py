@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from safetensors import safe_open
 from mtsae import MTSAE, SAEMetadata, load_sae, read_metadata, save_sae
 from mtsae.sae.export import ExportFormatError, git_commit
 from tests.helpers.factories import tiny_sae
+
+REPO = Path(__file__).resolve().parents[2]
 
 META = SAEMetadata(
     model_name="google/gemma-2-2b",
@@ -126,7 +129,9 @@ def test_unreadable_folders_say_why(tmp_path: Path) -> None:
     save_sae(tiny_sae(), tmp_path / "mixed")
     cfg["sae"]["d_sae"] = 65
     (tmp_path / "mixed" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ExportFormatError, match="(?s)do not fit its config.*size mismatch"):
+    with pytest.raises(
+        ExportFormatError, match=r"do not fit its config \(W_dec: config \(65, 32\), weights \(64, 32\)"
+    ):
         load_sae(tmp_path / "mixed")
 
 
@@ -160,3 +165,58 @@ def test_training_run_writes_a_saelens_folder_for_a_per_token_sae(tmp_path: Path
     with pytest.raises(ValueError, match="has no SAELens form"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0
+
+
+def test_an_exported_sae_has_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors orders its metadata by a per-process hash: the same SAE gave different SHA-256."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from mtsae import save_sae\n"
+        "from mtsae.sae.model import MTSAE\n"
+        "torch.manual_seed(0)\n"
+        "save_sae(MTSAE(8, 16, dilations=[1, 2]), sys.argv[1])\n"
+    )
+    digests = set()
+    for i in range(4):  # a different hash seed per process, as in separate runs
+        env = {**__import__("os").environ, "PYTHONHASHSEED": "random"}
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / str(i))], check=True, env=env, cwd=REPO)
+        digests.add(hashlib.sha256((tmp_path / str(i) / "sae.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
+    sae = load_sae(tmp_path / "0")
+    assert sae.d_sae == 16 and read_metadata(tmp_path / "0") is not None
+
+
+def _edit_sae_config(folder: Path, **sae_args) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["sae"].update(sae_args)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"d_sae": 10**8}, r"do not fit its config \(W_dec: config \(100000000, 8\), weights \(16, 8\)"),
+        ({"bogus": 1}, "the SAE's arguments are not valid .*unexpected keyword argument 'bogus'"),
+        ({"dilations": [-1]}, r"dilations must be positive integers, got \[-1\]"),
+        ({"activation": "gelu"}, "unknown activation 'gelu'"),
+        ({"activation": "topk", "activation_kwargs": {"k": 99}}, "k must satisfy 0 < k <= d_sae=16"),
+    ],
+)
+def test_an_untrusted_sae_config_is_refused_before_allocation(tmp_path: Path, edit, message) -> None:
+    save_sae(MTSAE(8, 16, dilations=[1, 2]), tmp_path)
+    _edit_sae_config(tmp_path, **edit)
+    with pytest.raises(ExportFormatError, match=message):
+        load_sae(tmp_path)  # d_sae 1e8 would allocate 6.4 GB before the weights were looked at
+
+
+def test_a_forged_safetensors_header_is_one_message(tmp_path: Path) -> None:
+    save_sae(MTSAE(8, 16, dilations=[1, 2]), tmp_path)
+    weights = tmp_path / "sae.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[:8] = (10**12).to_bytes(8, "little")  # a header "a terabyte long"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ExportFormatError, match="is not a readable safetensors file"):
+        load_sae(tmp_path)

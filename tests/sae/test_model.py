@@ -265,3 +265,16 @@ def test_unknown_encoder_is_refused() -> None:
         tiny_sae(encoder="sum")
     with pytest.raises(ValueError, match="side-by-side"):
         tiny_sae(encoder="mix", cascade=True).mix_kernel()
+
+
+def test_non_finite_values_at_invalid_positions_do_not_reach_the_codes() -> None:
+    """An overflowed BOS (inf) or a NaN at an invalid position is selected out, not multiplied by 0."""
+    torch.manual_seed(0)
+    sae = MTSAE(8, 32, dilations=[1, 2])
+    x = torch.randn(2, 10, 8)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[:, 0] = False
+    clean = sae.encode(x, valid)
+    x[0, 0] = torch.inf
+    x[1, 0, :3] = torch.nan
+    assert torch.equal(sae.encode(x, valid), clean) and torch.isfinite(clean).all()

@@ -350,17 +350,25 @@ def filter_correct(
 
 # ---------------------------------------------------------------------------------------------- loading
 def _rows_to_questions(rows: Any, subject: str, name: str) -> list[MCQuestion]:
+    """The rows as questions; a row of the wrong schema is an :class:`MCQDatasetError` naming it."""
+    schema = "need question (str), choices (list of str), answer (int index into choices)"
     missing = {"question", "choices", "answer"} - set(rows.column_names)
     if missing:
-        raise ValueError(f"{name}: missing fields {sorted(missing)} (need question, choices, answer)")
+        raise MCQDatasetError(f"{name}: missing fields {sorted(missing)} ({schema})")
     out = []
     for i, r in enumerate(rows):
-        choices, answer = r["choices"], r["answer"]
+        question, choices, answer = r["question"], r["choices"], r["answer"]
+        if not isinstance(question, str):
+            raise MCQDatasetError(f"{name} row {i}: 'question' must be a string, got {question!r} ({schema})")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+            raise MCQDatasetError(
+                f"{name} row {i}: 'choices' must be a list of strings, got {choices!r} ({schema})"
+            )
         if not isinstance(answer, int) or isinstance(answer, bool):
-            raise ValueError(f"{name} row {i}: 'answer' must be an int index, got {answer!r}")
+            raise MCQDatasetError(f"{name} row {i}: 'answer' must be an int index, got {answer!r} ({schema})")
         if not 0 <= answer < len(choices):
-            raise ValueError(f"{name} row {i}: answer {answer} out of range for {len(choices)} choices")
-        out.append(MCQuestion(str(r["question"]), tuple(str(c) for c in choices), answer, subject, i))
+            raise MCQDatasetError(f"{name} row {i}: answer {answer} out of range for {len(choices)} choices")
+        out.append(MCQuestion(question, tuple(choices), answer, subject, i))
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,6 +29,10 @@ __all__ = ["RECIPE_FORMAT", "RecipeError", "UnlearningRecipe", "sae_sha256", "lo
 
 RECIPE_FORMAT = "mtsae-unlearning-recipe"
 _VERSION = 1
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class RecipeError(ValueError):
@@ -107,13 +112,40 @@ class UnlearningRecipe:
             )
         if self.hook != "resid_post":
             raise RecipeError(f"only hook 'resid_post' is supported, got {self.hook!r}")
-        if not self.features:
-            raise RecipeError("a recipe needs at least one feature to clamp")
-        if self.multiplier < 0:
+        if not isinstance(self.features, list) or not self.features:
             raise RecipeError(
-                f"multiplier must be >= 0 (the clamp value is -multiplier), got {self.multiplier}"
+                f"a recipe needs a list of at least one feature to clamp, got {self.features!r}"
             )
+        bad = [i for i in self.features if not _is_int(i) or i < 0]
+        if bad:
+            raise RecipeError(f"features must be feature indices (integers >= 0), got {bad[:5]}")
+        if not _is_int(self.layer) or self.layer < 0:
+            raise RecipeError(f"layer must be a decoder layer index (an integer >= 0), got {self.layer!r}")
         self.features = [int(i) for i in self.features]
+        self.check_multiplier()
+        dtype = self.model.get("dtype") if isinstance(self.model, dict) else None
+        if dtype is not None:
+            from mtsae.lm.loading import model_dtype
+
+            try:
+                model_dtype(dtype, "the recipe's model dtype")
+            except ValueError as e:
+                raise RecipeError(str(e)) from None
+
+    def check_multiplier(self) -> None:
+        """Refuse a multiplier that is not a finite number >= 0 (NaN would clamp to NaN: empty output)."""
+        if isinstance(self.multiplier, bool) or not isinstance(self.multiplier, (int, float)):
+            raise RecipeError(f"multiplier must be a number, got {self.multiplier!r}")
+        if not 0 <= self.multiplier < math.inf:
+            raise RecipeError(
+                f"multiplier must be a finite number >= 0 (the clamp value is -multiplier), got {self.multiplier}"
+            )
+
+    def check_sae(self, d_sae: int) -> None:
+        """Refuse features that the SAE does not have."""
+        out = [i for i in self.features if i >= d_sae]
+        if out:
+            raise RecipeError(f"features {out[:5]} are out of range: the recipe's SAE has {d_sae} features")
 
     # ------------------------------------------------------------------ files
     def to_json(self) -> dict[str, Any]:
@@ -172,4 +204,6 @@ class UnlearningRecipe:
                 f"the SAE at {str(p)!r} has SHA-256 {digest[:16]}..., the recipe was made with "
                 f"{self.sae_sha256[:16]}...: the file changed since; rerun `mtsae eval unlearning` for it"
             )
-        return load_sae_path(p, device)
+        sae = load_sae_path(p, device)
+        self.check_sae(int(sae.d_sae))
+        return sae

@@ -268,8 +268,17 @@ def test_load_mcq_local_files(tmp_path: Path) -> None:
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "Q", "choices": ["a"]}) + "\n")
-    with pytest.raises(ValueError, match="missing fields"):
+    with pytest.raises(MCQDatasetError, match="missing fields"):
         load_mcq(bad, "wmdp-bio", cache_dir=tmp_path / "cache")
+    for row, message in [
+        ({"question": "Q", "choices": ["a", "b"], "answer": 5}, "row 0: answer 5 out of range for 2 choices"),
+        ({"question": "Q", "choices": "ab", "answer": 0}, "row 0: 'choices' must be a list of strings"),
+        ({"question": "Q", "choices": ["a", "b"], "answer": "A"}, "row 0: 'answer' must be an int index"),
+        ({"question": 7, "choices": ["a", "b"], "answer": 0}, "row 0: 'question' must be a string"),
+    ]:  # a file of the wrong schema is one message (mtsae eval prints it), never a traceback
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(MCQDatasetError, match=message):
+            load_mcq(bad, "wmdp-bio", cache_dir=tmp_path / "cache" / message[8:14])
     with pytest.raises(MCQDatasetError, match="does not exist"):
         load_mcq(tmp_path / "nope.jsonl", "wmdp-bio")
     with pytest.raises(ValueError, match="subset"):
