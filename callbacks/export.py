@@ -39,6 +39,7 @@ def run_metadata(trainer: L.Trainer, pl_module: L.LightningModule, **fields: Any
     data_keys = ("source", "dataset", "dataset_config", "split", "text_column", "seed", "n_sequences")
     return SAEMetadata(
         model_name=source.get("model_name"),
+        model_sha256=source.get("model_sha256"),
         model_revision=source.get("revision"),
         model_dtype=source.get("model_dtype"),
         layer=layer,

@@ -25,6 +25,8 @@ LOGGED_METRICS = {
     "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
     "val/unlearning/mmlu_acc_best": "mmlu_acc_best",
 }
+#: logged beside them when held-out text is configured and a grid point is best (the text selectivity)
+OPTIONAL_METRICS = {"val/unlearning/text_selectivity_best": "text_selectivity_best"}
 
 
 class Unlearning(EveryNValidations):
@@ -41,9 +43,10 @@ class Unlearning(EveryNValidations):
     SAEBench setting.
 
     Logs ``val/unlearning_score``, ``val/unlearning/wmdp_acc_best`` and ``val/unlearning/mmlu_acc_best``
-    (of the best grid point; with none keeping MMLU accuracy, those of the unmodified model) and writes
-    every grid point (features, accuracies) to ``<run dir>/unlearning/step<global_step>.json`` (the results
-    record of ``mtsae eval unlearning`` with ``global_step`` added).
+    (of the best grid point; with none keeping MMLU accuracy, those of the unmodified model), with held-out
+    text also ``val/unlearning/text_selectivity_best``, and writes every grid point (features, accuracies)
+    to ``<run dir>/unlearning/step<global_step>.json`` (the results record of ``mtsae eval unlearning``
+    with ``global_step`` added).
 
     The evaluation runs on global rank 0 (the others wait) and its summary is broadcast, so every rank
     logs the same values. The filtered question set depends only on the model and the settings: it is
@@ -59,6 +62,10 @@ class Unlearning(EveryNValidations):
                     config:
                       forget_corpus: /path/to/bio-forget-corpus.jsonl
                       model_name: google/gemma-2-2b-it
+
+            The small-model mode (cloze scoring of topic-labelled questions, text selectivity) is
+            ``scoring: cloze`` with ``question_file``, ``forget_heldout`` and ``retain_heldout``
+            (``configs/smollm2.yaml``).
 
         every_n_val: also run on every n-th validation (sanity check excluded); 0: only at train end.
         at_train_end: run when training ends (skipped if the last validation already ran it).
@@ -154,6 +161,9 @@ class Unlearning(EveryNValidations):
                 results, run_dir(trainer) / "unlearning" / f"step{trainer.global_step}.json"
             )
             summary = {name: float(results[key]) for name, key in LOGGED_METRICS.items()}
+            summary.update(
+                {n: float(results[k]) for n, k in OPTIONAL_METRICS.items() if results.get(k) is not None}
+            )
             rank_zero_info(
                 f"unlearning score {summary['val/unlearning_score']:.4f} at step {trainer.global_step} "
                 f"(details: {self.last_path})"

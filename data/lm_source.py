@@ -29,10 +29,12 @@ from typing import Any
 import torch
 
 from data.sources import ActivationSource, SourceChunk
+from mtsae.lm.gguf import gguf_info, is_gguf
 from mtsae.lm.hooks import capture_resid_post, decoder_layers, lm_hidden_size, n_layers
 from mtsae.lm.loading import (
     MODEL_DTYPES,
     LMUnavailableError,
+    check_model_reachable,
     load_causal_lm,
     load_lm_config,
     load_tokenizer,
@@ -140,6 +142,7 @@ class LMSource(ActivationSource):
         self.progress = progress
 
         self._config: Any = None
+        self._model_sha256: str | None = None  # of a .gguf model file, hashed once
         self._tokenizer: Any = None
         self._model: torch.nn.Module | None = None
         # packed-row iterator kept between generate() calls, so that consecutive ranges don't re-tokenize
@@ -157,9 +160,14 @@ class LMSource(ActivationSource):
         return lm_hidden_size(self._load_config())
 
     def fingerprint(self) -> dict:
+        if is_gguf(self.model_name) and self._model_sha256 is None:
+            check_model_reachable(self.model_name, setting=_MODEL_SETTING)  # a clear error if missing
+            self._model_sha256 = gguf_info(self.model_name)["model_sha256"]
         return {
             "source": self.kind,
             "model_name": self.model_name,
+            # a .gguf file is identified by its bytes, not its path
+            **({"model_sha256": self._model_sha256} if self._model_sha256 else {}),
             "revision": self.revision,
             "layer": self.layer,
             "hook": "resid_post",

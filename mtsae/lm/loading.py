@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtsae.lm.gguf import GGUFDependencyError, is_gguf, materialise_gguf
 from mtsae.lm.hooks import hf_dtype_kwargs
 from mtsae.lm.hub import HubUnavailableError, check_hub, download_command, is_local
 from mtsae.progress import no_library_bars
@@ -28,6 +29,7 @@ __all__ = [
     "load_tokenizer",
     "model_dtype",
     "resolve_device",
+    "resolve_lm_name",
     "special_ids",
 ]
 
@@ -100,9 +102,23 @@ def check_model_reachable(
     if is_local(name) and not Path(name).expanduser().exists():
         err = FileNotFoundError(f"local path {str(Path(name).expanduser().resolve())!r} does not exist")
         raise model_error(what, name, revision, err, setting) from err
+    if is_gguf(name):
+        return  # a local file (checked above); resolve_lm_name de-quantises it
     try:  # offline or unreachable hub: fail now, before transformers retries with back-off
         check_hub(name, f"the {what} of" if what != "model" else "the model", revision, "model", setting)
     except HubUnavailableError as err:
+        raise LMUnavailableError(str(err)) from err
+
+
+def resolve_lm_name(name: str, setting: str = "") -> str:
+    """``name``, or for a ``.gguf`` file the local folder of its de-quantised copy (made once; see
+    :mod:`mtsae.lm.gguf`). A missing file or a missing ``gguf``/``accelerate`` is :class:`LMUnavailableError`."""
+    if not is_gguf(name):
+        return name
+    check_model_reachable(name, None, "model", setting)
+    try:
+        return str(materialise_gguf(name))
+    except GGUFDependencyError as err:
         raise LMUnavailableError(str(err)) from err
 
 
@@ -112,6 +128,7 @@ def load_lm_config(
     """``AutoConfig.from_pretrained`` (no weights) with :class:`LMUnavailableError` when unreachable."""
     from transformers import AutoConfig
 
+    name = resolve_lm_name(name, setting)
     check_model_reachable(name, revision, "model", setting)
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
@@ -127,6 +144,7 @@ def load_tokenizer(
     """``AutoTokenizer.from_pretrained`` with :class:`LMUnavailableError` when unreachable."""
     from transformers import AutoTokenizer
 
+    name = resolve_lm_name(name, setting)
     check_model_reachable(name, revision, "tokenizer", setting)
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
@@ -158,6 +176,7 @@ def load_causal_lm(
 
     dtype = model_dtype(dtype)
     device = resolve_device(device)
+    name = resolve_lm_name(name, setting)
     check_model_reachable(name, revision, "weights", setting)
     log.info("loading %s (%s) on %s", name, dtype, device)
     try:

@@ -62,6 +62,8 @@ class SAEMetadata:
 
     model_name: str | None = None
     """language model (hub name or local path) whose activations the SAE reads; None for synthetic data"""
+    model_sha256: str | None = None
+    """SHA-256 of the model file when ``model_name`` is a ``.gguf`` file; None otherwise"""
     model_revision: str | None = None
     """its revision (branch, tag or commit); None for the default branch"""
     model_dtype: str | None = None

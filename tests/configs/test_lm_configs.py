@@ -22,6 +22,7 @@ from train import cli_main
 REPO = Path(__file__).resolve().parents[2]
 GEMMA = REPO / "configs/gemma_l19.yaml"
 TINY = REPO / "configs/tiny_lm.yaml"
+SMOLLM2 = REPO / "configs/smollm2.yaml"
 
 # Leaves (by key name) that may differ between the two configs. Nothing else may: no class_path,
 # no loss, optimizer, schedule shape, cache dtype or data option. Keep this list short.
@@ -39,6 +40,9 @@ SIZES = {
     "max_epochs",
     "warmup_steps",
     "sparsity_warmup_steps",
+    "batch_size",  # CoreLMMetrics (n_sequences above)
+    "max_batches",  # Disentanglement
+    "llm_batch_size",
 }
 DEVICES = {"accelerator", "devices", "strategy", "precision", "model_dtype"}
 MAY_DIFFER = NAMES | SIZES | DEVICES
@@ -141,6 +145,46 @@ def test_tiny_lm_differs_from_gemma_only_in_names_and_sizes() -> None:
     # and its model is the folder that `make tiny-lm` / `python -m mtsae.lm.tiny_lm` writes by default
     assert src["model_name"] == "artifacts/tiny_lm" and src["dataset"] == "artifacts/tiny_lm/corpus.jsonl"
     assert "--out artifacts/tiny_lm" in (REPO / "Makefile").read_text()
+
+
+def _without_unlearning(cfg: dict) -> tuple[dict, list[dict]]:
+    """``cfg`` without its ``callbacks.Unlearning`` entries (commented out in gemma_l19.yaml: its forget
+    corpus is gated), and those entries."""
+    cbs = cfg["trainer"]["callbacks"]
+    unlearning = [c for c in cbs if c["class_path"] == "callbacks.Unlearning"]
+    cfg["trainer"]["callbacks"] = [c for c in cbs if c["class_path"] != "callbacks.Unlearning"]
+    return cfg, unlearning
+
+
+def test_smollm2_differs_from_gemma_only_in_names_and_sizes() -> None:
+    gemma, (smol, unlearning) = load(GEMMA), _without_unlearning(load(SMOLLM2))
+    assert config_differences(gemma, smol) == []
+    assert class_paths(gemma) == class_paths(smol)
+    src = smol["data"]["source"]["init_args"]
+    assert src["model_name"].endswith(".gguf") and src["layer"] == 20 and src["ctx_len"] == 128
+    assert smol["data"]["n_sequences"] * src["ctx_len"] >= 1_000_000  # >= 1M training tokens
+    assert (smol["trainer"]["accelerator"], smol["trainer"]["devices"]) == ("cpu", 1)
+    # the unlearning callback in the small-model mode, reading what `make smollm2` writes
+    ((cb),) = unlearning
+    cfg = cb["init_args"]["config"]
+    assert cfg["scoring"] == "cloze" and cfg["forget_heldout"] and cfg["retain_heldout"]
+    for key in ("question_file", "forget_corpus", "retain_corpus", "forget_heldout", "retain_heldout"):
+        assert cfg[key].startswith("artifacts/smollm2/data/")
+    assert "mtsae_app.offline --out $(SMOLLM2)" in (REPO / "Makefile").read_text()
+
+
+def test_smollm2_config_parses_with_its_unlearning_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    offline_hub(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(SMOLLM2), "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    (cb,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"] == "callbacks.Unlearning"]
+    cfg = cb["init_args"]["config"]
+    assert cfg["scoring"] == "cloze" and cfg["saebench_exact"] is False  # the callback's defaults
+    assert cfg["grid"]["retain_thresholds"] == [0.01]
 
 
 def test_config_comparison_catches_a_new_class_or_option() -> None:

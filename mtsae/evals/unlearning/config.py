@@ -74,6 +74,26 @@ class UnlearningConfig:
     """dtype of the LM (``bfloat16``, ``float16``, ``float32``); None: the source's"""
     question_cache_dir: str | None = None
     """where filtered question sets are cached (None: beside the results)"""
+    scoring: str = "letter"
+    """``letter``: SAEBench's (the answer letter's probability after the lettered options); ``cloze``: the
+    small-model mode (each choice's log-likelihood per character as the continuation of ``Question: ..
+    \nAnswer:``; forget = ``forget_topic`` questions of ``question_file``, retain = the others; needs
+    ``saebench_exact: false``); see ``docs/design.md`` §6"""
+    question_file: str | None = None
+    """cloze: a JSONL of questions (``question``, ``choices``, ``answer``, ``topic``), e.g.
+    ``artifacts/smollm2/data/questions.jsonl`` from ``make smollm2``"""
+    forget_topic: str = "biology"
+    """cloze: the ``topic`` of the forget questions"""
+    forget_heldout: str | None = None
+    """held-out forget text (a local file or dataset with ``text_column``) for the text selectivity; None:
+    not measured"""
+    retain_heldout: str | None = None
+    """held-out retain text for the text selectivity (needs ``forget_heldout``)"""
+    n_selectivity_rows: int = 32
+    """rows of ``seq_len`` tokens per held-out text for the text selectivity"""
+    max_kept: int | None = None
+    """score the grid on at most this many of the kept questions per set (a seeded sample after the
+    filter, for a cheap run); None: all kept questions"""
 
     @property
     def rule(self) -> str:
@@ -89,11 +109,21 @@ class UnlearningConfig:
             raise ValueError(f"position_rule must be one of {sorted(POSITION_RULES)} or None")
         if isinstance(self.grid, Mapping):  # from JSON / YAML
             self.grid = GridConfig(**self.grid)
-        for name in ("n_sparsity_rows", "llm_batch_size", "mcq_batch_size"):
+        if self.scoring not in ("letter", "cloze"):
+            raise ValueError(f"scoring must be 'letter' or 'cloze', got {self.scoring!r}")
+        if self.scoring == "cloze" and self.saebench_exact:
+            raise ValueError("scoring 'cloze' is not SAEBench's method: set saebench_exact to False")
+        if self.scoring == "cloze" and not self.question_file:
+            raise ValueError("scoring 'cloze' needs question_file (a JSONL of questions with a 'topic')")
+        if bool(self.forget_heldout) != bool(self.retain_heldout):
+            raise ValueError("the text selectivity needs both forget_heldout and retain_heldout (or neither)")
+        for name in ("n_sparsity_rows", "llm_batch_size", "mcq_batch_size", "n_selectivity_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2 (BOS + one token), got {self.seq_len}")
+        if self.max_kept is not None and self.max_kept < 1:
+            raise ValueError(f"max_kept must be >= 1 or None, got {self.max_kept}")
         if self.max_questions is not None and self.max_questions < 1:
             raise ValueError(f"max_questions must be >= 1 or None, got {self.max_questions}")
         if self.min_chars < 0:

@@ -18,6 +18,7 @@ from mtsae.lm.text import DatasetUnavailableError, looks_local, open_dataset, pa
 
 __all__ = [
     "FORGET_CORPUS_HELP",
+    "RETAIN_SET",
     "WMDP_NAME",
     "UnlearningData",
     "UnlearningDataError",
@@ -26,10 +27,13 @@ __all__ = [
     "load_questions",
     "load_texts",
     "load_unlearning_data",
+    "sample_questions",
 ]
 
-#: name of the WMDP-bio question set in results
+#: name of the WMDP-bio question set in results (with cloze scoring: the forget-topic questions)
 WMDP_NAME = "wmdp-bio"
+#: name of the retain question set with cloze scoring (in the place of the MMLU subsets)
+RETAIN_SET = "retain"
 
 FORGET_CORPUS_HELP = (
     "The WMDP bio forget corpus is gated: request access from the WMDP authors (the dataset "
@@ -53,7 +57,12 @@ class UnlearningData:
     retain_rows: Tensor
     """``[n_retain, seq_len]`` token ids of the retain corpus"""
     questions: dict[str, list[MCQuestion]]
-    """``wmdp-bio`` and every MMLU subset -> questions (before filtering)"""
+    """``wmdp-bio`` and every MMLU subset -> questions (before filtering); with cloze scoring ``wmdp-bio``
+    holds the forget-topic questions and ``retain`` the others"""
+    forget_heldout_rows: Tensor | None = None
+    """``[n, seq_len]`` held-out forget text for the text selectivity (None: not measured)"""
+    retain_heldout_rows: Tensor | None = None
+    """``[n, seq_len]`` held-out retain text for the text selectivity"""
 
 
 def load_texts(
@@ -105,7 +114,8 @@ def check_instruct(tokenizer: Any, name: str = "the model") -> None:
         )
 
 
-def _sample(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQuestion]:
+def sample_questions(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQuestion]:
+    """At most ``k`` of ``questions`` (a seeded sample, in their order); None: all."""
     if k is None or len(questions) <= k:
         return questions
     keep = sorted(random.Random(seed).sample(range(len(questions)), k))
@@ -113,14 +123,24 @@ def _sample(questions: list[MCQuestion], k: int | None, seed: int) -> list[MCQue
 
 
 def load_questions(cfg: UnlearningConfig) -> dict[str, list[MCQuestion]]:
-    """WMDP-bio and the MMLU subsets (``test`` split), each capped at ``cfg.max_questions``."""
+    """WMDP-bio and the MMLU subsets (``test`` split), each capped at ``cfg.max_questions``; with cloze
+    scoring, the forget-topic questions of ``cfg.question_file`` (as ``wmdp-bio``) and the others (as
+    ``retain``)."""
+    if cfg.scoring == "cloze":
+        from mtsae.evals.unlearning.cloze import load_topic_questions
+
+        try:
+            sets = load_topic_questions(cfg.question_file, cfg.forget_topic, WMDP_NAME, RETAIN_SET)
+        except FileNotFoundError as err:
+            raise UnlearningDataError(str(err)) from err
+        return {k: sample_questions(v, cfg.max_questions, cfg.seed) for k, v in sets.items()}
     wmdp_setting = "wmdp_source (mtsae eval unlearning --wmdp-source)"
     out = {WMDP_NAME: load_mcq(cfg.wmdp_source, WMDP_BIO[1], WMDP_BIO[2], setting=wmdp_setting)}
     for subset in cfg.mmlu_subsets:
         src = cfg.mmlu_source[subset] if isinstance(cfg.mmlu_source, Mapping) else cfg.mmlu_source
         setting = f"mmlu_source (mtsae eval unlearning --mmlu-file {subset}=FILE)"
         out[subset] = load_mcq(src, subset, "test", setting=setting)
-    return {k: _sample(v, cfg.max_questions, cfg.seed) for k, v in out.items()}
+    return {k: sample_questions(v, cfg.max_questions, cfg.seed) for k, v in out.items()}
 
 
 def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningData:
@@ -129,7 +149,7 @@ def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningDat
     The forget corpus is sampled to ``n_sparsity_rows`` documents first (SAEBench); the retain corpus is
     used whole. The question sets are loaded first (they are smaller), then the corpora.
     """
-    if cfg.saebench_exact:
+    if cfg.saebench_exact and cfg.scoring == "letter":
         check_instruct(tokenizer)
         from mtsae.evals.unlearning.mcq import letter_token_ids
 
@@ -148,6 +168,17 @@ def load_unlearning_data(tokenizer: Any, cfg: UnlearningConfig) -> UnlearningDat
         else:
             forget_rows = pack_rows(tokenizer, forget, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
             retain_rows = pack_rows(tokenizer, retain, cfg.seq_len, cfg.n_sparsity_rows, cfg.seed)
+        heldout = [None, None]
+        if cfg.forget_heldout:  # the text selectivity: this project's packing, BOS-led rows
+            for i, src in enumerate((cfg.forget_heldout, cfg.retain_heldout)):
+                texts = load_texts(src, None, "train", cfg.text_column, cfg.min_chars)
+                heldout[i] = pack_rows(tokenizer, texts, cfg.seq_len, cfg.n_selectivity_rows, cfg.seed)
     except ValueError as err:  # a corpus too short for one row
         raise UnlearningDataError(str(err)) from err
-    return UnlearningData(forget_rows=forget_rows, retain_rows=retain_rows, questions=questions)
+    return UnlearningData(
+        forget_rows=forget_rows,
+        retain_rows=retain_rows,
+        questions=questions,
+        forget_heldout_rows=heldout[0],
+        retain_heldout_rows=heldout[1],
+    )

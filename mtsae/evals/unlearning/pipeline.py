@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from mtsae.evals.sparsity import SparsityAccumulator
+from mtsae.evals.unlearning.cloze import filter_correct_cloze, mean_text_ce, score_cloze, text_selectivity
 from mtsae.evals.unlearning.config import UnlearningConfig
 from mtsae.evals.unlearning.corpora import (
     WMDP_NAME,
@@ -120,13 +121,19 @@ def filter_questions(
     are stored in ``<cache_dir>/filtered_<hash>.json``, keyed by the questions, ``model_id`` (what
     identifies the model: name, revision, dtype, trust_remote_code) and those settings, and reused on the
     next call.
+
+    ``config.scoring == "cloze"``: the questions answered correctly in cloze form
+    (:func:`mtsae.evals.unlearning.cloze.filter_correct_cloze`, the original order; ``all_perms``,
+    ``chat_template`` and the letter rule do not apply).
     """
     from mtsae.progress import track
 
-    strict_letters = config.saebench_exact
+    strict_letters, scoring = config.saebench_exact, config.scoring
     settings: dict[str, Any] = {"all_perms": config.all_perms, "chat_template": config.chat_template}
     if not strict_letters:  # keys of caches written before the setting existed stay valid
         settings["strict_letters"] = False
+    if scoring != "letter":  # cloze: the choices' log-likelihoods, original order (all_perms ignored)
+        settings = {"scoring": scoring}
     key = questions_cache_key(questions, model=dict(model_id or {}), **settings)
     path = None if cache_dir is None else Path(cache_dir) / f"filtered_{key}.json"
     if path is not None and path.exists():
@@ -135,6 +142,12 @@ def filter_questions(
         return {n: [q for q in qs if q.index in kept_idx[n]] for n, qs in questions.items()}
     kept: dict[str, list[MCQuestion]] = {}
     for name, qs in track(questions.items(), desc="filter questions", disable=not progress, leave=False):
+        if scoring == "cloze":
+            kept[name] = filter_correct_cloze(model, tokenizer, qs, config.mcq_batch_size)
+            log.info(
+                "kept %d / %d %s questions answered correctly in cloze form", len(kept[name]), len(qs), name
+            )
+            continue
         kept[name] = filter_correct(
             model,
             tokenizer,
@@ -222,7 +235,10 @@ def evaluate_unlearning(
     n_max = max(cfg.grid.n_features)
     selected = {t: select_features(forget_sp, retain_sp, t, n_max) for t in cfg.grid.retain_thresholds}
 
-    scorer = _GridScorer(model, tokenizer, layer, sae, special, filtered, cfg)
+    heldout = None
+    if data.forget_heldout_rows is not None and data.retain_heldout_rows is not None:
+        heldout = {"forget": data.forget_heldout_rows, "retain": data.retain_heldout_rows}
+    scorer = _GridScorer(model, tokenizer, layer, sae, special, filtered, cfg, heldout)
     base = scorer.counts((), 0.0)
     configs = _grid_rows(scorer, selected, mmlu_names, cfg, progress)
     score_value, best, warnings = _best_config(configs, cfg)
@@ -234,10 +250,18 @@ def evaluate_unlearning(
         "wmdp_accuracy": _acc(base[WMDP_NAME]),
         "mmlu_accuracy": _pooled({n: base[n] for n in mmlu_names}),
     }
+    base_ce = scorer.text_ce((), 0.0)
+    if base_ce is not None:
+        baseline.update(ce_forget=base_ce["forget"], ce_retain=base_ce["retain"])
     best_keys = ("retain_threshold", "n_features", "multiplier", "features", "wmdp_accuracy", "mmlu_accuracy")
+    if base_ce is not None:
+        best_keys += ("ce_increase_forget", "ce_increase_retain", "text_selectivity")
     chosen = baseline if best is None else best  # no best config: doing nothing is best
     return {
         "unlearning_score": float(score_value),
+        # the best grid point's text selectivity (None: no held-out text, or no best point)
+        "text_selectivity_best": None if best is None else best.get("text_selectivity"),
+        "scoring": cfg.scoring,
         "wmdp_acc_best": float(chosen["wmdp_accuracy"]),
         "mmlu_acc_best": float(chosen["mmlu_accuracy"]),
         "best": None if best is None else {k: best[k] for k in best_keys},
@@ -289,8 +313,9 @@ def _check_filtered(filtered: Mapping[str, Sequence[MCQuestion]]) -> list[str]:
 
 
 class _GridScorer:
-    """Correct / total per question set under the clamp of ``features`` at ``multiplier`` (memoised:
-    grid points that select the same features share their scoring; no features = the unmodified model)."""
+    """Correct / total per question set, and the mean CE on held-out text, under the clamp of
+    ``features`` at ``multiplier`` (memoised: grid points that select the same features share their
+    scoring; no features = the unmodified model)."""
 
     def __init__(
         self,
@@ -301,44 +326,62 @@ class _GridScorer:
         special: Sequence[int | None],
         filtered: Mapping[str, Sequence[MCQuestion]],
         cfg: UnlearningConfig,
+        heldout: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.layer, self.sae, self.special = model, tokenizer, layer, sae, special
-        self.filtered, self.cfg = filtered, cfg
+        self.filtered, self.cfg, self.heldout = filtered, cfg, heldout
         self._memo: dict[tuple, dict[str, dict[str, int]]] = {}
+        self._ce_memo: dict[tuple, dict[str, float]] = {}
+
+    def _intervention(self, features: tuple[int, ...], multiplier: float) -> ClampIntervention | None:
+        if not features:
+            return None
+        return ClampIntervention(
+            self.model,
+            self.layer,
+            self.sae,
+            list(features),
+            multiplier,
+            self.special,
+            position_rule=self.cfg.rule,
+        )
+
+    def _correct(self, qs: Sequence[MCQuestion], iv: ClampIntervention | None) -> Tensor:
+        cfg = self.cfg
+        if cfg.scoring == "cloze":
+            return score_cloze(self.model, self.tokenizer, qs, cfg.mcq_batch_size, iv).correct
+        return score_mcq(
+            self.model,
+            self.tokenizer,
+            qs,
+            cfg.mcq_batch_size,
+            iv,
+            chat_template=cfg.chat_template,
+            strict_letters=cfg.saebench_exact,
+        ).correct
 
     def counts(self, features: tuple[int, ...], multiplier: float) -> dict[str, dict[str, int]]:
         key = (features, multiplier) if features else ()
         if key not in self._memo:
-            cfg, iv = self.cfg, None
-            if features:
-                iv = ClampIntervention(
-                    self.model,
-                    self.layer,
-                    self.sae,
-                    list(features),
-                    multiplier,
-                    self.special,
-                    position_rule=cfg.rule,
-                )
+            iv = self._intervention(features, multiplier)
             self._memo[key] = {
-                name: (
-                    _counts(
-                        score_mcq(
-                            self.model,
-                            self.tokenizer,
-                            qs,
-                            cfg.mcq_batch_size,
-                            iv,
-                            chat_template=cfg.chat_template,
-                            strict_letters=cfg.saebench_exact,
-                        ).correct
-                    )
-                    if qs
-                    else {"correct": 0, "total": 0}
-                )
+                name: _counts(self._correct(qs, iv)) if qs else {"correct": 0, "total": 0}
                 for name, qs in self.filtered.items()
             }
         return self._memo[key]
+
+    def text_ce(self, features: tuple[int, ...], multiplier: float) -> dict[str, float] | None:
+        """Mean CE on the held-out ``forget`` and ``retain`` rows under the clamp (None: no held-out text)."""
+        if self.heldout is None:
+            return None
+        key = (features, multiplier) if features else ()
+        if key not in self._ce_memo:
+            iv = self._intervention(features, multiplier)
+            self._ce_memo[key] = {
+                k: mean_text_ce(self.model, rows, self.special, self.cfg.llm_batch_size, iv)
+                for k, rows in self.heldout.items()
+            }
+        return self._ce_memo[key]
 
 
 def _grid_rows(
@@ -365,6 +408,9 @@ def _grid_rows(
             "mmlu_accuracy": _pooled(mmlu),
             "mmlu_accuracy_per_subset": {n: _acc(c) for n, c in mmlu.items()},
         }
+        ce = scorer.text_ce(feats, point.multiplier)
+        if ce is not None:
+            row.update(text_selectivity(scorer.text_ce((), 0.0), ce))
         if not feats:
             row["skipped"] = "no eligible feature at this retain threshold: nothing was clamped"
         configs.append(row)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mtsae.evals.unlearning.config import UnlearningConfig
-from mtsae.evals.unlearning.corpora import UnlearningData, load_unlearning_data
+from mtsae.evals.unlearning.corpora import UnlearningData, load_unlearning_data, sample_questions
 from mtsae.evals.unlearning.mcq import MCQuestion
 from mtsae.evals.unlearning.pipeline import evaluate_unlearning, filter_questions
 
@@ -70,6 +70,7 @@ class UnlearningRun:
         self.data: UnlearningData | None = None
         self.model: nn.Module | None = None
         self.filtered: dict[str, list[MCQuestion]] | None = None
+        self.n_kept: dict[str, int] = {}  # kept by the filter, before any ``max_kept`` sample
 
     def load_data(self) -> UnlearningData:
         """The tokenizer, both corpora packed into rows and the question sets (read once; no model)."""
@@ -111,6 +112,12 @@ class UnlearningRun:
                 model_id=self.model_id,
                 progress=progress,
             )
+            self.n_kept = {n: len(qs) for n, qs in self.filtered.items()}
+            if self.config.max_kept is not None:  # a cheap run: the grid scores a seeded sample
+                self.filtered = {
+                    n: sample_questions(qs, self.config.max_kept, self.config.seed)
+                    for n, qs in self.filtered.items()
+                }
         return self
 
     def evaluate(self, sae: nn.Module, progress: bool = False) -> dict[str, Any]:
@@ -121,4 +128,4 @@ class UnlearningRun:
         results = evaluate_unlearning(
             self.model, self.tokenizer, sae, self.layer, self.data, self.filtered, self.config, progress
         )
-        return {"model": dict(self.model_id), **results}
+        return {"model": dict(self.model_id), "n_kept_before_sample": dict(self.n_kept), **results}
