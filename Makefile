@@ -64,7 +64,8 @@ compare: $(STAMP)
 	$(PY) -m mtsae_app compare --config configs/compare/temporal.yaml --jobs $(JOBS)
 	$(PY) -m mtsae_app compare --config configs/compare/local.yaml --jobs $(JOBS)
 
-# does the separation loss act? TopK MTSAEs with separation none / scales / scales_decorr (reports/separation/)
+# does the separation loss act? TopK MTSAEs with separation none / scales / scales_decorr / context_decorr
+# (reports/separation/; 24 runs)
 compare-separation: $(STAMP)
 	$(PY) -m mtsae_app compare --config configs/compare/separation.yaml --jobs $(JOBS)
 

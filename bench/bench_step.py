@@ -7,7 +7,8 @@ For each size, timed side by side (interleaved repeats, medians):
   1, 2, 4, 8; ``scales`` separation for both MTSAEs).
 Achieved FLOP/s counts the matmuls only: ``6 N d_sae (d_enc + d_in)`` per step with ``d_enc = d_in``
 (per-token, mix) or ``4 d_in`` (concat). At the first size it also times the pieces of the MTSAE step
-(Adam variants, the decoder-norm constraint, the separation loss) and reports their share of the step.
+(Adam variants, the decoder-norm constraint, the ``scales`` and ``context_decorr`` separation losses)
+and reports their share of the step.
 
     python bench/bench_step.py [--quick] [--device auto]
 """
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from bench.common import BenchConfig, Row, autocast, interleaved, sae_step  # noqa: E402
-from mtsae.training.losses import scales_separation  # noqa: E402
+from mtsae.training.losses import context_decorrelation, scales_separation  # noqa: E402
 from mtsae.training.module import SAEModule  # noqa: E402
 
 DILATIONS = [1, 2, 4, 8]
@@ -172,12 +173,21 @@ def _profile(
         z = m.sae.scale_branches(u.requires_grad_(True))
         scales_separation(z, valid).backward()
 
+    def context_separation() -> None:
+        z = m.sae.scale_branches(u.requires_grad_(True))
+        context_decorrelation(m.sae.context_contributions(u, z), valid).backward()
+
     def constraint() -> None:
         m.sae.project_decoder_grad_()
         m.sae.normalize_decoder_()
 
     t = interleaved(
-        {**{k: o.step for k, o in adams.items()}, "constraint": constraint, "separation": separation},
+        {
+            **{k: o.step for k, o in adams.items()},
+            "constraint": constraint,
+            "separation": separation,
+            "context": context_separation,
+        },
         cfg.repeats,
         dev,
     )
@@ -192,6 +202,7 @@ def _profile(
         Row("fused Adam share of the MTSAE step", t["Adam fused"] / t_step, "", note),
         Row("decoder-norm constraint share of the step", t["constraint"] / t_step, "", note),
         Row("scales separation (fwd+bwd) share of the step", t["separation"] / t_step, "", note),
+        Row("context_decorr separation (fwd+bwd) share of the step", t["context"] / t_step, "", note),
     ]
 
 

@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from bench.common import BenchConfig, Row, machine, markdown_table, print_table, stage  # noqa: E402
 
-BENCHES = ["step", "trainer", "loader", "rss", "fp8", "conv", "capture", "generate"]
+BENCHES = ["step", "trainer", "loader", "rss", "fp8", "conv", "capture", "generate", "separation"]
 
 
 def _capture(cfg: BenchConfig) -> list[Row]:

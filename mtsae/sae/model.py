@@ -150,6 +150,21 @@ class MTSAE(nn.Module):
             outs.append(acc)
         return torch.stack(outs, dim=2)  # [B, T, S, d_in]
 
+    def context_contributions(self, u_BTD: Tensor, z_BTSD: Tensor) -> Tensor:
+        """What each branch adds from earlier tokens: ``z_s - centre_tap_s * input_s``, ``[B, T, S, d_in]``.
+
+        ``u_BTD`` is the branches' input (:meth:`encoder_input`), ``z_BTSD`` their outputs
+        (:meth:`scale_branches`); a branch's input is ``u``, or in a cascade the previous branch's
+        output. The result is the branch's context taps applied to earlier tokens (zero where there
+        are none), without the copy of the token itself that every branch output holds. Used by the
+        ``context_decorr`` separation loss.
+        """
+        if not self.dilations:
+            raise ValueError("a per-token SAE (dilations=[]) has no context contributions")
+        inputs = [u_BTD, *z_BTSD.unbind(2)[:-1]] if self.cascade else [u_BTD] * self.n_scales
+        centre = self.conv_weight[:, :, -1].to(z_BTSD.dtype)  # [S, d_in]: the tap at offset 0
+        return z_BTSD - torch.stack(inputs, dim=2) * centre
+
     def mix_kernel(self) -> Tensor:
         """The single causal depth-wise kernel ``[d_in, 1 + 2·max(r)]`` of the ``mix`` encoder.
 

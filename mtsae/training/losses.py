@@ -16,13 +16,14 @@ __all__ = [
     "l1_sparsity",
     "scales_separation",
     "scales_decorrelation",
+    "context_decorrelation",
     "decoder_separation",
     "codes_separation",
 ]
 
-SEPARATION_KINDS = ("none", "scales", "scales_decorr", "decoder", "codes")
-#: kinds that compare the per-dilation branch outputs (they need at least two dilations)
-SCALE_KINDS = ("scales", "scales_decorr")
+SEPARATION_KINDS = ("none", "scales", "scales_decorr", "context_decorr", "decoder", "codes")
+#: kinds that compare the per-dilation branches (they need at least two dilations)
+SCALE_KINDS = ("scales", "scales_decorr", "context_decorr")
 
 
 def _valid_rows(t: Tensor, valid: Tensor | None) -> Tensor:
@@ -68,6 +69,14 @@ def scales_separation(z: Tensor, valid: Tensor | None) -> Tensor:
     return _mean_offdiag_relu_cos(_valid_rows(z, valid))
 
 
+def _mean_offdiag_cos_sq(v: Tensor) -> Tensor:
+    """``v [N, S, d]`` -> mean over tokens and pairs ``i != j`` of ``cos(v_i, v_j)^2``."""
+    u = F.normalize(v, dim=-1, eps=1e-8)
+    cos = u @ u.transpose(-1, -2)  # [N, S, S]
+    off = ~torch.eye(v.shape[1], dtype=torch.bool, device=v.device)
+    return cos[:, off].pow(2).mean()
+
+
 def scales_decorrelation(z: Tensor, valid: Tensor | None) -> Tensor:
     """Per valid token, the mean over scale pairs ``i != j`` of ``cos(z_i, z_j)^2``; averaged.
 
@@ -78,11 +87,23 @@ def scales_decorrelation(z: Tensor, valid: Tensor | None) -> Tensor:
     """
     if z.shape[2] < 2:
         raise ValueError("the 'scales_decorr' separation loss needs at least two dilations")
-    v = _valid_rows(z, valid)
-    u = F.normalize(v, dim=-1, eps=1e-8)
-    cos = u @ u.transpose(-1, -2)  # [N, S, S]
-    off = ~torch.eye(v.shape[1], dtype=torch.bool, device=v.device)
-    return cos[:, off].pow(2).mean()
+    return _mean_offdiag_cos_sq(_valid_rows(z, valid))
+
+
+def context_decorrelation(c: Tensor, valid: Tensor | None) -> Tensor:
+    """Per valid token, the mean over scale pairs ``i != j`` of ``cos(c_i, c_j)^2``; averaged.
+
+    ``c [B, T, S, d_in]`` holds what each branch adds from earlier tokens, its *context contribution*
+    ``conv_r(u) - centre_tap_r * u`` (:meth:`mtsae.MTSAE.context_contributions`). The branch outputs
+    ``z_r`` all contain ``u`` itself through the centre tap, so their cosine is about 1 whatever the
+    context taps do, and :func:`scales_separation` / :func:`scales_decorrelation` barely move them; the
+    contributions hold no copy of ``u``, so this loss acts on them from the first step. ``cos^2`` rather
+    than ``relu(cos)``: anti-parallel contributions carry the same information as parallel ones. Tokens
+    whose contributions are zero (the first token of a row, with no earlier token) add 0.
+    """
+    if c.shape[2] < 2:
+        raise ValueError("the 'context_decorr' separation loss needs at least two dilations")
+    return _mean_offdiag_cos_sq(_valid_rows(c, valid))
 
 
 def _generator_like(t: Tensor, seed: int | None) -> torch.Generator | None:

@@ -24,6 +24,7 @@ from mtsae.training.losses import (
     SCALE_KINDS,
     SEPARATION_KINDS,
     codes_separation,
+    context_decorrelation,
     decoder_separation,
     fvu,
     l1_sparsity,
@@ -128,9 +129,11 @@ class SAEModule(L.LightningModule):
         context_init_std: size of the seeded perturbation of the conv context taps at initialisation
             (see :class:`mtsae.MTSAE`); it lets the ``scales`` kinds act from the first step.
         separation: cosine feature-separation loss: ``scales`` (``relu(cos)`` between dilation branches),
-            ``scales_decorr`` (``cos^2`` between them: not met by a sign flip), ``decoder``, ``codes`` or
-            ``none``.
-        separation_coeff: its weight.
+            ``scales_decorr`` (``cos^2`` between them: not met by a sign flip), ``context_decorr``
+            (``cos^2`` between what the branches add from earlier tokens, ``conv_r(u) - centre_tap_r * u``:
+            the branch outputs share the token itself, so their cosine stays near 1), ``decoder``,
+            ``codes`` or ``none``.
+        separation_coeff: its weight; with 0 the term is still computed (without gradient) and logged.
         separation_max_tokens: tokens sampled per batch by the ``codes`` kind (bounds its cost).
         separation_max_pairs: co-active feature pairs sampled per batch by the ``decoder`` kind.
         auxk_coeff: weight of the AuxK loss for dead latents (``topk`` / ``batchtopk``; Gao et al. 2024).
@@ -266,20 +269,28 @@ class SAEModule(L.LightningModule):
             xv = x[valid]
             var = (xv - xv.mean(0)).pow(2).sum(-1).mean().detach()
             loss = loss + hp.auxk_coeff * var * terms["auxk"]
-        if hp.separation != "none" and hp.separation_coeff > 0:
-            if hp.separation == "scales":
-                terms["separation"] = scales_separation(out.z_scales, valid)
-            elif hp.separation == "scales_decorr":
-                terms["separation"] = scales_decorrelation(out.z_scales, valid)
-            elif hp.separation == "decoder":
-                terms["separation"] = decoder_separation(
-                    self.sae.W_dec, out.f, valid, hp.separation_max_pairs
-                )
-            else:
-                terms["separation"] = codes_separation(out.f, valid, hp.separation_max_tokens)
-            loss = loss + hp.separation_coeff * terms["separation"]
+        if hp.separation != "none":
+            # with weight 0 the term is still computed (without gradient) and logged: a run to compare with
+            with torch.set_grad_enabled(torch.is_grad_enabled() and hp.separation_coeff > 0):
+                terms["separation"] = self._separation(x, valid, out)
+            if hp.separation_coeff > 0:
+                loss = loss + hp.separation_coeff * terms["separation"]
         terms["loss"] = loss
         return terms
+
+    def _separation(self, x: Tensor, valid: Tensor, out: ForwardOutput) -> Tensor:
+        """The separation term of kind ``hparams.separation`` (not ``none``) on a batch."""
+        hp = self.hparams
+        if hp.separation == "scales":
+            return scales_separation(out.z_scales, valid)
+        if hp.separation == "scales_decorr":
+            return scales_decorrelation(out.z_scales, valid)
+        if hp.separation == "context_decorr":
+            u = self.sae.encoder_input(x, valid)  # [B, T, d_in]
+            return context_decorrelation(self.sae.context_contributions(u, out.z_scales), valid)
+        if hp.separation == "decoder":
+            return decoder_separation(self.sae.W_dec, out.f, valid, hp.separation_max_pairs)
+        return codes_separation(out.f, valid, hp.separation_max_tokens)
 
     def _inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Scaled activations ``[B, T, d_in]``, zero at invalid positions (whatever is stored there, an

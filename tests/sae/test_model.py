@@ -77,6 +77,28 @@ def _per_token_twin(mt: MTSAE) -> MTSAE:
     return base
 
 
+@pytest.mark.parametrize("cascade", [False, True])
+def test_context_contributions_are_the_branches_without_their_centre_tap(cascade: bool) -> None:
+    sae = _randomise(tiny_sae(cascade=cascade))
+    u = torch.randn(2, 40, 32)
+    c = sae.context_contributions(u, sae.scale_branches(u))
+    no_centre = copy.deepcopy(sae)
+    with torch.no_grad():
+        no_centre.conv_weight[:, :, -1] = 0.0
+    no_centre.cascade = False  # every branch on the input given to it
+    if cascade:  # branch s's context taps act on branch s-1's output (centre tap included)
+        z = sae.scale_branches(u)
+        expected = torch.stack(
+            [no_centre.scale_branches(inp)[:, :, s] for s, inp in enumerate([u, *z.unbind(2)[:-1]])], dim=2
+        )
+    else:
+        expected = no_centre.scale_branches(u)
+    torch.testing.assert_close(c, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c[:, 0], torch.zeros_like(c[:, 0]), atol=1e-5, rtol=0)  # no earlier token
+    with pytest.raises(ValueError, match="no context contributions"):
+        tiny_sae(dilations=[]).context_contributions(u, u[:, :, None])
+
+
 def test_untrained_mtsae_equals_per_token_sae() -> None:
     mt = tiny_sae(context_init_std=0.0)
     with torch.no_grad():  # arbitrary (different) blocks and biases; convs stay at their identity init

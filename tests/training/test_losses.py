@@ -9,6 +9,7 @@ import torch
 
 from mtsae.training.losses import (
     codes_separation,
+    context_decorrelation,
     decoder_separation,
     fvu,
     l1_sparsity,
@@ -42,6 +43,25 @@ def test_scales_separation_by_hand() -> None:
     assert scales_separation(z3, None).item() == pytest.approx(2 * R2 / 3)
     with pytest.raises(ValueError, match="two dilations"):
         scales_separation(z3[:, :, :1], None)
+
+
+def test_context_decorrelation_by_hand() -> None:
+    # token 0: contributions [1,0] and [1,1] -> cos^2 1/2; token 1: opposite -> 1 (not rewarded, unlike
+    # relu(cos)); token 2: one branch has no contribution -> 0; token 3 invalid
+    c = torch.tensor(
+        [
+            [
+                [[1.0, 0.0], [1.0, 1.0]],
+                [[1.0, 0.0], [-2.0, 0.0]],
+                [[0.0, 0.0], [1.0, 0.0]],
+                [[1.0, 0.0], [1.0, 0.0]],
+            ]
+        ]
+    )
+    valid = torch.tensor([[True, True, True, False]])
+    assert context_decorrelation(c, valid).item() == pytest.approx((0.5 + 1 + 0) / 3)
+    with pytest.raises(ValueError, match="two dilations"):
+        context_decorrelation(c[:, :, :1], None)
 
 
 def test_decoder_separation_by_hand() -> None:
@@ -86,6 +106,9 @@ def _grads(kind: str) -> dict[str, bool]:
     loss = {
         "scales": lambda: scales_separation(out.z_scales, valid),
         "scales_decorr": lambda: scales_decorrelation(out.z_scales, valid),
+        "context_decorr": lambda: context_decorrelation(
+            sae.context_contributions(sae.encoder_input(x, valid), out.z_scales), valid
+        ),
         "decoder": lambda: decoder_separation(sae.W_dec, out.f, valid),
         "codes": lambda: codes_separation(out.f, valid),
     }[kind]()
@@ -99,6 +122,7 @@ def _grads(kind: str) -> dict[str, bool]:
     [
         ("scales", {"conv_weight", "b_dec"}),
         ("scales_decorr", {"conv_weight", "b_dec"}),
+        ("context_decorr", {"conv_weight", "b_dec"}),
         ("decoder", {"W_dec"}),
         ("codes", {"conv_weight", "W_enc", "b_enc", "b_dec"}),
     ],
@@ -140,3 +164,27 @@ def test_sign_flipped_branch_is_not_rewarded_by_decorrelation() -> None:
     assert scales_decorrelation(orth, valid).item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match="two dilations"):
         scales_decorrelation(z, valid)
+
+
+def test_context_decorrelation_moves_the_context_taps_from_initialisation() -> None:
+    """At initialisation the branch outputs share the token itself (cosine ~1), so ``scales_decorr``
+    barely reaches the context taps; the context contributions do not share it, and their decorrelation
+    has a gradient on those taps orders of magnitude larger (and a term far from its maximum)."""
+    x = torch.randn(2, 24, 32)
+    valid = torch.ones(2, 24, dtype=torch.bool)
+    norms, terms = {}, {}
+    for name in ("scales_decorr", "context_decorr"):
+        torch.manual_seed(0)
+        sae = tiny_sae()
+        out = sae(x, valid)
+        if name == "scales_decorr":
+            loss = scales_decorrelation(out.z_scales, valid)
+        else:
+            loss = context_decorrelation(
+                sae.context_contributions(sae.encoder_input(x, valid), out.z_scales), valid
+            )
+        loss.backward()
+        norms[name], terms[name] = sae.conv_weight.grad[:, :, :-1].norm().item(), loss.item()
+    assert terms["scales_decorr"] == pytest.approx(1.0, abs=1e-3)
+    assert terms["context_decorr"] < 0.2  # random taps: contributions nearly orthogonal, ~1/d_in
+    assert norms["context_decorr"] > 100 * norms["scales_decorr"], norms
