@@ -106,8 +106,8 @@ def generate_texts(
 def run_generate(args: argparse.Namespace) -> list[dict[str, str]]:
     from mtsae.evals.unlearning.intervention import clamped
     from mtsae.evals.unlearning.recipe import RecipeError, UnlearningRecipe
-    from mtsae.lm.hooks import decoder_layers
-    from mtsae.lm.loading import load_causal_lm, load_tokenizer, model_dtype
+    from mtsae.lm.hooks import n_layers
+    from mtsae.lm.loading import load_causal_lm, load_lm_config, load_tokenizer, model_dtype
 
     recipe = UnlearningRecipe.load(args.recipe)  # its fields are checked here
     if args.multiplier is not None:
@@ -127,13 +127,15 @@ def run_generate(args: argparse.Namespace) -> list[dict[str, str]]:
     except ValueError as e:
         raise UnlearnError(str(e)) from None
     sae = recipe.load_sae(device)  # its hash and the features' range, before the model is loaded
+    depth = n_layers(
+        load_lm_config(name, revision, setting="--model-name")
+    )  # the config only: no weights yet
+    if recipe.layer >= depth:
+        raise RecipeError(
+            f"the recipe clamps layer {recipe.layer}, but {name} has {depth} decoder layers (0 .. {depth - 1})"
+        )
     tokenizer = load_tokenizer(name, revision)
     model = load_causal_lm(name, revision, dtype, device)
-    n_layers = len(decoder_layers(model))
-    if recipe.layer >= n_layers:
-        raise RecipeError(
-            f"the recipe clamps layer {recipe.layer}, but {name} has {n_layers} decoder layers (0 .. {n_layers - 1})"
-        )
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,

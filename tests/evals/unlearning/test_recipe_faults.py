@@ -63,7 +63,17 @@ def test_a_nan_multiplier_override_is_refused(recipe_path: Path, capsys) -> None
     assert "multiplier must be a finite number >= 0" in capsys.readouterr().err
 
 
-def test_a_layer_beyond_the_model_is_one_line(recipe_path: Path, tmp_path_factory, capsys) -> None:
+def test_a_layer_beyond_the_model_is_one_line(
+    recipe_path: Path, tmp_path_factory, capsys, monkeypatch
+) -> None:
+    """Refused from the model's config, before its tokenizer or weights are loaded."""
+    import mtsae.lm.loading as loading
+
+    def _no_weights(*args, **kwargs):
+        raise AssertionError("the LM was loaded before the recipe's layer was checked")
+
+    monkeypatch.setattr(loading, "load_causal_lm", _no_weights)
+    monkeypatch.setattr(loading, "load_tokenizer", _no_weights)
     lm = tiny_lm_dir(tmp_path_factory)
     _edit(recipe_path, layer=99, model={"name": str(lm), "dtype": "float32"})
     assert unlearn_main(["generate", "--recipe", str(recipe_path), "--prompt", "hi", "--device", "cpu"]) == 2
