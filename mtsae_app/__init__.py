@@ -1,1 +1,1 @@
-"""The ``mtsae`` command line: ``mtsae eval``, ``mtsae unlearn``, ``mtsae compare``, ``mtsae cache``."""
+"""The ``mtsae`` command line: ``mtsae eval``, ``mtsae features``, ``mtsae unlearn``, ``mtsae compare``, ``mtsae cache``, ``mtsae example``."""

@@ -2,7 +2,7 @@
 the repository and is not installed with the package: ``data`` and ``callbacks`` are names that other
 projects use, so installing them at the top level of site-packages could shadow a user's own modules.
 Subcommands that read a training configuration find the checkout here (see README, "Installing") and load
-its two packages, ``data`` and ``callbacks``, from their files (``sys.path`` is left as it is, so no other
+its two packages, ``data`` and ``callbacks``, and its entry point ``train.py`` from their files (``sys.path`` is left as it is, so no other
 folder of the checkout can shadow an installed module)."""
 
 from __future__ import annotations
@@ -60,9 +60,29 @@ def _load_package(root: Path, name: str) -> None:
         raise
 
 
+def _load_module(root: Path, name: str) -> None:
+    """Import the checkout's module ``root/name.py`` under its own name (as :func:`_load_package` does)."""
+    path = (root / f"{name}.py").resolve()
+    current = sys.modules.get(name)
+    if (
+        current is not None
+        and getattr(current, "__file__", None)
+        and Path(current.__file__).resolve() == path
+    ):
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+
+
 def require_checkout(command: str) -> Path:
     """Import the checkout's ``data`` and ``callbacks`` packages (so a training configuration's classes are
-    this project's) and return the checkout; raises :class:`CheckoutNotFoundError` with what to do if
+    this project's) and ``train`` and return the checkout; raises :class:`CheckoutNotFoundError` with what to do if
     there is none."""
     root = checkout_root()
     if root is None:
@@ -73,4 +93,5 @@ def require_checkout(command: str) -> Path:
         )
     for name in PACKAGES:
         _load_package(root, name)
+    _load_module(root, "train")  # the entry point whose LightningCLI reads a training configuration
     return root

@@ -1,6 +1,7 @@
-"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`mtsae_app.eval`), ``mtsae compare ...`` (see
-:mod:`mtsae_app.compare`), ``mtsae unlearn ...`` (see :mod:`mtsae_app.unlearn`) and ``mtsae cache verify ...``
-(see :mod:`mtsae_app.cache`).
+"""The ``mtsae`` command: ``mtsae eval ...`` (see :mod:`mtsae_app.eval`), ``mtsae features ...`` (see
+:mod:`mtsae_app.features`), ``mtsae compare ...`` (see :mod:`mtsae_app.compare`), ``mtsae unlearn ...`` (see
+:mod:`mtsae_app.unlearn`), ``mtsae cache verify ...`` (see :mod:`mtsae_app.cache`) and ``mtsae example ...``
+(see :mod:`mtsae_app.example`).
 
 Training has its own entry point, ``python train.py fit --config ...`` (LightningCLI).
 """

@@ -251,24 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``mtsae eval``; returns the exit status (2 for a user error, with its message on stderr)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
 
-    out = getattr(args, "out", None)
-    if out is not None and Path(out).exists() and not Path(out).is_dir():
-        print(
-            f"mtsae eval {args.command}: error: --out {out} is a file; it must name a folder", file=sys.stderr
-        )
-        return 2  # before any work
-
     def extra_errors() -> tuple[type, ...]:
-        from data.cache_format import CacheReadError
         from mtsae.evals.unlearning.corpora import UnlearningDataError
         from mtsae.evals.unlearning.mcq import MCQDatasetError
         from mtsae.evals.unlearning.recipe import RecipeError
-        from mtsae.sae.export import ExportFormatError
 
-        return (MCQDatasetError, UnlearningDataError, RecipeError, CacheReadError, ExportFormatError)
+        return (MCQDatasetError, UnlearningDataError, RecipeError)
 
+    label = f"mtsae eval {args.command}"
     return run_command(
-        "eval", f"mtsae eval {args.command}", lambda: COMMANDS[args.command](args), extra_errors
+        "eval", label, lambda: COMMANDS[args.command](args), extra_errors, getattr(args, "out", None)
     )
 
 

@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``mtsae features``; returns the exit status (2 for a user error, with its message on stderr)."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     written: list[Path] = []
-    status = run_command("features", "mtsae features", lambda: written.append(run_features(args)))
+    status = run_command(
+        "features", "mtsae features", lambda: written.append(run_features(args)), out=args.out
+    )
     if status == 0:
         print(f"wrote {written[0]} (open it in a browser: file://{written[0].resolve()})")
     return status

@@ -231,25 +231,43 @@ def add_sae_options(p: argparse.ArgumentParser, out_help: str) -> None:
 
 
 def run_command(
-    command: str, label: str, run: Callable[[], Any], extra_errors: Callable[[], tuple[type, ...]] = tuple
+    command: str,
+    label: str,
+    run: Callable[[], Any],
+    extra_errors: Callable[[], tuple[type, ...]] = tuple,
+    out: str | None = None,
 ) -> int:
-    """Run ``run()`` for the subcommand ``command`` with the checkout first on ``sys.path`` and logging
-    set up; a user error (missing checkout, :class:`EvalError`, unreachable source or LM, a cache of
-    another config, or one of ``extra_errors()``) is one line ``<label>: error: ...`` on stderr and exit
-    status 2. ``extra_errors`` is called after the checkout is found (its classes may live in ``data``)."""
+    """Run ``run()`` for the subcommand ``command`` with the checkout's training code loaded and logging
+    set up; a user error (``out`` naming a file, missing checkout, :class:`EvalError`, unreachable source
+    or LM, a cache of another config or a damaged one, an SAE folder of the wrong format, or one of
+    ``extra_errors()``) is one line ``<label>: error: ...`` on stderr and exit status 2. ``extra_errors``
+    is called after the checkout is found (its classes may live in ``data``)."""
     from mtsae_app.checkout import CheckoutNotFoundError, require_checkout
 
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        sys.stderr.write(f"{label}: error: --out {out} is a file; it must name a folder\n")
+        return 2  # before any work
     try:
         require_checkout(command)  # the training configuration's classes: data.*, callbacks.*
     except CheckoutNotFoundError as e:
         sys.stderr.write(f"{e}\n")
         return 2
     from data import CacheMismatchError, SourceUnavailableError
+    from data.cache_format import CacheReadError
     from mtsae.lm.loading import LMUnavailableError
+    from mtsae.sae.export import ExportFormatError
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    user_errors = (EvalError, SourceUnavailableError, LMUnavailableError, CacheMismatchError, *extra_errors())
+    user_errors = (
+        EvalError,
+        SourceUnavailableError,
+        LMUnavailableError,
+        CacheMismatchError,
+        CacheReadError,
+        ExportFormatError,
+        *extra_errors(),
+    )
     try:
         run()
     except user_errors as e:

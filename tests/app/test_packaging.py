@@ -93,3 +93,19 @@ def test_import_mtsae_loads_neither_lightning_nor_transformers(tmp_path: Path) -
     )
     res = _run(code, [REPO], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_the_checkouts_train_py_loads_as_the_console_script_runs(tmp_path: Path) -> None:
+    """The ``mtsae`` console script has its bin folder, not the checkout, first on ``sys.path`` (``-P`` and
+    no ``PYTHONPATH`` do the same here): ``mtsae eval`` / ``mtsae features`` still reach ``train.cli_main``."""
+    code = (
+        "import sys; from mtsae_app.checkout import require_checkout; require_checkout('eval')\n"
+        "from train import cli_main\n"
+        "print(sys.modules['train'].__file__)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run(
+        [sys.executable, "-P", "-c", code], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert Path(res.stdout.strip()) == REPO / "train.py"

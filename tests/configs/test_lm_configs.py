@@ -142,7 +142,7 @@ def test_tiny_lm_differs_from_gemma_only_in_names_and_sizes() -> None:
     src = tiny["data"]["source"]["init_args"]
     assert (tiny["trainer"]["accelerator"], tiny["trainer"]["devices"]) == ("cpu", 1)
     assert src["model_dtype"] == "float32" and src["ctx_len"] < 128
-    # and its model is the folder that `make tiny-lm` / `python -m mtsae.lm.tiny_lm` writes by default
+    # and its model is the folder that `make tiny-lm` / `mtsae example tiny-lm` writes by default
     assert src["model_name"] == "artifacts/tiny_lm" and src["dataset"] == "artifacts/tiny_lm/corpus.jsonl"
     assert "--out artifacts/tiny_lm" in (REPO / "Makefile").read_text()
 

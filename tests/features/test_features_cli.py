@@ -80,6 +80,10 @@ def test_clear_errors(synthetic_run: dict, tmp_path: Path, capsys: pytest.Captur
     assert mtsae_cli.main([*base, "--ckpt", str(synthetic_run["ckpt"]), "--n-bins", "10"]) == 2
     assert "power of two" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("")
+    out_file = ["features", "--config", str(synthetic_run["config"]), "--out", str(tmp_path / "file")]
+    assert mtsae_cli.main([*out_file, "--ckpt", str(synthetic_run["ckpt"])]) == 2
+    assert "--out" in capsys.readouterr().err and (tmp_path / "file").read_text() == ""
 
 
 def test_exported_sae_folder_gives_the_checkpoints_dashboard(

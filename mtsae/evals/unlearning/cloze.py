@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtsae.evals.unlearning.mcq import MCQuestion
+from mtsae.evals.unlearning.mcq import MCQDatasetError, MCQuestion, row_to_question
 from mtsae.lm.loading import special_ids
 
 __all__ = [
@@ -192,17 +192,19 @@ def load_topic_questions(
     out: dict[str, list[MCQuestion]] = {forget_name: [], retain_name: []}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MCQDatasetError(f"{path} row {i}: not a JSON object ({err})") from None
+            if not isinstance(r, dict):
+                raise MCQDatasetError(f"{path} row {i}: not a JSON object, got {type(r).__name__}")
             missing = {"question", "choices", "answer", "topic"} - set(r)
             if missing:
-                raise ValueError(f"{path} row {i}: missing fields {sorted(missing)}")
+                raise MCQDatasetError(f"{path} row {i}: missing fields {sorted(missing)}")
             name = forget_name if r["topic"] == forget_topic else retain_name
-            q = MCQuestion(
-                str(r["question"]), tuple(str(c) for c in r["choices"]), int(r["answer"]), r["topic"], i
-            )
-            out[name].append(q)
+            out[name].append(row_to_question(r, i, str(r["topic"]), str(path)))
     if not out[forget_name]:
-        raise ValueError(f"{path}: no question has topic {forget_topic!r}")
+        raise MCQDatasetError(f"{path}: no question has topic {forget_topic!r}")
     return out
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "MCQuestion",
     "MCQScores",
     "MCQDatasetError",
+    "row_to_question",
     "WMDP_BIO",
     "MMLU_SOURCE",
     "MMLU_SUBSETS",
@@ -349,27 +350,32 @@ def filter_correct(
 
 
 # ---------------------------------------------------------------------------------------------- loading
+_SCHEMA = "need question (str), choices (list of str), answer (int index into choices)"
+
+
+def row_to_question(r: Any, i: int, subject: str, name: str) -> MCQuestion:
+    """Row ``i`` of the question set ``name`` as a question; a row of the wrong schema is an
+    :class:`MCQDatasetError` naming it."""
+    question, choices, answer = r["question"], r["choices"], r["answer"]
+    if not isinstance(question, str):
+        raise MCQDatasetError(f"{name} row {i}: 'question' must be a string, got {question!r} ({_SCHEMA})")
+    if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
+        raise MCQDatasetError(
+            f"{name} row {i}: 'choices' must be a list of strings, got {choices!r} ({_SCHEMA})"
+        )
+    if not isinstance(answer, int) or isinstance(answer, bool):
+        raise MCQDatasetError(f"{name} row {i}: 'answer' must be an int index, got {answer!r} ({_SCHEMA})")
+    if not 0 <= answer < len(choices):
+        raise MCQDatasetError(f"{name} row {i}: answer {answer} out of range for {len(choices)} choices")
+    return MCQuestion(question, tuple(choices), answer, subject, i)
+
+
 def _rows_to_questions(rows: Any, subject: str, name: str) -> list[MCQuestion]:
     """The rows as questions; a row of the wrong schema is an :class:`MCQDatasetError` naming it."""
-    schema = "need question (str), choices (list of str), answer (int index into choices)"
     missing = {"question", "choices", "answer"} - set(rows.column_names)
     if missing:
-        raise MCQDatasetError(f"{name}: missing fields {sorted(missing)} ({schema})")
-    out = []
-    for i, r in enumerate(rows):
-        question, choices, answer = r["question"], r["choices"], r["answer"]
-        if not isinstance(question, str):
-            raise MCQDatasetError(f"{name} row {i}: 'question' must be a string, got {question!r} ({schema})")
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
-            raise MCQDatasetError(
-                f"{name} row {i}: 'choices' must be a list of strings, got {choices!r} ({schema})"
-            )
-        if not isinstance(answer, int) or isinstance(answer, bool):
-            raise MCQDatasetError(f"{name} row {i}: 'answer' must be an int index, got {answer!r} ({schema})")
-        if not 0 <= answer < len(choices):
-            raise MCQDatasetError(f"{name} row {i}: answer {answer} out of range for {len(choices)} choices")
-        out.append(MCQuestion(question, tuple(choices), answer, subject, i))
-    return out
+        raise MCQDatasetError(f"{name}: missing fields {sorted(missing)} ({_SCHEMA})")
+    return [row_to_question(r, i, subject, name) for i, r in enumerate(rows)]
 
 
 def load_mcq(

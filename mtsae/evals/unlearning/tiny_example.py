@@ -53,7 +53,7 @@ def write_unlearning_files(
 ) -> dict[str, object]:
     """Forget / retain corpora and WMDP-style / MMLU-style question files from a tiny LM's corpus.
 
-    Returns the matching :class:`mtsae.evals.unlearning.pipeline.UnlearningConfig` keyword arguments
+    Returns the matching :class:`mtsae.evals.unlearning.config.UnlearningConfig` keyword arguments
     (``forget_corpus``, ``retain_corpus``, ``wmdp_source``, ``mmlu_source``: subset -> file).
     """
     lm_dir, out = Path(lm_dir), Path(out)

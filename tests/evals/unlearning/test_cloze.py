@@ -21,7 +21,7 @@ from mtsae.evals.unlearning.cloze import (
 from mtsae.evals.unlearning.config import UnlearningConfig
 from mtsae.evals.unlearning.corpora import load_unlearning_data
 from mtsae.evals.unlearning.intervention import ClampIntervention
-from mtsae.evals.unlearning.mcq import MCQuestion
+from mtsae.evals.unlearning.mcq import MCQDatasetError, MCQuestion
 from mtsae.evals.unlearning.pipeline import evaluate_unlearning, filter_questions
 from mtsae.evals.unlearning.run import UnlearningRun
 from mtsae.evals.unlearning.selection import GridConfig
@@ -111,10 +111,16 @@ def test_topic_questions_file(tmp_path: Path) -> None:
     ]
     sets = load_topic_questions(_write_jsonl(tmp_path / "q.jsonl", rows))
     assert [q.index for q in sets["forget"]] == [0, 2] and [q.index for q in sets["retain"]] == [1]
-    with pytest.raises(ValueError, match="missing fields"):
+    with pytest.raises(MCQDatasetError, match="row 0: missing fields"):
         load_topic_questions(
             _write_jsonl(tmp_path / "bad.jsonl", [{"question": "x", "choices": ["a"], "answer": 0}])
         )
+    bad = [{"question": "x", "choices": ["a", "b"], "answer": 2, "topic": "biology"}]
+    with pytest.raises(MCQDatasetError, match="row 0: answer 2 out of range"):
+        load_topic_questions(_write_jsonl(tmp_path / "range.jsonl", bad))
+    (tmp_path / "broken.jsonl").write_text('{"question": \n')
+    with pytest.raises(MCQDatasetError, match="row 0: not a JSON object"):
+        load_topic_questions(tmp_path / "broken.jsonl")
     with pytest.raises(FileNotFoundError, match="make smollm2"):
         load_topic_questions(tmp_path / "none.jsonl")
 
