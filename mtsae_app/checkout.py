@@ -37,32 +37,11 @@ def checkout_root() -> Path | None:
     return None
 
 
-def _load_package(root: Path, name: str) -> None:
-    """Import the checkout's package ``name`` from ``root/name`` under its own name, unless that very
-    package is imported already; a module of that name from elsewhere (and its submodules) is replaced."""
-    init = (root / name / "__init__.py").resolve()
-    current = sys.modules.get(name)
-    if (
-        current is not None
-        and getattr(current, "__file__", None)
-        and Path(current.__file__).resolve() == init
-    ):
-        return
-    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
-        del sys.modules[key]
-    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(init.parent)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-
-
-def _load_module(root: Path, name: str) -> None:
-    """Import the checkout's module ``root/name.py`` under its own name (as :func:`_load_package` does)."""
-    path = (root / f"{name}.py").resolve()
+def _load(root: Path, name: str) -> None:
+    """Import the checkout's package ``root/name/`` or module ``root/name.py`` under its own name, unless
+    that very file is imported already; a module of that name from elsewhere (and its submodules) is replaced."""
+    package = (root / name / "__init__.py").resolve()
+    path = package if package.is_file() else (root / f"{name}.py").resolve()
     current = sys.modules.get(name)
     if (
         current is not None
@@ -70,7 +49,10 @@ def _load_module(root: Path, name: str) -> None:
         and Path(current.__file__).resolve() == path
     ):
         return
-    spec = importlib.util.spec_from_file_location(name, path)
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    search = [str(path.parent)] if path == package else None
+    spec = importlib.util.spec_from_file_location(name, path, submodule_search_locations=search)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -91,7 +73,6 @@ def require_checkout(command: str) -> Path:
             f"callbacks/, configs/), which is not installed with the package: run it from the checkout's "
             f"folder (cd path/to/mtsae; mtsae {command} ...)"
         )
-    for name in PACKAGES:
-        _load_package(root, name)
-    _load_module(root, "train")  # the entry point whose LightningCLI reads a training configuration
+    for name in (*PACKAGES, "train"):  # train: the entry point whose LightningCLI reads a training config
+        _load(root, name)
     return root
