@@ -157,7 +157,7 @@ def examples_markdown(features: list[dict[str, Any]], n_examples: int = 3) -> li
     head = "| feature | density | " + (
         "long-branch share | context share | act. w/o context | " if context else ""
     )
-    lines = [head + "top-activating contexts |", "|---" * (head.count("|") - 1 + 1) + "|"]
+    lines = [head + "top-activating contexts |", "|---" * head.count("|") + "|"]
     for f in features:
         cells = [str(f["id"]), f"{f['density']:.4f}"]
         if context:

@@ -123,7 +123,8 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
 
 def _quick_grid(tmp_path: Path, lm: Path) -> Path:
     """configs/compare/smollm2.yaml on the tiny LM: the same families, activations, metrics, min effects and
-    callbacks, two knob values, a few steps, tiny corpora and questions for the cloze evaluation."""
+    callbacks; two knob values, one seed (8 runs of 8 steps: each run is mostly its process's start-up),
+    tiny corpora and questions for the cloze evaluation."""
     raw = yaml.safe_load((REPO / GRID).read_text())
     bio = "The cell divides and the gene is copied into the protein of the blood and the plant."
     other = "The river runs past the town and the old mill where the road turns to the hill."
@@ -156,6 +157,7 @@ def _quick_grid(tmp_path: Path, lm: Path) -> Path:
         elif cb["class_path"] == "callbacks.FeatureExamples":
             conf.update(n_sample=3, n_long=3, max_rows=32)
     raw["name"] = "smollm2_quick"
+    raw["seeds"] = [0]
     raw["base"] = "configs/tiny_lm.yaml"
     raw["overrides"] = {
         "data.source.init_args.model_name": str(lm),
@@ -187,24 +189,25 @@ def test_quick_smollm2_grid_on_the_tiny_lm(
     assert compare_cli.main(["--config", str(config), "--out", str(out), "--jobs", "2"]) == 0
     cfg = compare.load_compare_config(config)
     results = compare.collect_results(out, cfg)
-    assert len(results) == len(cfg.runs) == 3 * 2 * 2 + 2 * 2
+    assert len(results) == len(cfg.runs) == 3 * 2 + 2
     root = out / "smollm2_quick"
     for r in results:
         assert all(math.isfinite(r.metrics[m]) for m in LM_METRICS), (r.name, r.metrics)
         assert "val/disentanglement/persistence/lag_1" in r.metrics
-        assert (root / "runs" / r.name / "checkpoints" / "last.ckpt").exists()
+        assert (root / "runs" / r.name / "checkpoints" / "last.ckpt").exists()  # moved into the run folder
         assert (root / "runs" / r.name / EXAMPLES_FILE).exists()
     summary, report = (root / "summary.md").read_text(), (root / "report.md").read_text()
-    for metric in ("ce_loss_score", "kl_div_score", "dead_fraction", "persistence/lag_1", "unlearning_score"):
-        assert f"**{metric}** at common L0" in summary, metric
-    assert "**fvu** at each family's own L0" in summary and "at own L0" in summary
-    verdicts = [line for line in summary.splitlines() if line.startswith("- **relu**")]
-    assert verdicts and all("mtsae vs token" in v or "between mtsae and token" in v or "than token" in v
-                            for v in verdicts)  # fmt: skip
-    assert (
-        "## Feature examples" in report
-        and "`mtsae_frozen_conv` (run `topk-mtsae_frozen_conv-1-s0`)" in report
-    )
-    section = report.split("## Feature examples")[1]
+    for metric in LM_METRICS + (
+        "val/disentanglement/persistence/lag_1",
+        "val/unlearning/text_selectivity_best",
+    ):
+        assert f"**{metric.removeprefix('val/')}** at common L0" in summary, metric
+    assert "**fvu** at each family's own L0" in summary and "**l0** at each family's own L0" in summary
+    relu = [line for line in summary.splitlines() if line.startswith("- **relu**")]
+    assert relu and all("mtsae vs token: no claim (n < 2) (at own L0:" in v for v in relu), relu
+    assert "## Feature examples" in report
+    section = report.split("## Feature examples")[1].split("## Commands")[0]
+    for family in cfg.frontier.families:  # the middle k, first seed
+        assert f"### `{family}` (run `topk-{family}-1-s0`)" in section
     assert "[[" in section and "long-branch share" in section and "dilation [4, 8] branches" in section
     assert (root / "timing.json").exists() and "wall time of the comparison" in report
