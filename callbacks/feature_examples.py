@@ -55,7 +55,7 @@ class FeatureExamples(L.Callback):
         try:
             if dm.cache is None:
                 dm.setup("validate")
-            with torch.inference_mode(False), torch.no_grad():
+            with torch.no_grad():
                 sae = pl_module.export_sae()  # acts on raw activations, as the cache stores them
                 data: dict[str, Any] = feature_examples(
                     sae,
