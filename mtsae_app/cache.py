@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mtsae cache`` argument parser."""
     p = argparse.ArgumentParser(
         prog="mtsae cache",
-        description="Check an activation cache: read every shard, report every bad one.",
+        description="Check an activation cache: read every shard, report every bad one (verify), or look at "
+        "the activation norms at BOS and at ordinary tokens (norms).",
         allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="action", required=True)

@@ -104,6 +104,7 @@ def test_gemma3_bos_is_cached_invalid_and_zeroed(
     from train import cli_main
 
     offline_hub(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # the CLI reads only the arguments given
     corpus = tmp_path / "text.jsonl"
     words = "the river runs past the old mill and on to the sea where boats wait for the tide".split()
     corpus.write_text(
@@ -112,7 +113,7 @@ def test_gemma3_bos_is_cached_invalid_and_zeroed(
     # configs/gemma3_270m.yaml as it is, with a small cache of short rows from that text
     cli = cli_main(
         [
-            "fit", "--config", str(CONFIG), "--config", QUIET_OVERLAY,
+            "--config", str(CONFIG), "--config", QUIET_OVERLAY,
             "--data.source.init_args.model_name", str(gemma3_gguf),
             "--data.source.init_args.dataset", str(corpus),
             "--data.source.init_args.ctx_len", "24",
