@@ -110,7 +110,8 @@ compare-quick: $(STAMP)
 compare-demo: $(STAMP)
 	$(PY) -m mtsae_app compare --config configs/compare/demo.yaml --jobs $(JOBS)
 
-# the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them)
+# the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them); the real
+# Gemma test in tests/lm/test_gemma3.py needs `make gemma3` and is skipped here
 test: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 

