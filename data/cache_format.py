@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from data.sources import ActivationSource
+from mtsae.hashing import file_sha256
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,7 +46,6 @@ __all__ = [
     "read_context",
     "fingerprint_inputs",
     "fingerprint",
-    "file_sha256",
     "stats_sha256",
     "static_ground_truth_sha256",
     "manifest_stats",
@@ -176,15 +176,6 @@ def fingerprint_inputs(source: ActivationSource, spec: CacheSpec) -> dict:
 
 def fingerprint(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB blocks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def stats_sha256(stats: dict) -> str:

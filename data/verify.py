@@ -22,7 +22,6 @@ from data.cache_format import (
     SHARD_IDENTITY,
     CacheMismatchError,
     check_shard_identity,
-    file_sha256,
     manifest_problem,
     manifest_stats,
     read_manifest,
@@ -31,6 +30,7 @@ from data.cache_format import (
     stats_sha256,
     write_json_atomic,
 )
+from mtsae.hashing import file_sha256
 from mtsae.progress import progress_bar
 
 __all__ = ["BadShard", "verify_cache", "repair_cache"]

@@ -1,4 +1,7 @@
 """``mtsae cache verify PATH [--repair]``: read a whole activation cache and report every bad shard.
+``mtsae cache norms PATH``: the norms of the stored activations at BOS, at the other invalid positions and
+at ordinary tokens, before and after the SAE's zeroing of invalid positions (Gemma's BOS residual is many
+times an ordinary token's).
 
 The checks and the repair are the training application's (:mod:`data.verify`, found in the checkout);
 this module parses the options and prints the verdict.
@@ -7,10 +10,13 @@ this module parses the options and prints the verdict.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-__all__ = ["build_parser", "main"]
+import torch
+
+__all__ = ["build_parser", "main", "position_norms"]
 
 
 def _say(msg: str, err: bool = False) -> None:
@@ -21,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mtsae cache`` argument parser."""
     p = argparse.ArgumentParser(
         prog="mtsae cache",
-        description="Check an activation cache: read every shard, report every bad one.",
+        description="Check an activation cache: read every shard, report every bad one (verify), or look at "
+        "the activation norms at BOS and at ordinary tokens (norms).",
         allow_abbrev=False,
     )
     sub = p.add_subparsers(dest="action", required=True)
@@ -33,12 +40,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete bad shards and mark the cache incomplete, so the next build regenerates exactly those",
     )
     v.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    n = sub.add_parser(
+        "norms",
+        help="activation norms at BOS, other invalid positions and ordinary tokens",
+        allow_abbrev=False,
+    )
+    n.add_argument("path", help="the cache directory (the one holding manifest.json)")
+    n.add_argument("--rows", type=int, default=64, help="the first ROWS training rows (default: %(default)s)")
+    n.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return p
+
+
+def _summary(norms: torch.Tensor) -> dict[str, float | int]:
+    """Count, median and max of a 1-D tensor of norms (``n`` 0 when empty)."""
+    if not norms.numel():
+        return {"n": 0}
+    return {"n": norms.numel(), "median": norms.median().item(), "max": norms.max().item()}
+
+
+def position_norms(path: str | Path, rows: int = 64) -> dict[str, dict[str, float | int]]:
+    """L2 norms of the cached activations of the first ``rows`` training rows: at BOS (position 0), at the
+    other invalid positions (EOS, PAD) and at valid tokens, each as stored (``*``) and as the SAE's
+    convolutions receive them (``*_zeroed``: :meth:`mtsae.sae.model.MTSAE.encoder_input` of a fresh SAE,
+    ``b_dec`` = 0, so only the zeroing of invalid positions changes anything). Also ``bos_over_valid``,
+    the ratio of the medians."""
+    from data.cache import ActivationCache
+    from mtsae.sae.model import MTSAE
+
+    cache = ActivationCache(path)
+    try:
+        batch = cache.read(cache.rows("train")[:rows])
+    finally:
+        cache.close()
+    x_NTD, valid_NT = batch["acts"].float(), batch["valid"]
+    u_NTD = MTSAE(cache.d_in, d_sae=1).encoder_input(x_NTD, valid_NT)
+    bos_NT = torch.zeros_like(valid_NT)
+    bos_NT[:, 0] = True
+    out: dict = {}
+    for suffix, t in (("", x_NTD), ("_zeroed", u_NTD)):
+        norms_NT = t.norm(dim=-1)
+        out["bos" + suffix] = _summary(norms_NT[bos_NT & ~valid_NT])
+        out["other_invalid" + suffix] = _summary(norms_NT[~bos_NT & ~valid_NT])
+        out["valid" + suffix] = _summary(norms_NT[valid_NT])
+    out["bos_over_valid"] = out["bos"]["median"] / out["valid"]["median"] if out["bos"]["n"] else None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     """``mtsae cache verify PATH [--repair]``: exit status 0 when sound (or repaired), 1 when bad shards remain."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.action == "norms":
+        return _norms(args)
     from data.cache_format import CacheMismatchError, read_manifest
     from data.verify import repair_cache, verify_cache
 
@@ -81,3 +133,35 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _norms(args: argparse.Namespace) -> int:
+    """``mtsae cache norms``: one line per kind of position, or ``--json``."""
+    from data.cache_format import CacheMismatchError
+
+    try:
+        norms = position_norms(args.path, args.rows)
+    except (CacheMismatchError, FileNotFoundError) as err:
+        _say(f"mtsae cache norms: {err}", err=True)
+        return 1
+    if args.json:
+        _say(json.dumps(norms, indent=2))
+        return 0
+    names = {
+        "bos": "BOS (position 0)",
+        "other_invalid": "other invalid (EOS/PAD)",
+        "valid": "ordinary tokens",
+    }
+    _say(f"{args.path}: L2 norms of the activations, first {args.rows} training rows")
+    _say(f"{'':26} {'n':>7} {'median':>12} {'max':>12}   after zeroing (median, max)")
+    for key, name in names.items():
+        a, z = norms[key], norms[key + "_zeroed"]
+        if a["n"]:
+            _say(
+                f"{name:26} {a['n']:7d} {a['median']:12,.1f} {a['max']:12,.1f}   {z['median']:,.1f}, {z['max']:,.1f}"
+            )
+        else:
+            _say(f"{name:26} {0:7d}")
+    if norms["bos_over_valid"] is not None:
+        _say(f"BOS / ordinary (medians): {norms['bos_over_valid']:.1f}x")
+    return 0

@@ -32,7 +32,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mtsae_app.features",
         "write a static feature dashboard: mtsae features --ckpt CKPT --config YAML --out DIR [--features ...]",
     ),
-    "cache": ("mtsae_app.cache", "check an activation cache: mtsae cache verify PATH [--repair]"),
+    "cache": (
+        "mtsae_app.cache",
+        "check an activation cache: mtsae cache verify PATH [--repair] | norms PATH",
+    ),
     "example": (
         "mtsae_app.example",
         "write offline example inputs: mtsae example {tiny-lm,unlearning} [--out DIR]",

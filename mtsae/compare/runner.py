@@ -10,7 +10,6 @@ Each process runs with ``OMP_NUM_THREADS=1`` (one core per run): ``--jobs N`` us
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import yaml
 
 from mtsae.compare.config import CompareConfig, RunSpec
+from mtsae.hashing import file_sha256
 
 __all__ = [
     "SPEC_FILE",
@@ -125,7 +125,7 @@ def train_args(
 
 def _file_hashes(cfg: CompareConfig, run: RunSpec) -> dict[str, str]:
     """Content hashes of the base config and the run's overlays (to notice edits after training)."""
-    return {p: hashlib.sha256(Path(p).read_bytes()).hexdigest()[:16] for p in [cfg.base, *run.configs]}
+    return {p: file_sha256(p)[:16] for p in [cfg.base, *run.configs]}
 
 
 def now() -> str:

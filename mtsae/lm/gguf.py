@@ -15,7 +15,6 @@ config with the loaded state dict saves normally (tied embeddings stay tied).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from mtsae.hashing import file_sha256
+
 __all__ = [
     "GGUF_DIR_ENV",
     "GGUFDependencyError",
@@ -33,7 +34,6 @@ __all__ = [
     "is_gguf",
     "materialise_gguf",
     "resolve_model_name",
-    "sha256_file",
 ]
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,6 @@ class GGUFDependencyError(ImportError):
 def is_gguf(name: str | os.PathLike) -> bool:
     """True when ``name`` names a GGUF file (by its suffix)."""
     return str(name).lower().endswith(".gguf")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """The SHA-256 of a file, read in 4 MiB chunks (hex)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def gguf_folder(path: str | os.PathLike, sha256: str) -> Path:
@@ -83,7 +74,7 @@ def gguf_info(name: str | os.PathLike) -> dict[str, str]:
     path = Path(name).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path.resolve())!r} does not exist")
-    return {"model_file": str(path.resolve()), "model_sha256": sha256_file(path)}
+    return {"model_file": str(path.resolve()), "model_sha256": file_sha256(path)}
 
 
 def materialise_gguf(name: str | os.PathLike) -> Path:

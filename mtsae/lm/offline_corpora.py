@@ -32,6 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtsae.hashing import file_sha256
+
 __all__ = [
     "BIOLOGY_WORDS",
     "CorporaReport",
@@ -275,8 +277,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> dict:
             n += 1
             words += len(str(r.get("text", r.get("question", ""))).split())
     tmp.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"rows": n, "words": words, "sha256": digest}
+    return {"rows": n, "words": words, "sha256": file_sha256(path)}
 
 
 def _mmlu(root: Path, out: Path, subjects: Iterable[str] | None, report: CorporaReport) -> None:

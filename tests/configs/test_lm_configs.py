@@ -1,7 +1,8 @@
-"""``configs/gemma_l19.yaml`` (the real job) and ``configs/tiny_lm.yaml`` (the same job, offline).
+"""``configs/gemma_l19.yaml`` (the real job) and ``configs/tiny_lm.yaml``, ``configs/smollm2.yaml``,
+``configs/gemma3_270m.yaml`` (the same job, offline).
 
 - gemma_l19.yaml parses with ``--print_config`` without touching the network;
-- the two files differ only in names and sizes: same keys, same classes, same values except an
+- each of the others differs from it only in names and sizes: same keys, same classes, same values except an
   explicit allowlist, so a class or option added to one file only fails here;
 - ``train.py fit --config configs/tiny_lm.yaml`` builds the bf16 cache from a tiny Gemma-2 and trains.
 """
@@ -23,6 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 GEMMA = REPO / "configs/gemma_l19.yaml"
 TINY = REPO / "configs/tiny_lm.yaml"
 SMOLLM2 = REPO / "configs/smollm2.yaml"
+GEMMA3 = REPO / "configs/gemma3_270m.yaml"
 
 # Leaves (by key name) that may differ between the two configs. Nothing else may: no class_path,
 # no loss, optimizer, schedule shape, cache dtype or data option. Keep this list short.
@@ -185,6 +187,33 @@ def test_smollm2_config_parses_with_its_unlearning_settings(
     cfg = cb["init_args"]["config"]
     assert cfg["scoring"] == "cloze" and cfg["saebench_exact"] is False  # the callback's defaults
     assert cfg["grid"]["retain_thresholds"] == [0.01]
+
+
+def test_gemma3_differs_from_gemma_only_in_names_and_sizes() -> None:
+    gemma, g3 = load(GEMMA), load(GEMMA3)
+    assert config_differences(gemma, g3) == []
+    assert class_paths(gemma) == class_paths(g3)  # core metrics only: no unlearning callback (a base model)
+    src = g3["data"]["source"]["init_args"]
+    assert src["model_name"] == "artifacts/gemma3/gemma-3-270m-q4_k_m.gguf" and src["ctx_len"] == 128
+    # the residual stream after 14 of 18 blocks, as gemma-2-2b's layer 19 is after 20 of 26
+    assert src["layer"] == 13 and abs((src["layer"] + 1) / 18 - 20 / 26) < 0.02
+    assert src["dataset"] == "artifacts/smollm2/data/train.jsonl" and src["model_dtype"] == "float32"
+    assert g3["model"]["d_sae"] == 4 * 640
+    assert (g3["trainer"]["accelerator"], g3["trainer"]["devices"]) == ("cpu", 1)
+    makefile = (REPO / "Makefile").read_text()
+    assert (
+        "mtsae_app.offline --model gemma3 --out $(GEMMA3)" in makefile
+        and "GEMMA3 := artifacts/gemma3" in makefile
+    )
+
+
+def test_gemma3_config_parses_offline(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    offline_hub(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(GEMMA3), "--print_config"])
+    assert e.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["source"]["init_args"]["layer"] == 13 and printed["model"]["d_sae"] == 2560
 
 
 def test_config_comparison_catches_a_new_class_or_option() -> None:

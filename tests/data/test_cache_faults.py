@@ -12,9 +12,10 @@ import pytest
 
 import mtsae_app.cli as mtsae_cli
 from data.cache import ActivationCache
-from data.cache_format import CacheMismatchError, CacheReadError, CacheSpec, CacheWriteError, file_sha256
+from data.cache_format import CacheMismatchError, CacheReadError, CacheSpec, CacheWriteError
 from data.cache_writer import build_cache
 from data.verify import verify_cache
+from mtsae.hashing import file_sha256
 from tests.helpers.factories import tiny_source
 
 SPEC = CacheSpec(n_sequences=8, val_sequences=4, shard_size=4, dtype="float32")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mtsae.hashing import file_sha256
 from mtsae.lm import gguf as gguf_mod
-from mtsae.lm.gguf import GGUFDependencyError, gguf_folder, is_gguf, materialise_gguf, sha256_file
+from mtsae.lm.gguf import GGUFDependencyError, gguf_folder, is_gguf, materialise_gguf
 from mtsae.lm.loading import LMUnavailableError, load_causal_lm, load_tokenizer
 
 needs_real = pytest.mark.skipif(
@@ -60,7 +61,7 @@ def test_missing_package_names_what_to_install(tmp_path: Path, monkeypatch: pyte
 def test_folder_is_keyed_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     f = tmp_path / "m.gguf"
     f.write_bytes(b"abc")
-    sha = sha256_file(f)
+    sha = file_sha256(f)
     assert sha == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # SHA-256("abc")
     assert gguf_folder(f, sha) == tmp_path / f"m-{sha[:16]}"
     monkeypatch.setenv(gguf_mod.GGUF_DIR_ENV, str(tmp_path / "store"))
@@ -71,7 +72,7 @@ def test_folder_is_keyed_by_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 def test_real_gguf_loads_and_is_materialised_once(
     smollm2_gguf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sha = sha256_file(smollm2_gguf)
+    sha = file_sha256(smollm2_gguf)
     folder = gguf_folder(smollm2_gguf, sha)
     info = json.loads((folder / "gguf.json").read_text())
     assert info["model_sha256"] == sha and info["model_file"] == str(smollm2_gguf.resolve())
@@ -110,7 +111,7 @@ def test_lm_source_captures_layer_20(smollm2_gguf: Path, tmp_path: Path) -> None
     )
     src.check()
     fp = src.fingerprint()
-    assert fp["model_sha256"] == sha256_file(smollm2_gguf) and fp["model_name"] == str(smollm2_gguf)
+    assert fp["model_sha256"] == file_sha256(smollm2_gguf) and fp["model_name"] == str(smollm2_gguf)
     (chunk,) = list(src.generate(0, 3, batch_size=3))
     assert chunk.acts.shape == (3, 16, 576) and chunk.acts.dtype == torch.float32
     assert torch.isfinite(chunk.acts).all() and chunk.tokens.shape == (3, 16)

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mtsae.evals.scores import next_token_ce
 from mtsae.evals.unlearning.mcq import MCQDatasetError, MCQuestion, row_to_question
 from mtsae.lm.loading import special_ids
 
@@ -217,7 +217,11 @@ def mean_text_ce(
     intervention: Intervention | None = None,
 ) -> float:
     """Mean next-token cross-entropy (nats) over token rows ``[N, T]``; targets that are special tokens
-    (BOS/EOS/PAD) are not counted."""
+    (BOS/EOS/PAD) are not counted.
+
+    The per-token loss is the core metrics' (:func:`mtsae.evals.scores.next_token_ce`); the mask is not:
+    SAEBench's CE-loss score skips the predictions made *at* a special token, this one the predictions
+    *of* one (the first token after BOS or EOS counts here, predicting EOS does not)."""
     device = next(model.parameters()).device
     ids_special = torch.tensor([s for s in special if s is not None], dtype=torch.long)
     total, count = 0.0, 0
@@ -227,9 +231,8 @@ def mean_text_ce(
         ctx = intervention(ids, mask) if intervention is not None else contextlib.nullcontext()
         with ctx:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits  # [B, T, V]
-        targets = ids[:, 1:]
-        ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), reduction="none")
-        keep = ~torch.isin(targets.flatten(), ids_special.to(device))
+        ce = next_token_ce(logits, ids)  # [B, T-1]: the loss of predicting ids[:, 1:]
+        keep = ~torch.isin(ids[:, 1:], ids_special.to(device))
         total += float(ce[keep].double().sum())
         count += int(keep.sum())
     if count == 0:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtsae.hashing import update_from_file
+
 __all__ = ["RECIPE_FORMAT", "RecipeError", "UnlearningRecipe", "sae_sha256", "load_sae_path"]
 
 RECIPE_FORMAT = "mtsae-unlearning-recipe"
@@ -52,9 +54,7 @@ def sae_sha256(path: str | os.PathLike) -> str:
     for p in files:
         if path.is_dir():
             h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        update_from_file(h, p)
     return h.hexdigest()
 
 

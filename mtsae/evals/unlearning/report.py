@@ -68,13 +68,18 @@ def best_recipe(
 
 
 def summary_markdown(results: Mapping[str, Any]) -> str:
-    """A short markdown summary of :func:`evaluate_unlearning` results."""
+    """A short markdown summary of :func:`evaluate_unlearning` results. With cloze scoring the question sets
+    are named for what they are (forget-topic and retain questions, not WMDP-bio and MMLU) and the text
+    selectivity of each grid point is shown beside its accuracies."""
     best = results.get("best")
     exact = results.get("conventions", {}).get("saebench_exact")
     title = {True: "SAEBench-exact", False: "this project's conventions", None: "SAEBench"}[exact]
     which = "unmodified model" if best is None else "best"
+    cloze = results.get("scoring") == "cloze"
+    forget, retain = ("forget-topic", "retain") if cloze else ("WMDP-bio", "MMLU")
+    selectivity = cloze and any("text_selectivity" in c for c in results["configs"])
     lines = [
-        f"# Unlearning ({title})",
+        f"# Unlearning ({title}{', cloze scoring' if cloze else ''})",
         "",
         *[f"> **Warning:** {w}\n" for w in results.get("warnings", [])],
         f"- unlearning score: **{results['unlearning_score']:.4f}**",
@@ -85,17 +90,33 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
             else f"threshold {best['retain_threshold']}, n {best['n_features']}, multiplier {best['multiplier']}, "
             f"features {best['features']}"
         ),
-        f"- WMDP-bio accuracy ({which}): {results['wmdp_acc_best']:.4f}",
-        f"- MMLU accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
+        f"- {forget} accuracy ({which}): {results['wmdp_acc_best']:.4f}",
+        f"- {retain} accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
         "- questions kept / loaded: "
         + ", ".join(f"{n} {v['kept']}/{v['loaded']}" for n, v in results["n_questions"].items()),
-        "",
-        "| threshold | n | multiplier | features | WMDP acc | MMLU acc |",
-        "|---|---|---|---|---|---|",
     ]
-    for c in results["configs"]:
+    if selectivity:
         lines.append(
-            f"| {c['retain_threshold']} | {c['n_features']} | {c['multiplier']} | {len(c['features'])} | "
-            + ("— | — |" if not c["features"] else f"{c['wmdp_accuracy']:.4f} | {c['mmlu_accuracy']:.4f} |")
+            "- text selectivity: CE increase under the clamp on held-out forget-corpus text minus that on "
+            "held-out retain text (nats per token)"
         )
+    head = ["threshold", "n", "multiplier", "features", f"{forget} acc", f"{retain} acc"]
+    if selectivity:
+        head += ["CE incr. forget", "CE incr. retain", "selectivity"]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in results["configs"]:
+        cells = [
+            str(c["retain_threshold"]),
+            str(c["n_features"]),
+            str(c["multiplier"]),
+            str(len(c["features"])),
+        ]
+        if not c["features"]:
+            cells += ["—"] * (len(head) - 4)
+        else:
+            cells += [f"{c['wmdp_accuracy']:.4f}", f"{c['mmlu_accuracy']:.4f}"]
+            if selectivity:
+                keys = ("ce_increase_forget", "ce_increase_retain", "text_selectivity")
+                cells += [f"{c[k]:+.4f}" if c.get(k) is not None else "—" for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
