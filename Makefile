@@ -107,7 +107,7 @@ compare-quick: $(STAMP)
 		--set data.cache_dir=/tmp/mtsae-reports/cache
 
 # the real-model comparison: per-token SAE, MTSAE and the frozen-convolution control on SmolLM2-135M-Instruct
-# (layer 20), TopK at k 16 / 32 / 64 and ReLU+L1 at one coefficient, 2 seeds (22 runs, at most about 2.6 h with
+# (layer 20), TopK at k 16 / 32 / 64 and ReLU+L1 at one coefficient, 2 seeds (22 runs, about 2.4 h with
 # JOBS=2 on this project's 2-core machine: configs/compare/smollm2.yaml's header). It reads the activation cache
 # of configs/smollm2.yaml (built first when missing) and writes reports/smollm2/ (report.md, summary.md,
 # figures, timing.json, runs/) beside the unlearning files there. Resumable: finished runs are skipped.
