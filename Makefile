@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install smollm2 smollm2-unlearning real-tier gemma3 gemma3-example demo compare compare-separation compare-quick compare-demo test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install smollm2 smollm2-unlearning real-tier gemma3 gemma3-example demo compare compare-separation compare-quick compare-demo compare-smollm2 test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -105,6 +105,14 @@ compare-separation: $(STAMP)
 compare-quick: $(STAMP)
 	$(PY) -m mtsae_app compare --config configs/compare/quick.yaml --jobs $(JOBS) --out /tmp/mtsae-reports \
 		--set data.cache_dir=/tmp/mtsae-reports/cache
+
+# the real-model comparison: per-token SAE, MTSAE and the frozen-convolution control on SmolLM2-135M-Instruct
+# (layer 20), TopK at k 16 / 32 / 64 and ReLU+L1 at one coefficient, 2 seeds (22 runs, about 2.4 h with
+# JOBS=2 on this project's 2-core machine: configs/compare/smollm2.yaml's header). It reads the activation cache
+# of configs/smollm2.yaml (built first when missing) and writes reports/smollm2/ (report.md, summary.md,
+# figures, timing.json, runs/) beside the unlearning files there. Resumable: finished runs are skipped.
+compare-smollm2: $(SMOLLM2)/.ready
+	$(PY) -m mtsae_app compare --config configs/compare/smollm2.yaml --jobs $(JOBS)
 
 # the earlier single-seed comparison of MTSAE, baselines and ablations (reports/demo/)
 compare-demo: $(STAMP)

@@ -4,6 +4,7 @@ from callbacks.checkpoint import ModelCheckpoint
 from callbacks.core_metrics import CoreLMMetrics
 from callbacks.disentanglement import Disentanglement
 from callbacks.export import ExportSAE
+from callbacks.feature_examples import FeatureExamples
 from callbacks.ground_truth import GroundTruthRecovery
 from callbacks.plateau import PlateauStopping
 from callbacks.summary import RunSummary
@@ -14,6 +15,7 @@ __all__ = [
     "CoreLMMetrics",
     "Disentanglement",
     "ExportSAE",
+    "FeatureExamples",
     "GroundTruthRecovery",
     "ModelCheckpoint",
     "PlateauStopping",

@@ -27,13 +27,17 @@ values and compares the families there (mean ± std over seeds)::
       activations:                                    # per activation: its args and the sparsity knob
         relu: {args: {model.activation: relu}, knob: model.sparsity_coeff, values: [1, 2, 4]}
         topk: {args: {model.activation: topk}, knob: model.activation_kwargs, values: [{k: 3}, {k: 8}]}
+        relu1:                                        # optional: only some families; one value = one point
+          {args: {model.activation: relu}, knob: model.sparsity_coeff, values: [5.0], families: [token, mtsae]}
       contrasts: [[mtsae, token], [mtsae, mtsae_frozen_conv]]   # default: every family vs the first
       n_l0: 3                                         # common L0 values per activation (>= 1)
       metrics: [val/fvu, val/recovered/slow]          # default: see DEFAULT_METRICS
       min_effect: {val/fvu: 0.01}                     # smallest difference called one (default:
                                                       # mtsae.compare.frontier.DEFAULT_MIN_EFFECT)
 
-Frontier runs are named ``<activation>-<family>-<point>-s<seed>`` (point = index into ``values``).
+Frontier runs are named ``<activation>-<family>-<point>-s<seed>`` (point = index into ``values``). An
+activation with a single knob value has no frontier: its families are compared at their runs' own L0
+(the report says so and shows each family's L0 beside the metrics).
 
 Shared keys: ``name`` (report folder ``<out>/<name>/``), ``base`` (training config every run starts from;
 paths are relative to the current directory), ``description`` (text at the top of the report) and
@@ -108,7 +112,9 @@ class Activation:
     knob: str
     """the swept key (``model.sparsity_coeff``, ``model.activation_kwargs``, ...)"""
     values: list[Any]
-    """the knob's values, one frontier point each"""
+    """the knob's values, one frontier point each (a single value: compared at the runs' own L0)"""
+    families: list[str] | None = None
+    """the families trained with this activation (``None``: every family of the frontier)"""
 
 
 @dataclass
@@ -244,15 +250,24 @@ def _frontier(raw: Any, path: str) -> Frontier:
             raise ValueError(f"{w}: name must match [A-Za-z0-9_.]+")
         if not isinstance(spec, dict):
             raise ValueError(f"{w} must be a mapping with knob and values")
-        _check_keys(spec, {"args", "knob", "values"}, w)
+        _check_keys(spec, {"args", "knob", "values", "families"}, w)
         knob, values = spec.get("knob"), spec.get("values")
         if not isinstance(knob, str) or not knob.startswith("model."):
             raise ValueError(f"{w}.knob must be a model.* key, got {knob!r}")
-        if not isinstance(values, list) or len(values) < 2:
-            raise ValueError(f"{w}.values must list at least two knob values (a frontier needs two points)")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{w}.values must list the knob's values (one: compared at the runs' own L0)")
+        subset = spec.get("families")
+        if subset is not None and (
+            not isinstance(subset, list) or not subset or not all(f in families for f in subset)
+        ):
+            raise ValueError(f"{w}.families must list family names from {list(families)}, got {subset!r}")
         args = as_cli(spec.get("args") or {}, f"{w}.args")
         _only_model(args, w)
-        activations.append(Activation(str(name), args, knob, list(values)))
+        activations.append(
+            Activation(
+                str(name), args, knob, list(values), None if subset is None else [str(f) for f in subset]
+            )
+        )
     names = list(families)
     contrasts_raw = raw.get("contrasts")
     if contrasts_raw is None:
@@ -295,6 +310,8 @@ def frontier_runs(frontier: Frontier, seeds: list[int]) -> list[RunSpec]:
     for seed in seeds:
         for act in frontier.activations:
             for family, fargs in frontier.families.items():
+                if act.families is not None and family not in act.families:
+                    continue
                 for point, value in enumerate(act.values):
                     knob = as_cli({act.knob: value}, act.knob)
                     runs.append(

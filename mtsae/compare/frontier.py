@@ -13,6 +13,11 @@ overlap the other way, and *no difference* when they overlap. Intervals that do 
 means differ by less than the metric's *min effect* (:data:`DEFAULT_MIN_EFFECT`, or the compare config's
 ``frontier.min_effect``) are *negligible*: a real but practically irrelevant difference is not a claim.
 With fewer than two seeds on either side no claim is made.
+
+An activation swept at a single knob value has no frontier: every (family, seed) has one point. Its
+families are then compared at their runs' own L0 (:attr:`ActivationFrontier.matched` is false): the
+table holds each family's mean ± std of every metric and of ``val/l0`` itself, and the verdicts follow the
+same rule, for a reader to weigh against the L0 difference.
 """
 
 from __future__ import annotations
@@ -134,6 +139,9 @@ class ActivationFrontier:
     verdicts: list[Verdict] = field(default_factory=list)
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     """family -> the L0 range covered by all of its seeds"""
+    matched: bool = True
+    """``False``: a single knob value, compared at each family's own L0 (one column, ``l0_values`` holds
+    the mean L0 over all runs)"""
 
 
 def better_direction(metric: str) -> str:
@@ -208,6 +216,8 @@ def frontier_analysis(
     by_fs: dict[tuple[str, int], list[Point]] = {}
     for p in pts:
         by_fs.setdefault((p.family, p.seed), []).append(p)
+    if by_fs and all(len(v) == 1 for v in by_fs.values()):
+        return _own_l0_analysis(by_fs, activation, families, metrics, contrasts, min_effect)
     # a frontier needs two points; a (family, seed) with fewer is left out of the analysis
     frontiers = {k: v for k, v in by_fs.items() if len({p.l0 for p in v}) >= 2}
     present = [f for f in families if any(k[0] == f for k in frontiers)]
@@ -244,4 +254,42 @@ def frontier_analysis(
                 sa, sb = per_family[a][i], per_family[b][i]
                 outcome = compare_stats(sa, sb, better_direction(metric), min_effect_of(metric, min_effect))
                 out.verdicts.append(Verdict(activation, metric, x, a, b, outcome, sa, sb))
+    return out
+
+
+def _own_l0_analysis(
+    by_fs: dict[tuple[str, int], list[Point]],
+    activation: str,
+    families: Sequence[str],
+    metrics: Sequence[str],
+    contrasts: Sequence[tuple[str, str]],
+    min_effect: dict[str, float] | None,
+) -> ActivationFrontier:
+    """One point per (family, seed): mean ± std over seeds at each family's own L0, ``val/l0`` included."""
+    present = [f for f in families if any(k[0] == f for k in by_fs)]
+    l0s = {f: [v[0].l0 for k, v in by_fs.items() if k[0] == f] for f in present}
+    all_l0 = [x for v in l0s.values() for x in v]
+    out = ActivationFrontier(
+        activation,
+        present,
+        (min(all_l0), max(all_l0)),
+        [float(np.mean(all_l0))],
+        ranges={f: (min(v), max(v)) for f, v in l0s.items()},
+        matched=False,
+    )
+    for metric in ["val/l0", *[m for m in metrics if m != "val/l0"]]:
+        per_family = {
+            f: [summarise([v[0].metrics.get(metric, math.nan) for k, v in by_fs.items() if k[0] == f])]
+            for f in present
+        }
+        if all(s[0].n == 0 for s in per_family.values()):
+            continue
+        out.table[metric] = per_family
+        if metric == "val/l0":
+            continue  # the sparsity the runs reached, not a claim
+        for a, b in contrasts:
+            if a in per_family and b in per_family:
+                sa, sb = per_family[a][0], per_family[b][0]
+                outcome = compare_stats(sa, sb, better_direction(metric), min_effect_of(metric, min_effect))
+                out.verdicts.append(Verdict(activation, metric, out.l0_values[0], a, b, outcome, sa, sb))
     return out

@@ -192,8 +192,9 @@ def verdict_lines(fa: ActivationFrontier, conv: dict[str, FamilyConvergence] | N
             if not vs:
                 continue
             outcomes = {"no difference" if v.outcome == "negligible" else v.outcome for v in vs}
+            where = (lambda v: f"L0 {v.l0:.1f}") if fa.matched else (lambda v: "at own L0")
             detail = "; ".join(
-                f"L0 {v.l0:.1f}: {v.stat_a.text()} vs {v.stat_b.text()}" + ("" if len(outcomes) == 1
+                f"{where(v)}: {v.stat_a.text()} vs {v.stat_b.text()}" + ("" if len(outcomes) == 1
                 and v.outcome != "negligible" else f" ({_OUTCOME_TEXT.get(v.outcome, v.outcome)})") for v in vs
             )  # fmt: skip
             if outcomes == {"better"}:
@@ -215,9 +216,11 @@ def _frontier_tables(fa: ActivationFrontier) -> list[str]:
     if fa.l0_range is None:
         return []
     lines = []
+    where = "at common L0" if fa.matched else "at each family's own L0 (one knob value: not L0-matched)"
+    columns = [f"L0 {x:.1f}" for x in fa.l0_values] if fa.matched else ["own L0"]
     for metric, per_family in fa.table.items():
-        lines += [f"**{metric.removeprefix('val/')}** at common L0 (mean ± std over seeds, n seeds)", ""]
-        lines += ["| family | " + " | ".join(f"L0 {x:.1f}" for x in fa.l0_values) + " | n |"]
+        lines += [f"**{metric.removeprefix('val/')}** {where} (mean ± std over seeds, n seeds)", ""]
+        lines += ["| family | " + " | ".join(columns) + " | n |"]
         lines += ["|---" * (len(fa.l0_values) + 2) + "|"]
         for fam, stats in per_family.items():
             ns = sorted({s.n for s in stats})
@@ -311,6 +314,8 @@ def frontier_sections(
     for fa in analyses:
         knob = next(a for a in fr.activations if a.name == fa.activation)
         rng = "none" if fa.l0_range is None else f"{fa.l0_range[0]:.1f}–{fa.l0_range[1]:.1f}"
+        if not fa.matched:
+            rng = f"none: one knob value, runs' L0 {rng}"
         lines += [
             f"### {fa.activation}",
             "",

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mtsae.compare.config import CompareConfig  # noqa: E402
 from mtsae.compare.convergence import run_end  # noqa: E402
+from mtsae.compare.examples_report import examples_section  # noqa: E402
 from mtsae.compare.frontier_report import frontier_sections, slug  # noqa: E402
 from mtsae.compare.results import RunResult, timescale_groups  # noqa: E402
 from mtsae.compare.runner import now  # noqa: E402
@@ -266,10 +267,16 @@ def write_report(
         lines += _runs_table(results)
         if explicit:
             lines += _explicit_sections(cfg, explicit, root, figures)
+        lines += examples_section(out, cfg, results)
         lines += _command_lines(results)
     path = root / "report.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _overrides_text(overrides: list[str], width: int = 100) -> str:
+    """The shared overrides, each long value (a callback list) cut to ``width`` characters."""
+    return " ".join(o if len(o) <= width else o[: width - 5] + " ...]" for o in overrides) or "none"
 
 
 def _header_lines(
@@ -290,7 +297,7 @@ def _header_lines(
         f"- date: {now()}",
         f"- command: `{command}`",
         f"- compare config: `{config_path}`",
-        f"- base training config: `{cfg.base}`; shared overrides: `{' '.join(cfg.overrides) or 'none'}`",
+        f"- base training config: `{cfg.base}`; shared overrides: `{_overrides_text(cfg.overrides)}`",
         "- machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         f"- runs finished: {len(results)}/{len(cfg.runs)}"
         + (

@@ -61,10 +61,9 @@ def _spec(cfg: CompareConfig, run: RunSpec, extra: Sequence[str]) -> dict[str, A
     return {"base": cfg.base, "overrides": [*cfg.overrides, *extra], "configs": run.configs, "args": run.args}
 
 
-def _checkpoint_dirs(base: str, rd: Path) -> list[str]:
-    """If the base config pins a ``ModelCheckpoint`` ``dirpath`` (shared by every run), an override that
-    moves it to ``<run dir>/checkpoints``; otherwise nothing (checkpoints go to the logger's folder)."""
-    callbacks = ((yaml.safe_load(Path(base).read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+def _move_checkpoints(callbacks: list, rd: Path) -> bool:
+    """Point every ``ModelCheckpoint`` of ``callbacks`` that pins a ``dirpath`` at ``<run dir>/checkpoints``
+    (in place); whether any did."""
     moved = False
     for cb in callbacks:
         init = cb.get("init_args") if isinstance(cb, dict) else None
@@ -75,7 +74,28 @@ def _checkpoint_dirs(base: str, rd: Path) -> list[str]:
         ):
             init["dirpath"] = str(rd / "checkpoints")
             moved = True
-    return [f"--trainer.callbacks={json.dumps(callbacks)}"] if moved else []
+    return moved
+
+
+def _checkpoint_dirs(base: str, rd: Path) -> list[str]:
+    """If the base config pins a ``ModelCheckpoint`` ``dirpath`` (shared by every run), an override that
+    moves it to ``<run dir>/checkpoints``; otherwise nothing (checkpoints go to the logger's folder)."""
+    callbacks = ((yaml.safe_load(Path(base).read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+    return [f"--trainer.callbacks={json.dumps(callbacks)}"] if _move_checkpoints(callbacks, rd) else []
+
+
+def _run_overrides(overrides: Sequence[str], rd: Path) -> list[str]:
+    """The shared overrides for one run: a callback list given there (``trainer.callbacks``) gets its
+    pinned checkpoint folders moved into the run folder, as the base config's do."""
+    out = []
+    for token in overrides:
+        key, sep, value = token.partition("=")
+        if key == "--trainer.callbacks" and sep:
+            callbacks = json.loads(value)
+            if isinstance(callbacks, list) and _move_checkpoints(callbacks, rd):
+                token = f"{key}={json.dumps(callbacks)}"
+        out.append(token)
+    return out
 
 
 def train_args(
@@ -83,7 +103,7 @@ def train_args(
 ) -> list[str]:
     """The ``train.py`` arguments of a run (``fit`` included)."""
     rd = run_dir(out, cfg, run)
-    args = ["fit", "--config", cfg.base, *_checkpoint_dirs(cfg.base, rd), *cfg.overrides]
+    args = ["fit", "--config", cfg.base, *_checkpoint_dirs(cfg.base, rd), *_run_overrides(cfg.overrides, rd)]
     for c in run.configs:
         args += ["--config", c]
     args += [

@@ -34,7 +34,7 @@ from mtsae.features.attribution import ContextAttribution, context_attribution
 from mtsae.features.stats import FeatureStats, FeatureStatsResult
 from mtsae.progress import track
 
-__all__ = ["FeaturesConfig", "DashboardTruth", "collect_dashboard", "select_features"]
+__all__ = ["FeaturesConfig", "DashboardTruth", "collect_dashboard", "select_features", "stream_stats"]
 
 log = logging.getLogger("mtsae.features")
 
@@ -135,9 +135,11 @@ def _batches(rows: np.ndarray, per_batch: int) -> list[np.ndarray]:
     return [rows[i : i + per_batch] for i in range(0, len(rows), per_batch)]
 
 
-def _stream(
+def stream_stats(
     sae, read_rows, rows: np.ndarray, features: Tensor, cfg: FeaturesConfig, device, progress: bool
 ) -> FeatureStatsResult:
+    """Step 1 of the module docstring: encode ``rows`` in batches and keep :class:`FeatureStats` of
+    ``features``."""
     first = read_rows(rows[:1])
     T = int(first["acts"].shape[1])
     stats = FeatureStats(features, cfg.n_top, cfg.n_sample, cfg.n_bins, cfg.seed, device)
@@ -304,7 +306,7 @@ def collect_dashboard(
     if len(rows) == 0:
         raise ValueError("the split has no rows to read")
     sae = sae.to(device).eval()
-    res = _stream(sae, read_rows, rows, features, cfg, device, progress)
+    res = stream_stats(sae, read_rows, rows, features, cfg, device, progress)
     W_dec = sae.W_dec.detach()[features.to(sae.W_dec.device)]
     match = _match_truth(W_dec, truth) if truth is not None else None
     picks = _pick_examples(res, cfg)

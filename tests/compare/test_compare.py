@@ -208,7 +208,7 @@ def test_frontier_grid_expands_to_one_run_per_family_point_and_seed(tmp_path: Pa
     assert cfg.frontier.contrasts == [("b", "a")] and cfg.seeds == [0]
     bad = [
         ({"families": fam, "activations": {"relu": {"knob": "data.batch_size", "values": [1, 2]}}}, "model"),
-        ({"families": fam, "activations": {"relu": {"knob": "model.sparsity_coeff", "values": [1]}}}, "two"),
+        ({"families": fam, "activations": {"relu": {"knob": "model.sparsity_coeff", "values": []}}}, "list"),
         ({"families": {"a-b": {}}, "activations": act}, "family name"),
         ({"families": {"a": {"trainer.max_steps": 3}}, "activations": act}, "only model"),
         ({"families": fam, "activations": act, "contrasts": [["a", "c"]]}, "pair of family names"),
