@@ -30,7 +30,7 @@ class Disentanglement(EveryNValidations):
     """Every ``every_n_val``-th validation, measure how disentangled the SAE's features are.
 
     During validation the codes of the first ``max_batches`` validation batches of each rank are
-    recomputed (``pl_module(batch["acts"], batch["valid"]).f``) and accumulated; at the end the
+    recomputed (``pl_module.sae(*pl_module._inputs(batch)).f``, the training's mask) and accumulated; at the end the
     counts are summed across ranks (``trainer.strategy.reduce``), and every rank computes the same
     results (see :mod:`mtsae.evals.disentanglement` for the definitions). The sanity check is skipped.
 
@@ -91,8 +91,9 @@ class Disentanglement(EveryNValidations):
         ):
             return
         with torch.no_grad():
-            f = pl_module(batch["acts"], batch["valid"]).f  # [B, T, d_sae]
-        self._acc.update(f, batch["valid"])
+            x, valid = pl_module._inputs(batch)  # the training's mask (activation sinks included)
+            f = pl_module.sae(x, valid).f  # [B, T, d_sae]
+        self._acc.update(f, valid)
 
     def _ground_truth(self, trainer: L.Trainer) -> GroundTruth | None:
         if not self._truth_read:

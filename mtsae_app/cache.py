@@ -13,10 +13,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = ["build_parser", "main", "position_norms"]
+
+
+#: the multiples of the median token norm that ``mtsae cache norms`` counts tokens above
+SINK_MULTIPLES = (10.0, 100.0)
 
 
 def _say(msg: str, err: bool = False) -> None:
@@ -58,14 +63,18 @@ def _summary(norms: torch.Tensor) -> dict[str, float | int]:
     return {"n": norms.numel(), "median": norms.median().item(), "max": norms.max().item()}
 
 
-def position_norms(path: str | Path, rows: int = 64) -> dict[str, dict[str, float | int]]:
+def position_norms(path: str | Path, rows: int = 64) -> dict[str, Any]:
     """L2 norms of the cached activations of the first ``rows`` training rows: at BOS (position 0), at the
     other invalid positions (EOS, PAD) and at valid tokens, each as stored (``*``) and as the SAE's
     convolutions receive them (``*_zeroed``: :meth:`mtsae.sae.model.MTSAE.encoder_input` of a fresh SAE,
     ``b_dec`` = 0, so only the zeroing of invalid positions changes anything). Also ``bos_over_valid``,
-    the ratio of the medians."""
+    the ratio of the medians, and ``sinks``: per multiple ``m`` of :data:`SINK_MULTIPLES`, how many valid
+    tokens have a norm above ``m`` times the median valid norm of these rows (the ``max_norm_multiple``
+    rule, :mod:`mtsae.sae.positions`, on these rows as one batch) and their share of the summed squared
+    norm of the valid tokens."""
     from data.cache import ActivationCache
     from mtsae.sae.model import MTSAE
+    from mtsae.sae.positions import ordinary_positions
 
     cache = ActivationCache(path)
     try:
@@ -83,6 +92,13 @@ def position_norms(path: str | Path, rows: int = 64) -> dict[str, dict[str, floa
         out["other_invalid" + suffix] = _summary(norms_NT[~bos_NT & ~valid_NT])
         out["valid" + suffix] = _summary(norms_NT[valid_NT])
     out["bos_over_valid"] = out["bos"]["median"] / out["valid"]["median"] if out["bos"]["n"] else None
+    sq_NT = torch.where(valid_NT, x_NTD.double().pow(2).sum(-1), 0.0)
+    total = float(sq_NT.sum())
+    out["sinks"] = []
+    for m in SINK_MULTIPLES:
+        sink_NT = valid_NT & ~ordinary_positions(x_NTD, valid_NT, m)
+        share = float(sq_NT[sink_NT].sum()) / total if total > 0 else 0.0
+        out["sinks"].append({"multiple": m, "n": int(sink_NT.sum()), "share": share})
     return out
 
 
@@ -164,4 +180,10 @@ def _norms(args: argparse.Namespace) -> int:
             _say(f"{name:26} {0:7d}")
     if norms["bos_over_valid"] is not None:
         _say(f"BOS / ordinary (medians): {norms['bos_over_valid']:.1f}x")
+    n_valid = norms["valid"]["n"]
+    for s in norms["sinks"]:
+        _say(
+            f"ordinary tokens above {s['multiple']:g} x median: {s['n']} of {n_valid}, "
+            f"{100 * s['share']:.1f}% of the summed squared norm (model.max_norm_multiple: {s['multiple']:g} drops them)"
+        )
     return 0

@@ -107,6 +107,7 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
     with torch.no_grad():
         for batch in val_batches(dm, args.max_batches, args.progress, "reconstruction"):
             x, valid = batch["acts"].to(device).float(), batch["valid"].to(device)
+            valid = sae.valid_positions(x, valid)  # less the activation sinks (max_norm_multiple)
             out = sae(x, valid)
             metrics.update(x, out.x_hat, out.f, valid)
     results: dict[str, Any] = {

@@ -41,6 +41,7 @@ from mtsae.evals.scores import ce_loss_score, kl_div_score, kl_per_token, next_t
 from mtsae.evals.unlearning.intervention import valid_token_mask
 from mtsae.lm.hooks import splice_resid_post
 from mtsae.lm.loading import model_dtype
+from mtsae.sae.positions import sae_valid_positions
 
 __all__ = [
     "CoreConfig",
@@ -110,7 +111,8 @@ def core_lm_metrics(
         layer: decoder layer whose output (resid_post) is replaced.
         input_ids: ``[N, T]`` token ids of the held-out rows.
         attention_mask: ``[N, T]`` (1 = attended) or ``None`` (all attended).
-        special_ids: BOS / EOS / PAD ids: those positions keep their activation and are not averaged.
+        special_ids: BOS / EOS / PAD ids: those positions keep their activation and are not averaged;
+            nor are the activation sinks of the SAE's ``max_norm_multiple`` (:mod:`mtsae.sae.positions`).
         batch_size: rows per forward pass (three forwards per batch).
         progress: show a progress bar over batches.
 
@@ -135,6 +137,17 @@ def core_lm_metrics(
         ids = input_ids[start : start + batch_size].to(device=dev, dtype=torch.long)  # [B, T]
         mask = None if attention_mask is None else attention_mask[start : start + batch_size].to(dev)
         valid = valid_token_mask(ids, mask, special_ids)  # [B, T]
+        kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+        seen: list[Tensor] = []
+
+        def read(h: Tensor, seen: list[Tensor] = seen) -> Tensor:  # layer L's output, unchanged
+            seen.append(h)
+            return h
+
+        with splice_resid_post(model, layer, read):
+            clean = model(**kw).logits  # [B, T, V]
+        # activation sinks (the SAE's max_norm_multiple) keep their activation and are not averaged
+        valid = sae_valid_positions(sae, seen.pop(), valid)
         keep = valid.unsqueeze(-1)  # [B, T, 1]
 
         def reconstruct(h: Tensor, valid: Tensor = valid, keep: Tensor = keep) -> Tensor:  # [B, T, d]
@@ -145,8 +158,6 @@ def core_lm_metrics(
         def zero(h: Tensor, keep: Tensor = keep) -> Tensor:
             return torch.where(keep, torch.zeros_like(h), h)
 
-        kw: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
-        clean = model(**kw).logits  # [B, T, V]
         v_ce, v_kl = valid[:, :-1], valid  # CE at t predicts t+1 from input token t
         sums["ce_clean"] += next_token_ce(clean, ids)[v_ce].double().sum().cpu()
         for name, fn in (("sae", reconstruct), ("zero", zero)):

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from mtsae.evals.ground_truth import GroundTruth
 from mtsae.evals.sparsity import SparsityAccumulator
+from mtsae.sae.positions import sae_valid_positions
 from mtsae.training.metrics import RECOVERY_THRESHOLD
 
 __all__ = [
@@ -445,6 +446,7 @@ def evaluate_disentanglement(
             break
         valid = batch["valid"].to(p.device, torch.bool)
         x = batch["acts"].to(p.device, p.dtype)  # [B, T, d_in]
+        valid = sae_valid_positions(sae, x, valid)
         acc.update(sae.encode(x, valid), valid)
         n += 1
     if n == 0:

@@ -33,6 +33,7 @@ from torch import Tensor
 from mtsae.features.attribution import ContextAttribution, context_attribution
 from mtsae.features.stats import FeatureStats, FeatureStatsResult
 from mtsae.progress import track
+from mtsae.sae.positions import sae_valid_positions
 
 __all__ = ["FeaturesConfig", "DashboardTruth", "collect_dashboard", "select_features", "stream_stats"]
 
@@ -147,6 +148,7 @@ def stream_stats(
     for chunk in track(batches, desc="features: pass", unit="batch", disable=not progress):
         data = read_rows(chunk)
         x, valid = data["acts"].to(device).float(), data["valid"].to(device)
+        valid = sae_valid_positions(sae, x, valid)  # less the activation sinks (max_norm_multiple)
         stats.update(sae.encode(x, valid), valid, torch.from_numpy(chunk))
     return stats.result()
 
@@ -198,6 +200,7 @@ def _examples(
     ):
         data = read_rows(chunk)
         x, valid, tokens = data["acts"].to(device).float(), data["valid"].to(device), data["tokens"]
+        valid = sae_valid_positions(sae, x, valid)
         f = sae.encode(x, valid)  # [b, T, d_sae]
         T = x.shape[1]
         coef = truth.coefficients(chunk) if truth is not None and truth.coefficients is not None else None

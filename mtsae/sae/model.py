@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mtsae.sae.activations import Activation, make_activation
+from mtsae.sae.positions import check_max_norm_multiple, ordinary_positions
 
 __all__ = ["MTSAE", "ForwardOutput", "KERNEL_SIZE", "ENCODERS", "conv1d_scale_branches"]
 
@@ -65,6 +66,10 @@ class MTSAE(nn.Module):
             parameter, so it is seeded by ``seed_everything`` and leaves the other initial weights
             unchanged. With the default 0.01 the untrained MTSAE's pre-activations differ from those of
             the equivalent per-token SAE by about 1% (``tests/sae/test_model.py``); 0 gives the exact identity.
+        max_norm_multiple: the activation-sink rule (:mod:`mtsae.sae.positions`): a valid position whose
+            norm exceeds this multiple of the batch's median valid norm is treated as invalid by every
+            consumer (:meth:`valid_positions`). ``None`` (default): off. Saved with the SAE
+            (:meth:`config`), so every consumer of a checkpoint or exported folder applies the same rule.
     """
 
     def __init__(
@@ -77,8 +82,10 @@ class MTSAE(nn.Module):
         cascade: bool = False,
         encoder: str = "concat",
         context_init_std: float = 0.01,
+        max_norm_multiple: float | None = None,
     ) -> None:
         super().__init__()
+        self.max_norm_multiple = check_max_norm_multiple(max_norm_multiple)
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
         if context_init_std < 0:
@@ -180,6 +187,11 @@ class MTSAE(nn.Module):
             for k in range(KERNEL_SIZE):
                 kernel[:, L - 1 - (KERNEL_SIZE - 1 - k) * r] += self.conv_weight[s, :, k]
         return kernel / self.n_scales
+
+    def valid_positions(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """``valid`` without the activation sinks of ``x`` under :attr:`max_norm_multiple` (all of ``valid``
+        when it is ``None``); see :func:`mtsae.sae.positions.ordinary_positions`."""
+        return ordinary_positions(x, valid, self.max_norm_multiple)
 
     def encoder_input(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
         """``u = x - b_dec``, zero at invalid positions: ``[B, T, d_in]``, the input of the branches."""
@@ -289,6 +301,7 @@ class MTSAE(nn.Module):
             "activation_kwargs": dict(self.activation_kwargs),
             "cascade": self.cascade,
             "encoder": self.encoder,
+            "max_norm_multiple": self.max_norm_multiple,
         }
 
 

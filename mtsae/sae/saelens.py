@@ -44,6 +44,7 @@ from safetensors.torch import save_file
 from mtsae.sae.activations import BatchTopK, JumpReLU, ReLU, TopK
 from mtsae.sae.export import ExportFormatError, SAEMetadata
 from mtsae.sae.model import MTSAE
+from mtsae.sae.positions import check_max_norm_multiple
 
 __all__ = [
     "SAELENS_CFG_FILE",
@@ -127,6 +128,7 @@ def save_saelens(
         "dataset_path": (metadata.data or {}).get("dataset"),
         "model_from_pretrained_kwargs": {},
         **extra_meta,
+        "max_norm_multiple": sae.max_norm_multiple,  # this project's activation-sink rule (mtsae.sae.positions)
         "mtsae": metadata.to_dict(),
     }
     cfg = {
@@ -341,6 +343,10 @@ def load_saelens(path: str | os.PathLike, fold_decoder_norm: bool = True) -> Imp
             threshold = None if threshold is None else threshold * n
             folded = True
     sae = _per_token_sae(cfg, threshold, path)
+    try:
+        sae.max_norm_multiple = check_max_norm_multiple(cfg.get("max_norm_multiple"))  # absent: None
+    except ValueError as e:
+        raise ExportFormatError(f"{path / SAELENS_CFG_FILE}: {e}") from None
     with torch.no_grad():
         sae.W_enc.copy_(W_enc)
         sae.W_dec.copy_(W_dec)

@@ -60,6 +60,15 @@ class ScaledSAE(nn.Module):
     def d_sae(self) -> int:
         return self.sae.d_sae
 
+    @property
+    def max_norm_multiple(self) -> float | None:
+        """The SAE's activation-sink rule (scale invariant: the same on raw activations)."""
+        return self.sae.max_norm_multiple
+
+    def valid_positions(self, x: Tensor, valid: Tensor | None = None) -> Tensor:
+        """:meth:`mtsae.MTSAE.valid_positions` of raw ``x``."""
+        return self.sae.valid_positions(x, valid)
+
     def scale(self, x: Tensor) -> Tensor:
         """Raw activations to the SAE's input units."""
         return x * self._scale

@@ -138,6 +138,10 @@ class SAEModule(L.LightningModule):
         separation_max_pairs: co-active feature pairs sampled per batch by the ``decoder`` kind.
         auxk_coeff: weight of the AuxK loss for dead latents (``topk`` / ``batchtopk``; Gao et al. 2024).
         auxk_k: latents used by AuxK (default ``d_in // 2``).
+        max_norm_multiple: the activation-sink rule (``docs/design.md`` §3): a valid position whose
+            activation norm exceeds this multiple of the batch's median valid norm is treated like a
+            BOS/EOS/PAD position (zeroed, left out of every loss and metric, and of the evaluations of
+            the saved SAE, which carries the setting). ``null`` (default): off. 10 for SmolLM2 / Gemma 3.
         dead_after_tokens: a latent that has not fired for this many training tokens counts as dead.
         scale_activations: multiply inputs by a constant so that ``E||x||^2 = d_in`` (from the cache).
         init_b_dec_from_data: initialise ``b_dec`` to the mean training activation.
@@ -166,6 +170,7 @@ class SAEModule(L.LightningModule):
         separation_max_pairs: int = 4096,
         auxk_coeff: float = 1 / 32,
         auxk_k: int | None = None,
+        max_norm_multiple: float | None = None,
         dead_after_tokens: int = 10_000_000,
         scale_activations: bool = True,
         init_b_dec_from_data: bool = True,
@@ -204,6 +209,7 @@ class SAEModule(L.LightningModule):
             cascade=cascade,
             encoder=encoder,
             context_init_std=0.0 if freeze_conv else context_init_std,
+            max_norm_multiple=max_norm_multiple,
         )
         self.sae.conv_weight.requires_grad_(bool(self.sae.dilations) and not freeze_conv)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -294,9 +300,10 @@ class SAEModule(L.LightningModule):
 
     def _inputs(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Scaled activations ``[B, T, d_in]``, zero at invalid positions (whatever is stored there, an
-        overflowed BOS included, never reaches the encoder, the losses or their gradients), and ``valid``."""
-        valid = batch["valid"]
+        overflowed BOS included, never reaches the encoder, the losses or their gradients), and ``valid``:
+        the cache's, less the activation sinks of ``max_norm_multiple`` (one mask for every loss and metric)."""
         x = self.raw_sae.scale(batch["acts"].float())
+        valid = self.sae.valid_positions(x, batch["valid"])
         return torch.where(valid.unsqueeze(-1), x, x.new_zeros(())), valid
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

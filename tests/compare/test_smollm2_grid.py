@@ -42,11 +42,11 @@ def test_the_grid_is_the_issue_grid() -> None:
     assert "--model.activation=relu" in mtsae_relu.args  # the base model: concat, scales separation
 
 
-def _printed_data(args: list[str], capsys: pytest.CaptureFixture) -> dict:
+def _printed(args: list[str], capsys: pytest.CaptureFixture) -> dict:
     with pytest.raises(SystemExit) as e:
         cli_main([*args, "--print_config"])
     assert e.value.code == 0
-    return yaml.safe_load(capsys.readouterr().out)["data"]
+    return yaml.safe_load(capsys.readouterr().out)
 
 
 def _cache_key(data: dict) -> Path:
@@ -59,11 +59,12 @@ def _cache_key(data: dict) -> Path:
 def test_every_run_reads_the_cache_of_configs_smollm2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    """Same resolved data section, hence the same cache folder, for one run of every (activation, family)."""
+    """Same resolved data section, hence the same cache folder, for one run of every (activation, family);
+    every run keeps the base config's activation-sink rule (a model setting: not in the cache key)."""
     offline_hub(monkeypatch)
     monkeypatch.chdir(REPO)
     monkeypatch.setattr(sys, "argv", ["train.py"])
-    reference = _printed_data(["fit", "--config", "configs/smollm2.yaml"], capsys)
+    reference = _printed(["fit", "--config", "configs/smollm2.yaml"], capsys)["data"]
     key = _cache_key(reference)
     assert key.parent == Path("cache") and len(key.name) == 16
     cfg = compare.load_compare_config(GRID)
@@ -72,8 +73,10 @@ def test_every_run_reads_the_cache_of_configs_smollm2(
         if (run.activation, run.family) in seen:
             continue
         seen.add((run.activation, run.family))
-        data = _printed_data(train_args(tmp_path, cfg, run), capsys)
+        printed = _printed(train_args(tmp_path, cfg, run), capsys)
+        data = printed["data"]
         assert data == reference and _cache_key(data) == key, run.name
+        assert printed["model"]["max_norm_multiple"] == 10, run.name
     assert len(seen) == 5
 
 

@@ -47,7 +47,9 @@ SIZES = {
     "llm_batch_size",
 }
 DEVICES = {"accelerator", "devices", "strategy", "precision", "model_dtype"}
-MAY_DIFFER = NAMES | SIZES | DEVICES
+# measured per model: the activation-sink rule (`mtsae cache norms`)
+MEASURED = {"max_norm_multiple"}
+MAY_DIFFER = NAMES | SIZES | DEVICES | MEASURED
 
 
 def config_differences(a: object, b: object, path: tuple = ()) -> list[str]:
@@ -166,6 +168,7 @@ def test_smollm2_differs_from_gemma_only_in_names_and_sizes() -> None:
     assert src["model_name"].endswith(".gguf") and src["layer"] == 20 and src["ctx_len"] == 128
     assert smol["data"]["n_sequences"] * src["ctx_len"] >= 1_000_000  # >= 1M training tokens
     assert (smol["trainer"]["accelerator"], smol["trainer"]["devices"]) == ("cpu", 1)
+    assert smol["model"]["max_norm_multiple"] == 10  # activation sinks (`mtsae cache norms`)
     # the unlearning callback in the small-model mode, reading what `make smollm2` writes
     ((cb),) = unlearning
     cfg = cb["init_args"]["config"]
@@ -198,7 +201,7 @@ def test_gemma3_differs_from_gemma_only_in_names_and_sizes() -> None:
     # the residual stream after 14 of 18 blocks, as gemma-2-2b's layer 19 is after 20 of 26
     assert src["layer"] == 13 and abs((src["layer"] + 1) / 18 - 20 / 26) < 0.02
     assert src["dataset"] == "artifacts/smollm2/data/train.jsonl" and src["model_dtype"] == "float32"
-    assert g3["model"]["d_sae"] == 4 * 640
+    assert g3["model"]["d_sae"] == 4 * 640 and g3["model"]["max_norm_multiple"] == 10
     assert (g3["trainer"]["accelerator"], g3["trainer"]["devices"]) == ("cpu", 1)
     makefile = (REPO / "Makefile").read_text()
     assert (

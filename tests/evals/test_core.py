@@ -151,3 +151,71 @@ def test_callback_checks_the_lm_before_training(tmp_path: Path, monkeypatch: pyt
     trainer = SimpleNamespace(datamodule=SimpleNamespace(source=source))
     with pytest.raises(Exception, match="no-such-model"):
         CoreLMMetrics().setup(trainer, None, "fit")
+
+
+def _sink_mask(model, rows, mask, special, rule: float) -> torch.Tensor:
+    """The positions the rule ``rule`` keeps, from layer 1's output of every batch of 3 rows."""
+    from mtsae.evals.unlearning.intervention import valid_token_mask
+    from mtsae.lm.hooks import capture_resid_post
+    from mtsae.sae.positions import ordinary_positions
+
+    parts = []
+    for i in range(0, len(rows), 3):
+        h = capture_resid_post(model, 1, rows[i : i + 3], mask[i : i + 3])
+        parts.append(ordinary_positions(h, valid_token_mask(rows[i : i + 3], mask[i : i + 3], special), rule))
+    return torch.cat(parts)
+
+
+def test_activation_sinks_keep_their_activation_and_are_not_averaged(tiny) -> None:
+    """``max_norm_multiple`` (docs/design.md §3): positions the rule drops are spliced like special tokens.
+    A multiple just above 1 drops about half of the tiny LM's tokens (those above the batch's median)."""
+    from mtsae.lm.hooks import decoder_layers
+
+    model, rows, mask, special = tiny
+    rule = 1.05
+    kept = _sink_mask(model, rows, mask, special, rule)
+    valid = _sink_mask(model, rows, mask, special, 1e30)  # the rule never fires: the special-token mask
+    assert 0 < int(kept.sum()) < int(valid.sum())
+
+    class Garbage(torch.nn.Module):
+        max_norm_multiple = rule
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, valid):
+            return type("Out", (), {"x_hat": torch.full_like(x, 1e4)})()
+
+    seen: list[torch.Tensor] = []
+    handle = decoder_layers(model)[1].register_forward_hook(  # after the splice: what later layers read
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        sums = core_lm_metrics(model, Garbage(), 1, rows, mask, special, batch_size=3)
+    finally:
+        handle.remove()
+    assert float(sums["n_ce"]) == int(kept[:, :-1].sum()) and float(sums["n_kl"]) == int(kept.sum())
+    # per batch: clean, SAE-spliced, zero-ablated forwards; the spliced ones keep the dropped positions
+    for b in range(2):
+        clean, spliced, zeroed = seen[3 * b : 3 * b + 3]
+        k = kept[3 * b : 3 * b + 3]
+        assert torch.equal(spliced[~k], clean[~k]) and torch.equal(zeroed[~k], clean[~k])
+        assert (spliced[k] == 1e4).all() and (zeroed[k] == 0).all()
+
+
+def test_unlearning_sparsity_does_not_count_activation_sinks(tiny) -> None:
+    from mtsae.evals.unlearning.pipeline import feature_sparsities
+
+    model, rows, mask, special = tiny
+    rows = rows[:3]  # unpadded rows: feature_sparsities reads them without an attention mask
+    ones = torch.ones_like(rows)
+    sae = identity_sae()
+    valid = _sink_mask(model, rows, ones, special, 1e30)  # the special-token mask
+    assert int(feature_sparsities(model, sae, 1, rows, special, batch_size=3).n_tokens) == int(valid.sum())
+    sae.max_norm_multiple = 1.05
+    kept = _sink_mask(model, rows, ones, special, 1.05)
+    acc = feature_sparsities(model, sae, 1, rows, special, batch_size=3)
+    assert 0 < int(acc.n_tokens) == int(kept.sum()) < int(valid.sum())
+    # the codes at the dropped positions are not counted: the identity SAE fires at every kept position
+    assert float(acc.active_counts.max()) <= int(kept.sum())

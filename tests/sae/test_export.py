@@ -78,6 +78,7 @@ def test_config_tells_what_a_user_needs(tmp_path: Path) -> None:
         "activation_kwargs": {},
         "cascade": False,
         "encoder": "concat",
+        "max_norm_multiple": None,  # the activation-sink rule (docs/design.md §3): off
     }
     m = cfg["metadata"]
     assert (m["model_name"], m["model_revision"], m["layer"], m["hook_name"]) == (

@@ -43,6 +43,21 @@ def test_fast_dev_run_with_the_mix_encoder(tmp_path: Path) -> None:
     assert cli.model.sae.encoder == "mix" and cli.model.sae.W_enc.shape == (16, 64)
 
 
+def test_the_activation_sink_rule_reaches_the_checkpoint_and_the_export(tmp_path: Path) -> None:
+    """``--model.max_norm_multiple`` (docs/design.md §3) is saved with the SAE, read back by every loader."""
+    from mtsae import load_sae_from_checkpoint
+
+    cli = cli_main(
+        ["fit", *tiny_args(tmp_path, "--trainer.max_steps", "4", "--model.max_norm_multiple", "10")]
+    )
+    assert cli.model.sae.max_norm_multiple == 10.0
+    ckpt = cli.trainer.checkpoint_callback.last_model_path
+    assert load_sae_from_checkpoint(ckpt).max_norm_multiple == 10.0
+    assert load_sae(Path(cli.trainer.logger.log_dir) / "sae").max_norm_multiple == 10.0
+    with pytest.raises(ValueError, match="max_norm_multiple"):
+        cli_main(["fit", *tiny_args(tmp_path, "--model.max_norm_multiple", "0.5")])
+
+
 def test_training_lowers_val_fvu(tmp_path: Path) -> None:
     cli = cli_main(tiny_args(tmp_path, "--trainer.max_epochs", "3"), run=False)
     cli.datamodule.prepare_data()

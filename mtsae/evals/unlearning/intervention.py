@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mtsae.lm.hooks import splice_resid_post
+from mtsae.sae.positions import sae_valid_positions
 
 __all__ = [
     "ClampIntervention",
@@ -60,8 +61,9 @@ def clamp_intervention(
 
     ``x' = x + sum_{i in S, f_i > 0} (-m - f_i) W_dec[i]``, which equals
     ``decode(f_clamped) + (x - decode(f))`` (SAEBench's ``anthropic_clamp_resid_SAE_features``).
-    Positions where no selected feature fires, and invalid positions (BOS/EOS/PAD, where the codes are
-    zero), are returned unchanged. For an MTSAE the encoder sees the whole sequence ``x`` as the model
+    Positions where no selected feature fires, and invalid positions (BOS/EOS/PAD, and the activation
+    sinks of the SAE's ``max_norm_multiple``, :mod:`mtsae.sae.positions`; the codes are zero there), are
+    returned unchanged. For an MTSAE the encoder sees the whole sequence ``x`` as the model
     produced it (the clamp at earlier positions does not feed back into later codes).
 
     Args:
@@ -84,6 +86,8 @@ def clamp_intervention(
         valid = (valid.unsqueeze(0) if squeeze else valid).to(device=W_dec.device, dtype=torch.bool)
     with torch.no_grad():
         xs = x_BTD.to(device=W_dec.device, dtype=W_dec.dtype)
+        if getattr(sae, "max_norm_multiple", None) is not None:
+            valid = sae_valid_positions(sae, xs, valid)
         out = _apply_clamp(x_BTD, sae.encode(xs, valid), W_dec, feats, multiplier, valid)
     return out.squeeze(0) if squeeze else out
 
@@ -294,7 +298,10 @@ class GenerationClamp:
             )
         W_dec = self.sae.W_dec
         valid = intervention_mask(ids, mask, self.position_rule, self.special_ids, n_past).to(W_dec.device)
-        f = self.stream.step(h.to(device=W_dec.device, dtype=W_dec.dtype), valid)  # [B, T, d_sae]
+        x = h.to(device=W_dec.device, dtype=W_dec.dtype)  # [B, T, d]
+        # activation sinks: the median is over this call's new positions (the prompt, then each new token)
+        valid = sae_valid_positions(self.sae, x, valid)
+        f = self.stream.step(x, valid)  # [B, T, d_sae]
         return _apply_clamp(h, f, W_dec, self.features, self.multiplier, valid)
 
     # ------------------------------------------------------------------ context manager

@@ -53,6 +53,7 @@ from mtsae.evals.unlearning.mcq import (
 )
 from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
+from mtsae.sae.positions import sae_valid_positions
 
 __all__ = ["evaluate_unlearning", "feature_sparsities", "filter_questions", "questions_cache_key"]
 
@@ -88,7 +89,8 @@ def feature_sparsities(
         with torch.inference_mode():
             h = capture_resid_post(model, layer, ids)  # [B, T, d]
             x = h.to(device=W_dec.device, dtype=W_dec.dtype)
-            f = sae.encode(x, valid.to(W_dec.device))  # [B, T, d_sae]
+            valid = sae_valid_positions(sae, x, valid)  # less the activation sinks (max_norm_multiple)
+            f = sae.encode(x, valid)  # [B, T, d_sae]
             acc.update(f.cpu(), valid.cpu())
     return acc
 

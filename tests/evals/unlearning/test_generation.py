@@ -141,3 +141,34 @@ def test_clamped_applies_a_recipe_file(lm, tmp_path: Path) -> None:
         UnlearningRecipe.load(tmp_path / "missing.json")
     with pytest.raises(RecipeError, match="at least one feature"):
         UnlearningRecipe(sae_path="sae", sae_sha256="0", layer=1, features=[], multiplier=1.0)
+
+
+def test_generation_clamp_leaves_activation_sinks_alone(lm) -> None:
+    """``max_norm_multiple`` (docs/design.md §3): the positions the rule drops are not clamped. A multiple
+    just above 1 drops the prompt tokens above the median norm of the forward's valid positions."""
+    from mtsae.evals.unlearning.intervention import intervention_mask
+    from mtsae.lm.hooks import decoder_layers
+    from mtsae.sae.positions import ordinary_positions
+
+    model, tok = lm
+    batch = prompts(tok)
+    special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
+    sae = MTSAE(64, 8, dilations=[1, 2], max_norm_multiple=1.05).eval()
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.fill_(1.0)  # every feature fires at every position the SAE reads
+    h = capture_resid_post(model, LAYER, batch["input_ids"], batch["attention_mask"])
+    valid = intervention_mask(batch["input_ids"], batch["attention_mask"], "special_tokens", special)
+    kept = ordinary_positions(h, valid, 1.05)
+    assert 0 < int(kept.sum()) < int(valid.sum())
+    seen: list[torch.Tensor] = []
+    handle = decoder_layers(model)[LAYER].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with GenerationClamp(model, LAYER, sae, [0, 1], 20.0, "special_tokens", special), torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    changed = (seen[0] != h).any(-1)
+    assert torch.equal(changed, kept)
