@@ -189,7 +189,7 @@ def test_smollm2_config_parses_with_its_unlearning_settings(
     (cb,) = [c for c in printed["trainer"]["callbacks"] if c["class_path"] == "callbacks.Unlearning"]
     cfg = cb["init_args"]["config"]
     assert cfg["scoring"] == "cloze" and cfg["saebench_exact"] is False  # the callback's defaults
-    assert cfg["grid"]["retain_thresholds"] == [0.01]
+    assert cfg["grid"]["retain_thresholds"] == [0.01, 0.1]
 
 
 def test_gemma3_differs_from_gemma_only_in_names_and_sizes() -> None:
