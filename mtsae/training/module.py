@@ -244,7 +244,13 @@ class SAEModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "stats"):
+        if dm is None or not hasattr(dm, "stats") or bool(self.data_initialised):
+            return
+        rule = self.sae.max_norm_multiple
+        if rule is not None and hasattr(dm, "stats_without_sinks"):
+            # the scale and b_dec from the tokens the SAE reads, not from the sinks the rule drops
+            self.initialise_from_stats(dm.stats_without_sinks(rule))
+        else:
             self.initialise_from_stats(dm.stats)
 
     # ------------------------------------------------------------------ steps

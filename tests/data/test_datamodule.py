@@ -163,3 +163,48 @@ def test_train_loader_resumes_mid_epoch_across_windows(tmp_path: Path, done: int
     again = [b["acts"] for b in resumed]  # the skip applies once: the next pass is the whole epoch
     whole = epochs[3] if done < 12 else epochs[4]
     assert all(torch.equal(a, b) for a, b in zip(again, whole, strict=True))
+
+
+def test_stats_without_sinks_count_only_the_positions_the_rule_keeps(tmp_path: Path) -> None:
+    """The input scale comes from the tokens the SAE reads: with the activation-sink rule, positions above
+    ``multiple`` x the batch's median norm (per training batch, as in training) leave the statistics."""
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    loose = dm.stats_without_sinks(1e9)  # drops nothing: the cache's own statistics
+    assert math.isclose(loose["mean_sq_norm"], dm.stats["mean_sq_norm"], rel_tol=1e-6)
+    np.testing.assert_allclose(loose["mean"], dm.stats["mean"], rtol=1e-5, atol=1e-6)
+    strict = dm.stats_without_sinks(1.05)
+    rows = dm.cache.rows("train")
+    kept_sq, kept = [], 0
+    for lo in range(0, len(rows), dm.batch_size):  # by hand, per batch of 4 rows
+        b = dm.cache.read(rows[lo : lo + dm.batch_size])
+        norms = b["acts"].double().norm(dim=-1).numpy()
+        valid = b["valid"].numpy()
+        v = np.sort(norms[valid])
+        median = v[(len(v) - 1) // 2]  # torch.median: the lower middle value
+        keep = valid & (norms <= 1.05 * median)
+        kept_sq.append((norms[keep] ** 2).sum())
+        kept += int(keep.sum())
+    assert strict["n_valid_tokens"] == kept < loose["n_valid_tokens"]
+    assert math.isclose(strict["mean_sq_norm"], sum(kept_sq) / kept, rel_tol=1e-9)
+    assert strict["mean_sq_norm"] < loose["mean_sq_norm"]
+
+
+@pytest.mark.parametrize("rule", [None, 1.05])
+def test_fit_start_scales_inputs_from_the_positions_the_sae_reads(tmp_path: Path, rule: float | None) -> None:
+    from types import SimpleNamespace
+
+    from mtsae.sae.scale import input_scale
+    from mtsae.training.module import SAEModule
+
+    dm = _dm(tmp_path)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = SAEModule(d_in=16, d_sae=32, dilations=[1, 2], max_norm_multiple=rule)
+    module.trainer = SimpleNamespace(datamodule=dm)  # what on_fit_start reads
+    module.on_fit_start()
+    stats = dm.stats if rule is None else dm.stats_without_sinks(rule)
+    assert math.isclose(float(module.act_scale), input_scale(16, stats["mean_sq_norm"]), rel_tol=1e-6)
+    if rule is not None:
+        assert float(module.act_scale) > input_scale(16, dm.stats["mean_sq_norm"])
