@@ -34,7 +34,8 @@ def test_the_grid_is_the_issue_grid() -> None:
     assert list(fr.families) == ["token", "mtsae", "mtsae_frozen_conv"]
     topk, relu = fr.activations
     assert [v["k"] for v in topk.values] == [16, 32, 64] and topk.families is None
-    assert relu.values == [5.0] and relu.families == ["token", "mtsae"]
+    base_l1 = yaml.safe_load((REPO / "configs/smollm2.yaml").read_text())["model"]["sparsity_coeff"]
+    assert relu.values == [base_l1] and relu.families == ["token", "mtsae"]  # the method as configured
     assert len(cfg.runs) == 3 * 3 * 2 + 2 * 1 * 2
     for metric in ("val/ce_loss_score", "val/unlearning_score", "val/unlearning/text_selectivity_best"):
         assert metric in fr.metrics and fr.min_effect[metric] > 0
