@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -230,7 +231,7 @@ class ActivationDataModule(L.LightningDataModule):
         return self.cache.stats
 
     def stats_without_sinks(self, max_norm_multiple: float, max_rows: int = 1024) -> dict:
-        """``mean_sq_norm`` and ``mean`` of the first ``max_rows`` training rows over the positions the
+        """``mean_sq_norm`` and ``mean`` of ``max_rows`` training rows spread evenly over the split, over the positions the
         activation-sink rule keeps (:func:`mtsae.sae.positions.ordinary_positions`, applied per training
         batch of ``batch_size`` rows, as in training). The cache's own statistics count every valid token, so
         a few sinks can dominate them (63% of the summed squared norm in SmolLM2's layer 20): the input
@@ -239,16 +240,20 @@ class ActivationDataModule(L.LightningDataModule):
 
         if self.cache is None:
             self.setup()
-        rows = self.cache.rows("train")[:max_rows]
+        rows = self.cache.rows("train")
+        rows = rows[np.linspace(0, len(rows) - 1, min(max_rows, len(rows))).round().astype(np.int64)]
         total_sq, total, count = 0.0, None, 0
-        for lo in range(0, len(rows), self.batch_size):
-            batch = self.cache.read(rows[lo : lo + self.batch_size])
-            x = batch["acts"].double()
-            keep = ordinary_positions(x, batch["valid"], max_norm_multiple)
-            xs = x[keep]  # [N, d_in]
-            total_sq += float(xs.pow(2).sum())
-            total = xs.sum(0) if total is None else total + xs.sum(0)
-            count += xs.shape[0]
+        try:
+            for lo in range(0, len(rows), self.batch_size):
+                batch = self.cache.read(rows[lo : lo + self.batch_size])
+                x = batch["acts"].double()
+                keep = ordinary_positions(x, batch["valid"], max_norm_multiple)
+                xs = x[keep]  # [N, d_in]
+                total_sq += float(xs.pow(2).sum())
+                total = xs.sum(0) if total is None else total + xs.sum(0)
+                count += xs.shape[0]
+        finally:
+            self.cache.close()  # h5py handles must not cross the fork of the loader's workers
         if count == 0:
             raise ValueError("no position of the first training rows passes the activation-sink rule")
         return {"mean_sq_norm": total_sq / count, "mean": (total / count).tolist(), "n_valid_tokens": count}

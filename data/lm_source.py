@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from data.sources import ActivationSource, SourceChunk
+from mtsae.hashing import file_sha256
 from mtsae.lm.gguf import gguf_info, is_gguf
 from mtsae.lm.hooks import capture_resid_post, decoder_layers, lm_hidden_size, n_layers
 from mtsae.lm.loading import (
@@ -143,6 +144,7 @@ class LMSource(ActivationSource):
 
         self._config: Any = None
         self._model_sha256: str | None = None  # of a .gguf model file, hashed once
+        self._dataset_sha256: str | None = None  # of a local dataset file, hashed once
         self._tokenizer: Any = None
         self._model: torch.nn.Module | None = None
         # packed-row iterator kept between generate() calls, so that consecutive ranges don't re-tokenize
@@ -163,6 +165,8 @@ class LMSource(ActivationSource):
         if is_gguf(self.model_name) and self._model_sha256 is None:
             check_model_reachable(self.model_name, setting=_MODEL_SETTING)  # a clear error if missing
             self._model_sha256 = gguf_info(self.model_name)["model_sha256"]
+        if self._dataset_sha256 is None and Path(self.dataset).is_file():
+            self._dataset_sha256 = file_sha256(self.dataset)
         return {
             "source": self.kind,
             "model_name": self.model_name,
@@ -173,6 +177,8 @@ class LMSource(ActivationSource):
             "hook": "resid_post",
             "ctx_len": self.ctx_len,
             "dataset": self.dataset,
+            # a local file is identified by its bytes too: an edited file at the same path is another cache
+            **({"dataset_sha256": self._dataset_sha256} if self._dataset_sha256 else {}),
             "dataset_config": self.dataset_config,
             "split": self.split,
             "text_column": self.text_column,

@@ -119,6 +119,18 @@ def test_fingerprint(tiny: Path) -> None:
     assert _source(tiny, shuffle_buffer=100).fingerprint() != fp
 
 
+def test_fingerprint_identifies_a_local_dataset_file_by_its_bytes(tiny: Path, tmp_path: Path) -> None:
+    """An edited corpus at the same path is another cache (the path alone would reuse stale activations)."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes((tiny / "corpus.jsonl").read_bytes())
+    fp = _source(tiny, dataset=str(corpus)).fingerprint()
+    assert fp["dataset"] == str(corpus) and len(fp["dataset_sha256"]) == 64
+    lines = corpus.read_text().splitlines(keepends=True)
+    corpus.write_text("".join(reversed(lines)))  # the same documents in another order
+    assert _source(tiny, dataset=str(corpus)).fingerprint() != fp
+    assert "dataset_sha256" not in _source(tiny, dataset="some/hub-dataset").fingerprint()
+
+
 def test_check_and_pickle(tiny: Path) -> None:
     src = _source(tiny)
     src.check()

@@ -3,6 +3,7 @@ topic rule."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from pathlib import Path
@@ -90,3 +91,11 @@ def test_build_corpora_small_slice(tmp_path: Path) -> None:
         )
     (mmlu,) = _rows(out / "mmlu" / "virology.jsonl")[:1]
     assert set(mmlu) == {"question", "subject", "choices", "answer"} and mmlu["subject"] == "virology"
+
+    # the training rows interleave the sources (SHA-256 order of the text), so a prefix of the file -- the
+    # first N cached sequences -- holds every source, biomedical text included
+    train_rows = _rows(out / "train.jsonl")
+    keys = [hashlib.sha256(r["text"].encode("utf-8")).hexdigest() for r in train_rows]
+    assert keys == sorted(keys)
+    half = {r["source"] for r in train_rows[: len(train_rows) // 2]}
+    assert {"boolq", "sciriff_yesno", "medmcqa"} <= half
