@@ -14,7 +14,7 @@ import torch
 from mtsae.evals.unlearning.intervention import clamp_intervention
 from mtsae.sae.export import load_sae, save_sae
 from mtsae.sae.model import MTSAE
-from mtsae.sae.positions import check_max_norm_multiple, ordinary_positions
+from mtsae.sae.positions import check_max_norm_multiple, norm_median, ordinary_positions, valid_norms
 from mtsae.sae.saelens import load_saelens, save_saelens
 from mtsae.sae.scale import ScaledSAE
 from mtsae.training.checkpoint import load_sae_from_checkpoint
@@ -55,6 +55,29 @@ def test_none_is_off_and_scale_does_not_matter() -> None:
     # non-finite values at valid positions stay valid (the training's non-finite check must see them)
     x[0, 2] = math.inf
     assert ordinary_positions(x, valid, 10.0).tolist() == [[True, True, True]]
+
+
+def test_a_zero_median_drops_nothing() -> None:
+    """More than half the valid positions zero vectors: against a median of 0 every other token would go."""
+    x = _norms_batch([[0.0, 0.0, 0.0, 1.0, 5.0]])
+    assert ordinary_positions(x, None, 10.0).tolist() == [[True] * 5]
+    # no finite valid norm: nothing to measure against, nothing dropped
+    valid = torch.tensor([[False, False, False, True, False]])
+    x[0, 3] = math.nan
+    assert ordinary_positions(x, valid, 10.0).tolist() == valid.tolist()
+
+
+def test_a_given_median_and_no_host_sync() -> None:
+    """A decode step (one new token per row) is measured against the median of the sequences so far; the
+    mask is computed without reading a value back to the host (it runs on the meta device)."""
+    x = _norms_batch([[1.0, 2.0, 3.0, 500.0]])
+    new = x[:, -1:]  # [1, 1, d]: its own median would keep it
+    assert ordinary_positions(new, None, 10.0).tolist() == [[True]]
+    assert ordinary_positions(
+        new, None, 10.0, median=norm_median(valid_norms(x[:, :-1], torch.ones(1, 3, dtype=torch.bool)))
+    ).tolist() == [[False]]
+    meta = torch.empty(2, 5, 4, device="meta")
+    assert ordinary_positions(meta, torch.ones(2, 5, dtype=torch.bool, device="meta"), 10.0).shape == (2, 5)
 
 
 @pytest.mark.parametrize("bad", [1, 1.0, 0.5, -3, math.nan, math.inf, "10", True])
