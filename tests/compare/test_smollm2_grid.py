@@ -87,12 +87,43 @@ def test_a_single_knob_value_compares_families_at_their_own_l0() -> None:
         for fam, l0, fvu in (("token", 40.0, 0.30), ("mtsae", 55.0, 0.20))
         for s in (0, 1)
     ]
-    fa = frontier.frontier_analysis(pts, "relu", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")])
+    fa = frontier.frontier_analysis(
+        pts, "relu", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")], single_value=True
+    )
     assert not fa.matched and fa.l0_range == (40.0, 55.0)
     assert fa.table["val/l0"]["mtsae"][0].mean == 55.0 and fa.table["val/fvu"]["token"][0].n == 2
     assert [v.outcome for v in fa.verdicts] == ["better"]
     line = compare.frontier_report.verdict_lines(fa)[0]
     assert "at own L0" in line and "better" in line
+
+
+def test_a_partial_grid_of_a_swept_activation_is_not_compared_at_own_l0() -> None:
+    """A 3-value TopK sweep where each (family, seed) finished one run, at different k: one point each, but
+    the families sit at different knob values, so no claim "at own L0" is made (no frontier either)."""
+    pts = [
+        frontier.Point(fam, "topk", s, l0, {"val/fvu": fvu, "val/l0": l0})
+        for fam, s, l0, fvu in (
+            ("token", 0, 8.0, 0.4),
+            ("token", 1, 8.1, 0.4),
+            ("mtsae", 0, 32.0, 0.1),
+            ("mtsae", 1, 32.2, 0.1),
+        )
+    ]
+    fa = frontier.frontier_analysis(pts, "topk", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")])
+    assert fa.matched and fa.l0_range is None and not fa.verdicts
+    assert "nothing is compared" in compare.frontier_report.verdict_lines(fa)[0]
+    # the report decides it from the config: the grid's relu has one value, its topk three
+    cfg = compare.load_compare_config(REPO / GRID)
+    done = [
+        r for r in cfg.runs if r.activation == "relu" or (r.point, r.family) in {(0, "token"), (2, "mtsae")}
+    ]
+    results = [
+        compare.RunResult(r.name, r, {"val/l0": 8.0 + 4 * r.point, "val/fvu": 0.3}, {}, None, None, "")
+        for r in done
+    ]
+    by_act = {fa.activation: fa for fa in compare.frontier_report.analyse_frontiers(cfg, results)}
+    assert by_act["topk"].matched and by_act["topk"].l0_range is None and not by_act["topk"].verdicts
+    assert not by_act["relu"].matched and by_act["relu"].verdicts
 
 
 def test_an_activation_may_name_a_subset_of_the_families(tmp_path: Path) -> None:
