@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data.datamodule import ActivationDataModule
@@ -149,6 +150,30 @@ def test_long_branch_share_and_example_cells() -> None:
           "valid": [False, True, True, True], "text": ["<s>", "a|b", "\n", "c"]}  # fmt: skip
     table = examples_markdown([{"id": 7, "density": 0.01, "examples": [ex], "long_share": 0.9}])
     assert table[2].startswith("| 7 | 0.0100 | 0.90 |") and "a\\|b⏎[[c]] (1.50)" in table[2]
+    # an activation sink (a valid token the SAE leaves out) is shown, marked; BOS is still left out
+    sink = {**ex, "valid": [False, False, True, True], "sink": [False, True, False, False]}
+    assert "⟦a\\|b⟧⏎[[c]] (1.50)" in examples_markdown([{"id": 7, "density": 0.01, "examples": [sink]}])[2]
+
+
+def test_example_contexts_mark_the_activation_sinks() -> None:
+    """The dashboard's example windows say which tokens the activation-sink rule left out (``sink``)."""
+    from mtsae.features.collect import FeaturesConfig, _examples
+
+    x = torch.randn(1, 6, 8)
+    x[0, 1] *= 1000.0  # the first token after BOS: a sink
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    sae = MTSAE(8, 4, dilations=[1, 2], max_norm_multiple=10.0)
+    read = lambda rows: {"acts": x, "valid": valid, "tokens": torch.arange(6)[None]}  # noqa: E731
+    cfg = FeaturesConfig(context_before=4, context_after=0)
+    (ex,) = _examples(sae, read, [(0, 0, 4, "top")], torch.tensor([0]), cfg, "cpu", None, None, False)
+    assert ex["valid"] == [False, False, True, True, True] and ex["sink"] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert "⟦<1>⟧<2><3>[[<4>]]" in examples_markdown([{"id": 0, "density": 0.1, "examples": [ex]}])[2]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
