@@ -18,7 +18,7 @@ from mtsae.sae.positions import check_max_norm_multiple, norm_median, ordinary_p
 from mtsae.sae.saelens import load_saelens, save_saelens
 from mtsae.sae.scale import ScaledSAE
 from mtsae.training.checkpoint import load_sae_from_checkpoint
-from mtsae.training.module import SAEModule
+from mtsae.training.module import ResumeSettingsError, SAEModule
 
 
 def _norms_batch(norms: list[list[float]], d: int = 4) -> torch.Tensor:
@@ -196,6 +196,20 @@ def test_old_files_load_with_the_rule_off(tmp_path: Path) -> None:
     assert cfg["metadata"].pop("max_norm_multiple") is None
     (saelens / "cfg.json").write_text(json.dumps(cfg))
     assert load_saelens(saelens).sae.max_norm_multiple is None
+
+
+@pytest.mark.parametrize(("rule", "refused"), [(10.0, True), (None, False)])
+def test_resuming_an_old_checkpoint_keeps_the_rule_off(rule: float | None, refused: bool) -> None:
+    """A checkpoint written before the setting existed ran with the rule off (the default): resuming it
+    with the rule on would switch it on mid-run, and is refused like any other changed model setting."""
+    hp = dict(_module(None).hparams)
+    del hp["max_norm_multiple"]
+    checkpoint = {"state_dict": {}, "hyper_parameters": hp}
+    if refused:
+        with pytest.raises(ResumeSettingsError, match="max_norm_multiple: checkpoint None, config 10.0"):
+            _module(rule).on_load_checkpoint(checkpoint)
+    else:
+        _module(rule).on_load_checkpoint(checkpoint)
 
 
 def test_scaled_view_applies_the_same_rule() -> None:
