@@ -147,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-
 def _norms(args: argparse.Namespace) -> int:
     """``mtsae cache norms``: one line per kind of position, or ``--json``."""
     from data.cache_format import CacheMismatchError
