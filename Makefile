@@ -65,7 +65,7 @@ gemma3-example: $(GEMMA3)/.ready
 		--trainer.val_check_interval 1.0 --trainer.check_val_every_n_epoch 2 --trainer.log_every_n_steps 4 \
 		--model.sparsity_warmup_steps 8 --model.lr_scheduler.init_args.warmup_steps 4 \
 		--trainer.logger.init_args.save_dir $(GEMMA3_RUN) $(GEMMA3_SET)
-	$(PY) -m mtsae_app cache norms $(GEMMA3_RUN)/cache/*/
+	$(PY) -m mtsae_app cache norms $(GEMMA3_RUN)/cache/*/ --rows 256
 
 # the unlearning evaluation of the configs/smollm2.yaml run in its cheap setting (the grid on 50 kept questions
 # per set, 32 sparsity rows), then the recipe in generation with and without the clamp (README: "A real

@@ -15,7 +15,9 @@ from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
 from mtsae.evals.records import save_results
 from mtsae.evals.unlearning.config import UnlearningDuringTraining
+from mtsae.evals.unlearning.report import best_recipe
 from mtsae.evals.unlearning.run import UnlearningRun
+from mtsae.sae.export import save_sae
 
 __all__ = ["Unlearning", "LOGGED_METRICS"]
 
@@ -182,4 +184,12 @@ class Unlearning(EveryNValidations):
             model = shared_lm(mid["name"], mid["revision"], mid["dtype"], device, mid["trust_remote_code"])
             run.prepare(device, model=model)
         sae = pl_module.export_sae().to(pl_module.device)  # acts on raw activations: multipliers in raw units
-        return {**run.evaluate(sae), "global_step": trainer.global_step}
+        results = {**run.evaluate(sae), "global_step": trainer.global_step}
+        # as `mtsae eval unlearning` does: the best grid point as a recipe for `mtsae unlearn generate`,
+        # naming the exported raw-activation SAE it was chosen with
+        out = run_dir(trainer) / "unlearning"
+        step = trainer.global_step
+        recipe = best_recipe(results, save_sae(sae.cpu(), out / f"sae_step{step}"), out)
+        if recipe is not None:
+            results["recipe"] = str(recipe.save(out / f"recipe_step{step}.json"))
+        return results

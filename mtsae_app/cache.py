@@ -147,10 +147,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _norms(args: argparse.Namespace) -> int:
     """``mtsae cache norms``: one line per kind of position, or ``--json``."""
     from data.cache_format import CacheMismatchError
@@ -187,3 +183,7 @@ def _norms(args: argparse.Namespace) -> int:
             f"{100 * s['share']:.1f}% of the summed squared norm (model.max_norm_multiple: {s['multiple']:g} drops them)"
         )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,10 @@ the summed squared norm. With ``max_norm_multiple`` set, a valid position whose 
 ``max_norm_multiple`` times the median norm of the valid positions of the same batch is treated like a
 BOS/EOS/PAD position: zeroed before the encoder, left out of every loss, metric and average, and left
 unmodified where the SAE is spliced into the model. :func:`ordinary_positions` is the one place that
-decides it; every consumer calls it (through :meth:`mtsae.MTSAE.valid_positions` or
-:func:`sae_valid_positions`).
+decides it; training, validation, the core LM metrics, the unlearning evaluation, generation and the
+feature dashboard call it (through :meth:`mtsae.MTSAE.valid_positions` or :func:`sae_valid_positions`);
+the SAEBench wrapper (:mod:`mtsae.sae.saebench`) and the synthetic unlearning callback do not (SAEBench's
+own code decides positions there; synthetic data has no sinks).
 """
 
 from __future__ import annotations

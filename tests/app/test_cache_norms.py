@@ -4,6 +4,8 @@ tokens, as stored and as the SAE's convolutions receive them (on a synthetic cac
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,14 @@ def test_norms_at_bos_and_after_zeroing(tmp_path: Path, capsys: pytest.CaptureFi
         line = f"ordinary tokens above {s['multiple']:g} x median: {s['n']} of {n}, {100 * s['share']:.1f}%"
         assert line in out
     assert mtsae_cli.main(["cache", "norms", str(tmp_path / "none")]) == 1
+    # the module run as a script too (its __main__ block once stood above the norms command's function)
+    run = subprocess.run(
+        [sys.executable, "-m", "mtsae_app.cache", "norms", str(root), "--rows", "8"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert run.returncode == 0 and "BOS / ordinary (medians)" in run.stdout, run.stderr
 
 
 def test_norms_count_the_tokens_above_a_multiple_of_the_median(

@@ -121,6 +121,13 @@ def test_cli_and_callback_write_the_same_results(
     assert "unlearning score" in (out / "summary.md").read_text()
     if not chat_template:
         _check_recipe(from_cli, out, tmp_path, capsys)
+        # the callback writes the same recipe beside its results, naming its own export of the same SAE
+        by_cli = json.loads((out / "recipe.json").read_text())
+        by_callback = json.loads((run_dir / "unlearning" / "recipe_step2.json").read_text())
+        assert from_callback["recipe"] == str(run_dir / "unlearning" / "recipe_step2.json")
+        assert by_callback["sae_path"] == "sae_step2" and (run_dir / "unlearning" / "sae_step2").is_dir()
+        same = ("features", "multiplier", "layer", "sae_sha256")
+        assert {k: by_callback[k] for k in same} == {k: by_cli[k] for k in same}
 
 
 def _check_recipe(res: dict, out: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -292,6 +292,8 @@ def evaluate_unlearning(
             "sae_dtype": str(sae.W_dec.dtype).removeprefix("torch."),
             "sae_in_model_dtype": exact,
             "strict_letters": exact,
+            # the activation-sink rule (mtsae.sae.positions): sink positions are neither counted nor clamped
+            "max_norm_multiple": getattr(sae, "max_norm_multiple", None),
         },
         "special_ids": special,
         "settings": asdict(cfg),

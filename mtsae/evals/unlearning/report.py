@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mtsae.evals.unlearning.corpora import WMDP_NAME
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 
 __all__ = ["best_recipe", "summary_markdown"]
@@ -72,8 +73,11 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
     are named for what they are (forget-topic and retain questions, not WMDP-bio and MMLU) and the text
     selectivity of each grid point is shown beside its accuracies."""
     best = results.get("best")
-    exact = results.get("conventions", {}).get("saebench_exact")
+    conventions = results.get("conventions", {})
+    exact = conventions.get("saebench_exact")
     title = {True: "SAEBench-exact", False: "this project's conventions", None: "SAEBench"}[exact]
+    if conventions.get("max_norm_multiple") is not None:  # SAEBench counts and clamps every ordinary token
+        title = f"{'SAEBench' if exact else title}, activation sinks above {conventions['max_norm_multiple']:g}x left out"
     which = "unmodified model" if best is None else "best"
     cloze = results.get("scoring") == "cloze"
     forget, retain = ("forget-topic", "retain") if cloze else ("WMDP-bio", "MMLU")
@@ -93,7 +97,10 @@ def summary_markdown(results: Mapping[str, Any]) -> str:
         f"- {forget} accuracy ({which}): {results['wmdp_acc_best']:.4f}",
         f"- {retain} accuracy ({which}, pooled): {results['mmlu_acc_best']:.4f}",
         "- questions kept / loaded: "
-        + ", ".join(f"{n} {v['kept']}/{v['loaded']}" for n, v in results["n_questions"].items()),
+        + ", ".join(
+            f"{forget if cloze and n == WMDP_NAME else n} {v['kept']}/{v['loaded']}"
+            for n, v in results["n_questions"].items()
+        ),
     ]
     if selectivity:
         lines.append(

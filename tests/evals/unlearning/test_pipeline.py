@@ -234,6 +234,7 @@ def test_saebench_exact_end_to_end_and_recipe(mcq_lm: Path, files, tmp_path: Pat
     conv = res["conventions"]
     assert conv["saebench_exact"] and conv["position_rule"] == "saebench" and conv["sparsity_decimals"] == 6
     assert conv["sae_dtype"] == "float32"  # the model's dtype, not the SAE's float64
+    assert conv["max_norm_multiple"] is None  # the SAE's activation-sink rule, recorded (off here)
     sp = res["selected_features"]["1.0"]["forget_sparsity"]
     assert all(round(v, 6) == v for v in sp)
     assert res["best"] is not None and not res["warnings"]

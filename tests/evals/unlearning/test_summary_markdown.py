@@ -30,7 +30,8 @@ def _results(scoring: str) -> dict:
 
 def test_cloze_summary_names_forget_and_retain_questions_and_shows_selectivity() -> None:
     text = summary_markdown(_results("cloze"))
-    assert "cloze scoring" in text and "WMDP" not in text and "MMLU" not in text
+    assert "cloze scoring" in text and "wmdp" not in text.lower() and "mmlu" not in text.lower()
+    assert "questions kept / loaded: forget-topic 135/300, retain 133/300" in text
     assert "| forget-topic acc | retain acc | CE incr. forget | CE incr. retain | selectivity |" in text
     assert "| 0.5 | 10 | 25.0 | 10 | 0.8800 | 0.9950 | +0.3600 | +0.1500 | +0.2100 |" in text
     assert "| 0.01 | 10 | 25.0 | 0 | — | — | — | — | — |" in text
@@ -40,3 +41,9 @@ def test_letter_summary_keeps_saebench_names() -> None:
     text = summary_markdown(_results("letter"))
     assert "| WMDP-bio acc | MMLU acc |" in text and "selectivity" not in text
     assert "| 0.5 | 10 | 25.0 | 10 | 0.8800 | 0.9950 |" in text
+
+
+def test_an_sae_with_the_sink_rule_is_not_called_saebench_exact() -> None:
+    results = _results("letter") | {"conventions": {"saebench_exact": True, "max_norm_multiple": 10.0}}
+    title = summary_markdown(results).splitlines()[0]
+    assert "exact" not in title and "activation sinks above 10x left out" in title
