@@ -14,8 +14,8 @@ means differ by less than the metric's *min effect* (:data:`DEFAULT_MIN_EFFECT`,
 ``frontier.min_effect``) are *negligible*: a real but practically irrelevant difference is not a claim.
 With fewer than two seeds on either side no claim is made.
 
-An activation swept at a single knob value has no frontier: every (family, seed) has one point. Its
-families are then compared at their runs' own L0 (:attr:`ActivationFrontier.matched` is false): the
+An activation swept at a single knob value (the config's ``values`` hold one) has no frontier: every
+(family, seed) has one point. Its families are then compared at their runs' own L0 (:attr:`ActivationFrontier.matched` is false): the
 table holds each family's mean ± std of every metric and of ``val/l0`` itself, and the verdicts follow the
 same rule, for a reader to weigh against the L0 difference.
 """
@@ -210,13 +210,19 @@ def frontier_analysis(
     contrasts: Sequence[tuple[str, str]],
     n_l0: int = 3,
     min_effect: dict[str, float] | None = None,
+    single_value: bool = False,
 ) -> ActivationFrontier:
-    """Interpolate every (family, seed) frontier of ``activation`` at the common L0 values and compare."""
+    """Interpolate every (family, seed) frontier of ``activation`` at the common L0 values and compare.
+
+    ``single_value``: the activation is swept at one knob value (the config says so, not the points:
+    a partial grid of a swept activation also has one point per (family, seed), at different knob
+    values, and is not comparable at the runs' own L0); its families are compared at their own L0.
+    """
     pts = [p for p in points if p.activation == activation and p.family in families]
     by_fs: dict[tuple[str, int], list[Point]] = {}
     for p in pts:
         by_fs.setdefault((p.family, p.seed), []).append(p)
-    if by_fs and all(len(v) == 1 for v in by_fs.values()):
+    if single_value and by_fs:
         return _own_l0_analysis(by_fs, activation, families, metrics, contrasts, min_effect)
     # a frontier needs two points; a (family, seed) with fewer is left out of the analysis
     frontiers = {k: v for k, v in by_fs.items() if len({p.l0 for p in v}) >= 2}

@@ -73,6 +73,7 @@ def analyse_frontiers(cfg: CompareConfig, results: list[RunResult]) -> list[Acti
             cfg.frontier.contrasts,
             cfg.frontier.n_l0,
             cfg.frontier.min_effect,
+            single_value=len(act.values) == 1,
         )
         for act in cfg.frontier.activations
     ]

@@ -199,8 +199,9 @@ def _examples(
         _batches(rows, per_batch), desc="features: examples", unit="batch", disable=not progress
     ):
         data = read_rows(chunk)
-        x, valid, tokens = data["acts"].to(device).float(), data["valid"].to(device), data["tokens"]
-        valid = sae_valid_positions(sae, x, valid)
+        x, stored, tokens = data["acts"].to(device).float(), data["valid"].to(device), data["tokens"]
+        valid = sae_valid_positions(sae, x, stored)
+        sink = stored.bool() & ~valid  # [b, T]: ordinary tokens the activation-sink rule leaves out
         f = sae.encode(x, valid)  # [b, T, d_sae]
         T = x.shape[1]
         coef = truth.coefficients(chunk) if truth is not None and truth.coefficients is not None else None
@@ -224,6 +225,8 @@ def _examples(
                 "tokens": [int(t) for t in tokens[b, lo:hi].tolist()],
                 "valid": [bool(v) for v in valid[b, lo:hi].tolist()],
             }
+            if bool(sink[b, lo:hi].any()):
+                ex["sink"] = [bool(v) for v in sink[b, lo:hi].tolist()]
             if attr is not None:
                 ex["attr"] = {
                     "self": [round(float(a), 4) for a in attr.self_part[n].tolist()],

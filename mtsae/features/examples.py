@@ -141,10 +141,15 @@ def feature_examples(
 
 
 def _example_text(ex: dict[str, Any]) -> str:
-    """The tokens before the activating one, then ``[[token]]``, one markdown table cell."""
+    """The tokens before the activating one, then ``[[token]]``, one markdown table cell. BOS/EOS/PAD
+    positions are left out; an activation sink (``ex["sink"]``: an ordinary token the SAE does not read)
+    is shown as ``⟦token⟧``."""
     k = ex["pos"] - ex["start"]
     texts = ex.get("text") or [f"<{t}>" for t in ex["tokens"]]
-    before = "".join(t for t, v in zip(texts[:k], ex["valid"][:k], strict=True) if v)
+    sink = ex.get("sink") or [False] * len(texts)
+    before = "".join(
+        f"⟦{t}⟧" if s else t for t, v, s in zip(texts[:k], ex["valid"][:k], sink[:k], strict=True) if v or s
+    )
     cell = f"{before}[[{texts[k]}]] ({ex['acts'][k]:.2f})"
     return cell.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "⏎").replace("\r", "")
 

@@ -8,6 +8,7 @@ activations.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -49,13 +50,18 @@ class ResumeSettingsError(ValueError):
     """``--ckpt_path`` names a checkpoint of a run whose settings differ from this configuration's."""
 
 
-def model_settings_differ(saved: dict[str, Any], config: dict[str, Any]) -> str | None:
+def model_settings_differ(
+    saved: dict[str, Any], config: dict[str, Any], defaults: dict[str, Any] | None = None
+) -> str | None:
     """Why a checkpoint with hyperparameters ``saved`` cannot resume into the model ``config``, or None.
 
     A resumed run continues *that* run: a model setting that differs (``d_sae``, ``sparsity_coeff``, ...)
-    would either fail to load or be silently replaced by one side. Settings missing on one side are
-    not compared (a setting added since the checkpoint was written).
+    would either fail to load or be silently replaced by one side. A setting the checkpoint lacks (added
+    since it was written) ran at its default (``defaults``, e.g. ``max_norm_multiple`` off): the config
+    must keep that default. A setting missing from ``config`` or without a default is not compared.
     """
+    defaults = defaults or {}
+    saved = {**{k: defaults[k] for k in set(config) - set(saved) if k in defaults}, **saved}
     differ = sorted(k for k in set(saved) & set(config) if _plain(saved[k]) != _plain(config[k]))
     if not differ:
         return None
@@ -80,6 +86,12 @@ def _optimizer_settings(optimizer: torch.optim.Optimizer, scheduler: Any) -> dic
     if scheduler is not None:
         out |= {k: v for k, v in scheduler.state_dict().items() if k not in _NOT_SETTINGS}
     return out
+
+
+def _init_defaults() -> dict[str, Any]:
+    """The default of every :class:`SAEModule` setting that has one (what a checkpoint without it ran at)."""
+    params = inspect.signature(SAEModule.__init__).parameters.values()
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -440,7 +452,7 @@ class SAEModule(L.LightningModule):
             raise ResumeSettingsError(
                 f"the checkpoint has no {missing}: it is not a checkpoint of an SAE training run of this project"
             )
-        differ = model_settings_differ(checkpoint["hyper_parameters"], dict(self.hparams))
+        differ = model_settings_differ(checkpoint["hyper_parameters"], dict(self.hparams), _init_defaults())
         if differ:
             raise ResumeSettingsError(differ)
 

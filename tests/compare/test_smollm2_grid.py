@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data.datamodule import ActivationDataModule
@@ -87,12 +88,43 @@ def test_a_single_knob_value_compares_families_at_their_own_l0() -> None:
         for fam, l0, fvu in (("token", 40.0, 0.30), ("mtsae", 55.0, 0.20))
         for s in (0, 1)
     ]
-    fa = frontier.frontier_analysis(pts, "relu", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")])
+    fa = frontier.frontier_analysis(
+        pts, "relu", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")], single_value=True
+    )
     assert not fa.matched and fa.l0_range == (40.0, 55.0)
     assert fa.table["val/l0"]["mtsae"][0].mean == 55.0 and fa.table["val/fvu"]["token"][0].n == 2
     assert [v.outcome for v in fa.verdicts] == ["better"]
     line = compare.frontier_report.verdict_lines(fa)[0]
     assert "at own L0" in line and "better" in line
+
+
+def test_a_partial_grid_of_a_swept_activation_is_not_compared_at_own_l0() -> None:
+    """A 3-value TopK sweep where each (family, seed) finished one run, at different k: one point each, but
+    the families sit at different knob values, so no claim "at own L0" is made (no frontier either)."""
+    pts = [
+        frontier.Point(fam, "topk", s, l0, {"val/fvu": fvu, "val/l0": l0})
+        for fam, s, l0, fvu in (
+            ("token", 0, 8.0, 0.4),
+            ("token", 1, 8.1, 0.4),
+            ("mtsae", 0, 32.0, 0.1),
+            ("mtsae", 1, 32.2, 0.1),
+        )
+    ]
+    fa = frontier.frontier_analysis(pts, "topk", ["token", "mtsae"], ["val/fvu"], [("mtsae", "token")])
+    assert fa.matched and fa.l0_range is None and not fa.verdicts
+    assert "nothing is compared" in compare.frontier_report.verdict_lines(fa)[0]
+    # the report decides it from the config: the grid's relu has one value, its topk three
+    cfg = compare.load_compare_config(REPO / GRID)
+    done = [
+        r for r in cfg.runs if r.activation == "relu" or (r.point, r.family) in {(0, "token"), (2, "mtsae")}
+    ]
+    results = [
+        compare.RunResult(r.name, r, {"val/l0": 8.0 + 4 * r.point, "val/fvu": 0.3}, {}, None, None, "")
+        for r in done
+    ]
+    by_act = {fa.activation: fa for fa in compare.frontier_report.analyse_frontiers(cfg, results)}
+    assert by_act["topk"].matched and by_act["topk"].l0_range is None and not by_act["topk"].verdicts
+    assert not by_act["relu"].matched and by_act["relu"].verdicts
 
 
 def test_an_activation_may_name_a_subset_of_the_families(tmp_path: Path) -> None:
@@ -118,6 +150,30 @@ def test_long_branch_share_and_example_cells() -> None:
           "valid": [False, True, True, True], "text": ["<s>", "a|b", "\n", "c"]}  # fmt: skip
     table = examples_markdown([{"id": 7, "density": 0.01, "examples": [ex], "long_share": 0.9}])
     assert table[2].startswith("| 7 | 0.0100 | 0.90 |") and "a\\|b⏎[[c]] (1.50)" in table[2]
+    # an activation sink (a valid token the SAE leaves out) is shown, marked; BOS is still left out
+    sink = {**ex, "valid": [False, False, True, True], "sink": [False, True, False, False]}
+    assert "⟦a\\|b⟧⏎[[c]] (1.50)" in examples_markdown([{"id": 7, "density": 0.01, "examples": [sink]}])[2]
+
+
+def test_example_contexts_mark_the_activation_sinks() -> None:
+    """The dashboard's example windows say which tokens the activation-sink rule left out (``sink``)."""
+    from mtsae.features.collect import FeaturesConfig, _examples
+
+    x = torch.randn(1, 6, 8)
+    x[0, 1] *= 1000.0  # the first token after BOS: a sink
+    valid = torch.tensor([[False, True, True, True, True, True]])
+    sae = MTSAE(8, 4, dilations=[1, 2], max_norm_multiple=10.0)
+    read = lambda rows: {"acts": x, "valid": valid, "tokens": torch.arange(6)[None]}  # noqa: E731
+    cfg = FeaturesConfig(context_before=4, context_after=0)
+    (ex,) = _examples(sae, read, [(0, 0, 4, "top")], torch.tensor([0]), cfg, "cpu", None, None, False)
+    assert ex["valid"] == [False, False, True, True, True] and ex["sink"] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert "⟦<1>⟧<2><3>[[<4>]]" in examples_markdown([{"id": 0, "density": 0.1, "examples": [ex]}])[2]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:

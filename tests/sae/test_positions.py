@@ -14,11 +14,11 @@ import torch
 from mtsae.evals.unlearning.intervention import clamp_intervention
 from mtsae.sae.export import load_sae, save_sae
 from mtsae.sae.model import MTSAE
-from mtsae.sae.positions import check_max_norm_multiple, ordinary_positions
+from mtsae.sae.positions import check_max_norm_multiple, norm_median, ordinary_positions, valid_norms
 from mtsae.sae.saelens import load_saelens, save_saelens
 from mtsae.sae.scale import ScaledSAE
 from mtsae.training.checkpoint import load_sae_from_checkpoint
-from mtsae.training.module import SAEModule
+from mtsae.training.module import ResumeSettingsError, SAEModule
 
 
 def _norms_batch(norms: list[list[float]], d: int = 4) -> torch.Tensor:
@@ -55,6 +55,29 @@ def test_none_is_off_and_scale_does_not_matter() -> None:
     # non-finite values at valid positions stay valid (the training's non-finite check must see them)
     x[0, 2] = math.inf
     assert ordinary_positions(x, valid, 10.0).tolist() == [[True, True, True]]
+
+
+def test_a_zero_median_drops_nothing() -> None:
+    """More than half the valid positions zero vectors: against a median of 0 every other token would go."""
+    x = _norms_batch([[0.0, 0.0, 0.0, 1.0, 5.0]])
+    assert ordinary_positions(x, None, 10.0).tolist() == [[True] * 5]
+    # no finite valid norm: nothing to measure against, nothing dropped
+    valid = torch.tensor([[False, False, False, True, False]])
+    x[0, 3] = math.nan
+    assert ordinary_positions(x, valid, 10.0).tolist() == valid.tolist()
+
+
+def test_a_given_median_and_no_host_sync() -> None:
+    """A decode step (one new token per row) is measured against the median of the sequences so far; the
+    mask is computed without reading a value back to the host (it runs on the meta device)."""
+    x = _norms_batch([[1.0, 2.0, 3.0, 500.0]])
+    new = x[:, -1:]  # [1, 1, d]: its own median would keep it
+    assert ordinary_positions(new, None, 10.0).tolist() == [[True]]
+    assert ordinary_positions(
+        new, None, 10.0, median=norm_median(valid_norms(x[:, :-1], torch.ones(1, 3, dtype=torch.bool)))
+    ).tolist() == [[False]]
+    meta = torch.empty(2, 5, 4, device="meta")
+    assert ordinary_positions(meta, torch.ones(2, 5, dtype=torch.bool, device="meta"), 10.0).shape == (2, 5)
 
 
 @pytest.mark.parametrize("bad", [1, 1.0, 0.5, -3, math.nan, math.inf, "10", True])
@@ -173,6 +196,20 @@ def test_old_files_load_with_the_rule_off(tmp_path: Path) -> None:
     assert cfg["metadata"].pop("max_norm_multiple") is None
     (saelens / "cfg.json").write_text(json.dumps(cfg))
     assert load_saelens(saelens).sae.max_norm_multiple is None
+
+
+@pytest.mark.parametrize(("rule", "refused"), [(10.0, True), (None, False)])
+def test_resuming_an_old_checkpoint_keeps_the_rule_off(rule: float | None, refused: bool) -> None:
+    """A checkpoint written before the setting existed ran with the rule off (the default): resuming it
+    with the rule on would switch it on mid-run, and is refused like any other changed model setting."""
+    hp = dict(_module(None).hparams)
+    del hp["max_norm_multiple"]
+    checkpoint = {"state_dict": {}, "hyper_parameters": hp}
+    if refused:
+        with pytest.raises(ResumeSettingsError, match="max_norm_multiple: checkpoint None, config 10.0"):
+            _module(rule).on_load_checkpoint(checkpoint)
+    else:
+        _module(rule).on_load_checkpoint(checkpoint)
 
 
 def test_scaled_view_applies_the_same_rule() -> None:

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mtsae.lm.hooks import splice_resid_post
-from mtsae.sae.positions import sae_valid_positions
+from mtsae.sae.positions import norm_median, sae_valid_positions, valid_norms
 
 __all__ = [
     "ClampIntervention",
@@ -211,7 +211,11 @@ class GenerationClamp:
     forward, the prefill of ``generate``, every step of ``generate(use_cache=False)``) starts new
     sequences; a call with past positions continues them through a :class:`mtsae.sae.streaming.StreamingEncoder`,
     so an MTSAE encodes each new token with exactly the context it has in the full sequence, at O(receptive
-    field) per step. Cached and uncached generation therefore clamp the same values.
+    field) per step. Cached and uncached generation therefore clamp the same values. With the SAE's
+    activation-sink rule (``max_norm_multiple``), a new token is compared against the median norm of the
+    valid positions of every sequence so far (the clamp keeps the norms it has seen), as the uncached
+    step whose last position it is compares it; a position already in the cache keeps the mask it had
+    when it was new.
 
     Use it as a context manager (or :func:`clamped`). Greedy and sampled generation are supported; beam
     search reorders the cache between steps, which the encoder state does not follow (not supported).
@@ -251,6 +255,7 @@ class GenerationClamp:
         self.stream = StreamingEncoder(sae)
         self._call: tuple[Tensor, Tensor | None, int] | None = None  # (input_ids, attention_mask, n_past)
         self._handles: list[Any] = []
+        self._norms: Tensor | None = None  # [B, n_seen] norms for the sink rule, NaN where not valid
 
     # ------------------------------------------------------------------ hooks
     def _pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -289,7 +294,7 @@ class GenerationClamp:
         if ids.shape != h.shape[:2]:
             raise RuntimeError(f"input_ids {tuple(ids.shape)} do not match hidden states {tuple(h.shape)}")
         if n_past == 0:
-            self.stream.reset()
+            self._reset()
         elif self.stream.n_seen != n_past:
             raise RuntimeError(
                 f"the KV cache holds {n_past} positions but the clamp has encoded {self.stream.n_seen}: a "
@@ -299,8 +304,14 @@ class GenerationClamp:
         W_dec = self.sae.W_dec
         valid = intervention_mask(ids, mask, self.position_rule, self.special_ids, n_past).to(W_dec.device)
         x = h.to(device=W_dec.device, dtype=W_dec.dtype)  # [B, T, d]
-        # activation sinks: the median is over this call's new positions (the prompt, then each new token)
-        valid = sae_valid_positions(self.sae, x, valid)
+        # activation sinks: the median is over the valid positions of the sequences so far (a decode
+        # step's x holds one new token per row, whose own norm would be its median)
+        median = None
+        if getattr(self.sae, "max_norm_multiple", None) is not None:
+            norms = valid_norms(x, valid)  # [B, T]
+            self._norms = norms if n_past == 0 else torch.cat([self._norms, norms], dim=1)
+            median = norm_median(self._norms)
+        valid = sae_valid_positions(self.sae, x, valid, median)
         f = self.stream.step(x, valid)  # [B, T, d_sae]
         return _apply_clamp(h, f, W_dec, self.features, self.multiplier, valid)
 
@@ -308,7 +319,7 @@ class GenerationClamp:
     def __enter__(self) -> GenerationClamp:
         if self._handles:
             raise RuntimeError("this clamp is already active")
-        self.stream.reset()
+        self._reset()
         self._handles = [
             self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.model.register_forward_hook(self._post, with_kwargs=True, always_call=True),
@@ -320,7 +331,12 @@ class GenerationClamp:
         for handle in self._handles:
             handle.remove()
         self._handles, self._call = [], None
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the sequences seen so far (the encoder's state and the norms of the sink rule)."""
         self.stream.reset()
+        self._norms = None
 
 
 def clamped(

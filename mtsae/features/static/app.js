@@ -160,7 +160,8 @@ function exampleRow(ex, f, meta) {
     if (!meta.has_tokens) cls.push("pos");
     text = text.replace(/\n/g, "\u21b5");
     toks.appendChild(el("span", { class: cls.join(" "), style: shade(a, maxAct), "data-act": a,
-      title: `position ${p}: activation ${fmt(a)}` + (ex.truth ? `, true feature ${fmt(ex.truth[i], 2)}` : ""),
+      title: `position ${p}: activation ${fmt(a)}` + (ex.truth ? `, true feature ${fmt(ex.truth[i], 2)}` : "")
+        + (ex.sink && ex.sink[i] ? " (activation sink: not read by the SAE)" : ""),
       text }));
   });
   const out = [line];

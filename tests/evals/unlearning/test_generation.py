@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ from mtsae.evals.unlearning.intervention import ClampIntervention, GenerationCla
 from mtsae.evals.unlearning.recipe import RecipeError, UnlearningRecipe, sae_sha256
 from mtsae.lm.hooks import capture_resid_post
 from mtsae.sae.model import MTSAE
+from mtsae.sae.positions import ordinary_positions
 from tests.helpers.lm import tiny_lm_dir
 
 LAYER = 1
@@ -32,9 +35,11 @@ def prompts(tok) -> dict[str, torch.Tensor]:
     return tok(texts, return_tensors="pt", padding=True)
 
 
-def sae_and_features(model, batch, dilations: list[int], cascade: bool = False) -> tuple[MTSAE, list[int]]:
+def sae_and_features(
+    model, batch, dilations: list[int], cascade: bool = False, max_norm_multiple: float | None = None
+) -> tuple[MTSAE, list[int]]:
     """An SAE with non-identity convolutions and the 6 features that fire most on the prompts."""
-    sae = MTSAE(64, 128, dilations=dilations, cascade=cascade).eval()
+    sae = MTSAE(64, 128, dilations=dilations, cascade=cascade, max_norm_multiple=max_norm_multiple).eval()
     with torch.no_grad():
         if dilations:
             sae.conv_weight.copy_(torch.randn_like(sae.conv_weight) * 0.5)
@@ -42,6 +47,32 @@ def sae_and_features(model, batch, dilations: list[int], cascade: bool = False) 
         f = sae.encode(h, batch["attention_mask"].bool())
     feats = (f > 0).float().sum((0, 1)).topk(6).indices.tolist()
     return sae, feats
+
+
+@contextlib.contextmanager
+def position_sinks(
+    model, on: bool = True, positions: tuple[int, ...] = (10, 12), scale: float = 100.0
+) -> Iterator[None]:
+    """Activation sinks in the tiny LM: the residual stream entering decoder layer 0 scaled by ``scale`` at
+    the ``positions`` (position ids, so generated tokens of every prompt row, two of them at the same step
+    for :func:`prompts`), far above the median norm at every later layer, in cached and uncached forwards
+    alike."""
+    if not on:
+        yield
+        return
+    from mtsae.lm.hooks import decoder_layers
+
+    def hook(module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        sink = torch.isin(kwargs["position_ids"], torch.tensor(positions))  # [B, T]
+        h = args[0] if args else kwargs.pop("hidden_states")
+        h = h * torch.where(sink, scale, 1.0)[..., None].to(h.dtype)
+        return (h, *args[1:]), kwargs
+
+    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def generate(model, batch, tok, use_cache: bool, n: int = 8):
@@ -61,10 +92,23 @@ def generate(model, batch, tok, use_cache: bool, n: int = 8):
     ("dilations", "cascade"), [([1, 2, 4], False), ([3, 5], False), ([1, 2], True), ([], False)]
 )
 @pytest.mark.parametrize("rule", ["saebench", "special_tokens"])
-def test_cached_and_uncached_generation_agree(lm, dilations: list[int], cascade: bool, rule: str) -> None:
+@pytest.mark.parametrize(("max_norm_multiple", "n_rows"), [(None, 3), (3.0, 3), (3.0, 1)])
+def test_cached_and_uncached_generation_agree(
+    lm, dilations: list[int], cascade: bool, rule: str, max_norm_multiple: float | None, n_rows: int
+) -> None:
+    """With the activation-sink rule on, the LM writes sinks (:func:`position_sinks`) and a decode step's one
+    new token per row is compared against the median of the sequences so far, as uncached (the median
+    of the new tokens alone is a sink's own norm when there is one row)."""
     model, tok = lm
-    batch = prompts(tok)
-    sae, feats = sae_and_features(model, batch, dilations, cascade)
+    batch = {k: v[:n_rows] for k, v in prompts(tok).items()}
+    with position_sinks(model, on=max_norm_multiple is not None):
+        _check_cached_and_uncached_agree(model, tok, batch, dilations, cascade, rule, max_norm_multiple)
+
+
+def _check_cached_and_uncached_agree(
+    model, tok, batch, dilations: list[int], cascade: bool, rule: str, max_norm_multiple: float | None
+) -> None:
+    sae, feats = sae_and_features(model, batch, dilations, cascade, max_norm_multiple)
     special = [tok.bos_token_id, tok.eos_token_id, tok.pad_token_id]
     plain_seq, plain_logits = generate(model, batch, tok, use_cache=True)
     clamp = GenerationClamp(model, LAYER, sae, feats, 20.0, rule, special)
@@ -84,6 +128,9 @@ def test_cached_and_uncached_generation_agree(lm, dilations: list[int], cascade:
     n = logits_c.shape[1]
     torch.testing.assert_close(logits_c, full[:, -n - 1 : -1], atol=1e-4, rtol=1e-4)
     assert not torch.equal(plain_seq, seq_c) or (logits_c - plain_logits).abs().max() > 0.1
+    if max_norm_multiple is not None:  # the rule leaves out generated tokens
+        h = capture_resid_post(model, LAYER, seq_c, mask)
+        assert (~ordinary_positions(h, mask.bool(), max_norm_multiple)[:, -n:]).any()
 
 
 def test_the_hooks_are_removed_and_misuse_is_reported(lm) -> None:
