@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install smollm2 smollm2-unlearning real-tier gemma3 gemma3-example demo compare compare-separation compare-quick compare-demo compare-smollm2 test test-all bench bench-quick lint tiny-lm unlearning-example clean
+.PHONY: install smollm2 smollm2-unlearning smollm2-generate real-tier gemma3 gemma3-example demo compare compare-separation compare-quick compare-demo compare-smollm2 test test-all bench bench-quick lint tiny-lm unlearning-example clean
 
 install: $(STAMP)
 
@@ -81,8 +81,17 @@ smollm2-unlearning: $(SMOLLM2)/.ready
 		--question-cache-dir $(SMOLLM2)/question_cache --mcq-batch-size 32 --llm-batch-size 16 \
 		--retain-thresholds 0.01 0.5 --n-features 10 --multipliers 25 100 $(SMOLLM2_SET)
 	test ! -e runs/smollm2_unlearning/recipe.json || $(PY) -m mtsae_app unlearn generate \
-		--recipe runs/smollm2_unlearning/recipe.json --prompts-file reports/smollm2/prompts.jsonl --compare \
+		--recipe runs/smollm2_unlearning/recipe.json --prompts-file reports/smollm2/prompts.jsonl --compare --chat \
 		--max-new-tokens 24 --out runs/smollm2_unlearning/generations.jsonl
+
+# the recipe the training run's unlearning callback wrote (configs/smollm2.yaml) in generation, with and without
+# the clamp, on biology and other prompts (README: "A real language model, offline")
+smollm2-generate: $(SMOLLM2)/.ready
+	@recipe="$$(ls -t runs/smollm2/version_*/unlearning/recipe_step*.json 2>/dev/null | head -1)"; \
+	test -n "$$recipe" || { echo "no recipe: run python train.py fit --config configs/smollm2.yaml first (its unlearning evaluation writes one when a grid point qualifies)"; exit 2; }; \
+	echo "recipe: $$recipe"; \
+	$(PY) -m mtsae_app unlearn generate --recipe "$$recipe" --prompts-file reports/smollm2/prompts.jsonl --compare --chat \
+		--max-new-tokens 24 --out reports/smollm2/generations.jsonl
 
 demo: $(STAMP)
 	$(PY) train.py fit --config configs/demo.yaml
