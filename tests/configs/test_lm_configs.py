@@ -47,9 +47,10 @@ SIZES = {
     "llm_batch_size",
 }
 DEVICES = {"accelerator", "devices", "strategy", "precision", "model_dtype"}
-# measured per model: the activation-sink rule (`mtsae cache norms`) and the L1 weight (the L0 it reaches
-# depends on the model's activations; configs/smollm2.yaml says what 5.0 gave)
-MEASURED = {"max_norm_multiple", "sparsity_coeff"}
+# measured per model: the activation-sink rule (`mtsae cache norms`), the L1 weight (the L0 it reaches
+# depends on the model's activations; configs/smollm2.yaml says what 5.0 gave) and the learning rate of a
+# short CPU budget
+MEASURED = {"max_norm_multiple", "sparsity_coeff", "lr"}
 MAY_DIFFER = NAMES | SIZES | DEVICES
 # configs of a real model (smollm2, gemma3_270m) may also differ in what was measured on that model
 MAY_DIFFER_MEASURED = MAY_DIFFER | MEASURED
