@@ -15,9 +15,8 @@ from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
 from mtsae.evals.records import save_results
 from mtsae.evals.unlearning.config import UnlearningDuringTraining
-from mtsae.evals.unlearning.report import best_recipe
+from mtsae.evals.unlearning.report import save_best_recipe
 from mtsae.evals.unlearning.run import UnlearningRun
-from mtsae.sae.export import save_sae
 
 __all__ = ["Unlearning", "LOGGED_METRICS"]
 
@@ -187,9 +186,8 @@ class Unlearning(EveryNValidations):
         results = {**run.evaluate(sae), "global_step": trainer.global_step}
         # as `mtsae eval unlearning` does: the best grid point as a recipe for `mtsae unlearn generate`,
         # naming the exported raw-activation SAE it was chosen with
-        out = run_dir(trainer) / "unlearning"
         step = trainer.global_step
-        recipe = best_recipe(results, save_sae(sae.cpu(), out / f"sae_step{step}"), out)
-        if recipe is not None:
-            results["recipe"] = str(recipe.save(out / f"recipe_step{step}.json"))
+        save_best_recipe(
+            results, sae, run_dir(trainer) / "unlearning", f"sae_step{step}", f"recipe_step{step}.json"
+        )
         return results

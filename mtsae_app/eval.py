@@ -145,9 +145,8 @@ def run_core(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     """``mtsae eval unlearning``: SAEBench's unlearning evaluation (full setting by default)."""
-    from mtsae.evals.unlearning.report import best_recipe, summary_markdown
+    from mtsae.evals.unlearning.report import save_best_recipe, summary_markdown
     from mtsae.evals.unlearning.run import UnlearningRun
-    from mtsae.sae.export import save_sae
 
     mmlu_source: str | dict[str, str] = args.mmlu_source
     if args.mmlu_file:
@@ -166,9 +165,7 @@ def run_unlearning(args: argparse.Namespace) -> dict[str, Any]:
     results = {"command": "unlearning", **loaded.label, **run.evaluate(sae, progress=args.progress)}
     out = Path(args.out)
     # the recipe names the SAE it was chosen with: the exported raw-activation SAE, beside the results
-    recipe = best_recipe(results, save_sae(sae.cpu(), out / "sae"), out)
-    if recipe is not None:
-        results["recipe"] = str(recipe.save(out / "recipe.json"))
+    recipe = save_best_recipe(results, sae, out)
     _write(out, results, summary_markdown(results))
     for w in results["warnings"]:
         print(f"mtsae eval unlearning: warning: {w}", file=sys.stderr)

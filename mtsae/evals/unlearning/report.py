@@ -11,7 +11,7 @@ from typing import Any
 from mtsae.evals.unlearning.corpora import WMDP_NAME
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 
-__all__ = ["best_recipe", "summary_markdown"]
+__all__ = ["best_recipe", "save_best_recipe", "summary_markdown"]
 
 
 def _portable_model_id(model: dict) -> dict:
@@ -66,6 +66,27 @@ def best_recipe(
             "mmlu_accuracy": best["mmlu_accuracy"],
         },
     )
+
+
+def save_best_recipe(
+    results: dict[str, Any],
+    sae: Any,
+    out: str | Path,
+    sae_name: str = "sae",
+    recipe_name: str = "recipe.json",
+) -> Path | None:
+    """Export ``sae`` (raw activations) to ``out/sae_name`` and write the best grid point's recipe naming it
+    to ``out/recipe_name``; record the recipe's path in ``results["recipe"]``. ``None`` (and no recipe)
+    when no grid point qualifies. What ``mtsae eval unlearning`` and ``callbacks.Unlearning`` both write."""
+    from mtsae.sae.export import save_sae
+
+    out = Path(out)
+    recipe = best_recipe(results, save_sae(sae.cpu(), out / sae_name), out)
+    if recipe is None:
+        return None
+    path = recipe.save(out / recipe_name)
+    results["recipe"] = str(path)
+    return Path(path)
 
 
 def summary_markdown(results: Mapping[str, Any]) -> str:
