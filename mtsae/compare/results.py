@@ -16,6 +16,7 @@ import yaml
 from mtsae.compare.config import CompareConfig, RunSpec
 from mtsae.compare.curves import read_curves, tokens_per_step
 from mtsae.compare.runner import SPEC_FILE, run_dir, train_args
+from mtsae.evals.unlearning.report import logged_metrics
 
 __all__ = ["RunResult", "collect_results", "timescale_groups"]
 
@@ -47,6 +48,16 @@ def _saved_config(rd: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
+def _unlearning_record(rd: Path, global_step: int | None) -> dict[str, Any] | None:
+    """The run's unlearning record at its last step (``<run>/unlearning/step<N>.json``; ``None``: none)."""
+    records = {}
+    for path in (rd / "unlearning").glob("step*.json"):
+        m = re.fullmatch(r"step(\d+)\.json", path.name)
+        if m and (global_step is None or int(m.group(1)) <= global_step):
+            records[int(m.group(1))] = path
+    return json.loads(records[max(records)].read_text()) if records else None
+
+
 def collect_results(
     out: Path, cfg: CompareConfig, extra: Sequence[str] = (), runs: Sequence[RunSpec] | None = None
 ) -> list[RunResult]:
@@ -66,6 +77,11 @@ def collect_results(
         metrics = {k: float(v) for k, v in summary.get("final_val_metrics", {}).items()}
         if "val/fvu" not in metrics:
             metrics = {k: c[-1][1] for k, c in curves.items() if c} | metrics
+        # the unlearning record holds every value the callback logs from it, also ones added after the
+        # run finished (e.g. val/unlearning/text_selectivity_max); the logged values take precedence
+        record_u = _unlearning_record(rd, summary.get("global_step"))
+        if record_u is not None:
+            metrics = logged_metrics(record_u) | metrics
         metrics = {k: v for k, v in metrics.items() if not math.isinf(v)}
         saved = _saved_config(rd)
         max_steps = (saved.get("trainer") or {}).get("max_steps")

@@ -11,7 +11,40 @@ from typing import Any
 from mtsae.evals.unlearning.corpora import WMDP_NAME
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 
-__all__ = ["best_recipe", "save_best_recipe", "summary_markdown"]
+__all__ = [
+    "LOGGED_METRICS",
+    "OPTIONAL_METRICS",
+    "best_recipe",
+    "logged_metrics",
+    "save_best_recipe",
+    "summary_markdown",
+]
+
+#: metric name -> key of the evaluation's results (:func:`mtsae.evals.unlearning.pipeline.evaluate_unlearning`)
+LOGGED_METRICS = {
+    "val/unlearning_score": "unlearning_score",
+    "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
+    "val/unlearning/mmlu_acc_best": "mmlu_acc_best",
+}
+#: logged beside them when the results have a value: with held-out text, the text selectivity of the best
+#: grid point (when one keeps retain accuracy) and the largest over the grid points (always)
+OPTIONAL_METRICS = {
+    "val/unlearning/text_selectivity_best": "text_selectivity_best",
+    "val/unlearning/text_selectivity_max": "text_selectivity_max",
+}
+
+
+def logged_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics of an unlearning evaluation's results, by the names ``callbacks.Unlearning`` logs.
+
+    Also how ``mtsae compare`` reads a finished run's unlearning record (``<run>/unlearning/stepN.json``),
+    so a metric added here reaches the reports of runs that finished before it existed.
+    """
+    out = {name: float(results[key]) for name, key in LOGGED_METRICS.items()}
+    out.update(
+        {name: float(results[key]) for name, key in OPTIONAL_METRICS.items() if results.get(key) is not None}
+    )
+    return out
 
 
 def _portable_model_id(model: dict) -> dict:
