@@ -272,6 +272,9 @@ def test_quick_smollm2_grid_on_the_tiny_lm(
     relu = [line for line in summary.splitlines() if line.startswith("- **relu**")]
     assert relu and all("mtsae vs token: no claim (n < 2) (at own L0:" in v for v in relu), relu
     assert "## Feature examples" in report
+    context = report.split("## How much context the MTSAEs use")[1].split("## Feature examples")[0]
+    rows = {line.split("`")[1] for line in context.splitlines() if line.startswith("| `")}
+    assert rows == {r.name for r in results if r.spec.family == "mtsae"}, rows  # trained convolutions only
     section = report.split("## Feature examples")[1].split("## Commands")[0]
     for family in cfg.frontier.families:  # the middle k, first seed
         assert f"### `{family}` (run `topk-{family}-1-s0`)" in section
