@@ -11,7 +11,8 @@ Two checks, both read from what the runs logged:
   a claim-sized amount in its last quarter had not converged for the purpose of the verdicts.
 
 The report marks every verdict whose families include unsettled runs, and lists per family how the runs
-ended and how many had settled on each metric.
+ended and how many had settled on each metric. A curve with fewer than ``2 × SETTLE_POINTS`` validations
+(e.g. a metric evaluated only at the end of training) cannot show either: its cell says ``n/a``.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ class FamilyConvergence:
     """end kind -> count"""
     unsettled: dict[str, list[str]] = field(default_factory=dict)
     """metric -> names of runs that had not settled on it"""
+    untested: dict[str, list[str]] = field(default_factory=dict)
+    """metric -> names of runs whose curve of it is too short to tell (e.g. a metric evaluated once, at
+    the end): neither settled nor unsettled"""
 
 
 def assess(
@@ -118,14 +122,19 @@ def assess(
     for r in results:
         if r.spec.activation != activation or r.spec.family is None:
             continue
-        fc = out.setdefault(r.spec.family, FamilyConvergence(unsettled={m: [] for m in metrics}))
+        fc = out.setdefault(
+            r.spec.family,
+            FamilyConvergence(unsettled={m: [] for m in metrics}, untested={m: [] for m in metrics}),
+        )
         fc.runs += 1
         end = run_end(r.global_step, r.max_steps, r.stopping)
         fc.ends[end.kind] = fc.ends.get(end.kind, 0) + 1
         for m in metrics:
             tol = min_effect(m)
             change = late_change(r.curves.get(m, []))
-            if tol > 0 and not math.isnan(change) and abs(change) >= tol:
+            if tol > 0 and math.isnan(change):
+                fc.untested[m].append(r.name)
+            elif tol > 0 and abs(change) >= tol:
                 fc.unsettled[m].append(r.name)
     return out
 
@@ -141,7 +150,8 @@ def unsettled_note(conv: dict[str, FamilyConvergence], metric: str, families: Se
 
 
 def convergence_table(conv: dict[str, FamilyConvergence], metrics: Sequence[str]) -> list[str]:
-    """A markdown table: per family, how its runs ended and how many had settled on each metric."""
+    """A markdown table: per family, how its runs ended and how many had settled on each metric
+    (``n/a``: no run's curve was long enough to tell; ``k/n (m n/a)``: m of the runs' curves were not)."""
     if not conv:
         return []
     names = [m.removeprefix("val/") for m in metrics]
@@ -152,9 +162,18 @@ def convergence_table(conv: dict[str, FamilyConvergence], metrics: Sequence[str]
         "|---" * (5 + len(metrics)) + "|",
     ]
     for fam, fc in conv.items():
-        settled = [f"{fc.runs - len(fc.unsettled.get(m, []))}/{fc.runs}" for m in metrics]
+        settled = [_settled_cell(fc, m) for m in metrics]
         lines.append(
             f"| {fam} | {fc.runs} | {fc.ends.get('plateau', 0)} | {fc.ends.get('early', 0)} | "
             f"{fc.ends.get('cap', 0)} | " + " | ".join(settled) + " |"
         )
     return [*lines, ""]
+
+
+def _settled_cell(fc: FamilyConvergence, metric: str) -> str:
+    untested = len(fc.untested.get(metric, []))
+    if untested == fc.runs:
+        return "n/a"
+    tested = fc.runs - untested
+    cell = f"{tested - len(fc.unsettled.get(metric, []))}/{tested}"
+    return f"{cell} ({untested} n/a)" if untested else cell

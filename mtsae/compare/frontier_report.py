@@ -19,6 +19,7 @@ import yaml  # noqa: E402
 
 from mtsae.compare.config import CompareConfig  # noqa: E402
 from mtsae.compare.convergence import (  # noqa: E402
+    SETTLE_POINTS,
     FamilyConvergence,
     assess,
     convergence_table,
@@ -333,7 +334,8 @@ def frontier_sections(
             if not convs[fa.activation]
             else [
                 f"**Convergence** ({fa.activation}): how the runs ended, and how many had settled on each metric "
-                "(moved by less than its min effect over the last quarter of training; min effects: "
+                "(moved by less than its min effect over the last quarter of training; n/a: evaluated fewer "
+                f"than {2 * SETTLE_POINTS} times, too few to tell; min effects: "
                 + ", ".join(f"{m.removeprefix('val/')} {min_effect_of(m, fr.min_effect):g}" for m in metrics)
                 + ")",
                 "",
