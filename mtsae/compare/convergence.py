@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "SETTLE_POINTS",
     "LATE_FRACTION",
+    "END_FRACTION",
     "late_change",
     "end_values",
     "RunEnd",
@@ -38,6 +39,8 @@ __all__ = [
 SETTLE_POINTS = 3
 #: the late-change window starts at this fraction of the run's steps
 LATE_FRACTION = 0.75
+#: a run's end value averages validations at or after this fraction of its steps only
+END_FRACTION = 0.5
 
 
 def _mean_near(curve: Sequence[tuple[int, float]], step: float, n: int) -> float:
@@ -62,14 +65,16 @@ def late_change(curve: Sequence[tuple[int, float]], late_fraction: float = LATE_
 
 def end_values(final: dict[str, float], curves: dict[str, Sequence[tuple[int, float]]]) -> dict[str, float]:
     """A run's value of each metric at the end of training: the mean of its last :data:`SETTLE_POINTS`
-    validations where its curve has them (the run is on its plateau there, so this only averages out
-    validation jitter, e.g. a feature whose best cosine hovers at the recovery threshold), else its final
-    value."""
+    validations in the second half of the run (the run is on its plateau there, so this only averages
+    out validation jitter, e.g. a feature whose best cosine hovers at the recovery threshold), else its
+    final value. The second-half bound keeps a metric evaluated only a few times (e.g. every 2nd of 6
+    validations) from averaging in a value from early in training."""
     out = dict(final)
     for metric, curve in curves.items():
-        vals = [float(v) for _, v in sorted(curve) if not math.isnan(float(v))]
-        if metric in out and len(vals) >= SETTLE_POINTS:
-            out[metric] = sum(vals[-SETTLE_POINTS:]) / SETTLE_POINTS
+        pts = sorted((int(s), float(v)) for s, v in curve if not math.isnan(float(v)))
+        late = [v for s, v in pts if pts and s >= END_FRACTION * pts[-1][0]][-SETTLE_POINTS:]
+        if metric in out and late:
+            out[metric] = sum(late) / len(late)
     return out
 
 

@@ -293,6 +293,9 @@ def test_late_change_and_how_runs_ended() -> None:
     jitter = {"val/recovered/slow": [(100, 0.0), (200, 0.5), (300, 0.25), (400, 0.5), (500, 0.75)]}
     ends = conv.end_values({"val/recovered/slow": 0.75, "val/l0": 3.0}, jitter)
     assert ends == {"val/recovered/slow": pytest.approx(0.5), "val/l0": 3.0}
+    # a metric evaluated on every 2nd of 6 validations: the step-128 value is not an end value
+    sparse = {"val/ce_loss_score": [(128, 0.80), (256, 0.90), (384, 0.92)]}
+    assert conv.end_values({"val/ce_loss_score": 0.92}, sparse) == {"val/ce_loss_score": pytest.approx(0.91)}
 
 
 def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
