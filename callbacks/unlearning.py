@@ -36,10 +36,10 @@ class Unlearning(EveryNValidations):
 
     Logs ``val/unlearning_score``, ``val/unlearning/wmdp_acc_best`` and ``val/unlearning/mmlu_acc_best``
     (of the best grid point; with none keeping MMLU accuracy, those of the unmodified model), with held-out
-    text also ``val/unlearning/text_selectivity_max`` (the largest over the grid points) and
-    ``val/unlearning/text_selectivity_best`` (the best point's, when there is one), and writes every grid point (features, accuracies)
-    to ``<run dir>/unlearning/step<global_step>.json`` (the results record of ``mtsae eval unlearning``
-    with ``global_step`` added).
+    text also ``val/unlearning/text_selectivity_max`` (the largest over the grid points that clamp
+    features) and ``val/unlearning/text_selectivity_best`` (the best point's, when there is one), and
+    writes every grid point (features, accuracies) to ``<run dir>/unlearning/step<global_step>.json``
+    (the results record of ``mtsae eval unlearning`` with ``global_step`` added).
 
     The evaluation runs on global rank 0 (the others wait) and its summary is broadcast, so every rank
     logs the same values. The filtered question set depends only on the model and the settings: it is

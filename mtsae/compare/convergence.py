@@ -65,14 +65,14 @@ def late_change(curve: Sequence[tuple[int, float]], late_fraction: float = LATE_
 
 def end_values(final: dict[str, float], curves: dict[str, Sequence[tuple[int, float]]]) -> dict[str, float]:
     """A run's value of each metric at the end of training: the mean of its last :data:`SETTLE_POINTS`
-    validations in the second half of the run (the run is on its plateau there, so this only averages
-    out validation jitter, e.g. a feature whose best cosine hovers at the recovery threshold), else its
-    final value. The second-half bound keeps a metric evaluated only a few times (e.g. every 2nd of 6
-    validations) from averaging in a value from early in training."""
+    validations at or after half of the metric's last logged step (the run is on its plateau there, so
+    this only averages out validation jitter, e.g. a feature whose best cosine hovers at the recovery
+    threshold), else its final value. The bound keeps a metric evaluated only a few times (e.g. every
+    2nd of 6 validations) from averaging in a value from early in training."""
     out = dict(final)
     for metric, curve in curves.items():
         pts = sorted((int(s), float(v)) for s, v in curve if not math.isnan(float(v)))
-        late = [v for s, v in pts if pts and s >= END_FRACTION * pts[-1][0]][-SETTLE_POINTS:]
+        late = [v for s, v in pts if s >= END_FRACTION * pts[-1][0]][-SETTLE_POINTS:]
         if metric in out and late:
             out[metric] = sum(late) / len(late)
     return out
@@ -121,7 +121,8 @@ def assess(
     """Per family of ``activation``: how its runs ended and which had not settled on each metric.
 
     ``results``: :class:`mtsae.compare.results.RunResult` objects; ``min_effect``: a callable metric ->
-    min effect. A metric with a min effect of 0 is checked against nothing and counts as settled.
+    min effect. A metric with a min effect of 0 is checked against nothing and counts as settled; a curve
+    too short to tell (:func:`late_change` is NaN) counts as neither (``untested``).
     """
     out: dict[str, FamilyConvergence] = {}
     for r in results:
@@ -137,7 +138,7 @@ def assess(
         for m in metrics:
             tol = min_effect(m)
             change = late_change(r.curves.get(m, []))
-            if tol > 0 and math.isnan(change):
+            if math.isnan(change):
                 fc.untested[m].append(r.name)
             elif tol > 0 and abs(change) >= tol:
                 fc.unsettled[m].append(r.name)

@@ -15,6 +15,7 @@ its sampled features' top examples.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -105,45 +106,61 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _context_row(out: Path, cfg: CompareConfig, r: RunResult) -> tuple[tuple[int, ...], str] | None:
+    """``(dilations, table row)`` of a run with trained convolutions, its exported SAE and its feature
+    examples (``None`` otherwise)."""
+    rd = run_dir(out, cfg, r.spec)
+    trained = r.hparams.get("dilations") and not r.hparams.get("freeze_conv")
+    if not trained or not (rd / "sae").is_dir() or not (rd / EXAMPLES_FILE).exists():
+        return None
+    sae = load_sae(rd / "sae")
+    sample = json.loads((rd / EXAMPLES_FILE).read_text())["sample"]
+    share = _mean([f["context_share"] for f in sample if f.get("context_share") is not None])
+    kept = _mean([f["ablated_ratio"] for f in sample if f.get("ablated_ratio") is not None])
+    init = r.hparams.get("context_init_std")
+    cells = [
+        f"`{r.name}`",
+        "—" if init is None else f"{init * math.sqrt(2 / math.pi):.3f}",
+        *(" / ".join(f"{w:.3f}" for w in branch) for branch in tap_magnitudes(sae.conv_weight)),
+        "—" if share is None else f"{share:.3f}",
+        "—" if kept is None else f"{100 * kept:.0f}%",
+    ]
+    return tuple(sae.dilations), "| " + " | ".join(cells) + " |"
+
+
 def context_use_section(out: Path, cfg: CompareConfig, results: list[RunResult]) -> list[str]:
-    """``## How much context the MTSAEs use``: a row per finished run whose convolutions trained (empty
-    when there is none). Columns: the mean ``|w|`` of each tap per dilation (from ``<run>/sae``, the SAE
-    ``callbacks.ExportSAE`` wrote), and, from ``feature_examples.json``, the context share and the
-    activation without earlier tokens averaged over the sampled features."""
-    rows: list[str] = []
-    dilations: list[int] | None = None
+    """``## How much context the MTSAEs use``: a row per finished run with trained convolutions and feature
+    examples (``callbacks.FeatureExamples``), a table per set of dilations; empty when there is none.
+
+    Columns: the mean ``|w|`` of each tap per branch (from ``<run>/sae``, the SAE ``callbacks.ExportSAE``
+    wrote) beside its expected value at initialisation, and, from ``feature_examples.json``, the context
+    share and the activation without earlier tokens averaged over the sampled features."""
+    tables: dict[tuple[int, ...], list[str]] = {}
     for r in results:
-        sae_dir = run_dir(out, cfg, r.spec) / "sae"
-        if not r.hparams.get("dilations") or r.hparams.get("freeze_conv") or not sae_dir.is_dir():
-            continue
-        sae = load_sae(sae_dir)
-        if dilations is None:
-            dilations = list(sae.dilations)
-        if list(sae.dilations) != dilations:  # one table: one set of branches
-            continue
-        taps = tap_magnitudes(sae.conv_weight)
-        cells = [f"`{r.name}`", *(" / ".join(f"{w:.3f}" for w in branch) for branch in taps)]
-        path = run_dir(out, cfg, r.spec) / EXAMPLES_FILE
-        sample = json.loads(path.read_text())["sample"] if path.exists() else []
-        share = _mean([f["context_share"] for f in sample if f.get("context_share") is not None])
-        kept = _mean([f["ablated_ratio"] for f in sample if f.get("ablated_ratio") is not None])
-        cells += ["—" if share is None else f"{share:.3f}", "—" if kept is None else f"{100 * kept:.0f}%"]
-        rows.append("| " + " | ".join(cells) + " |")
-    if not rows or dilations is None:
+        row = _context_row(out, cfg, r)
+        if row is not None:
+            tables.setdefault(row[0], []).append(row[1])
+    if not tables:
         return []
-    head = ["run", *(f"r = {d}: −{2 * d} / −{d} / 0" for d in dilations), "context share", "act. w/o context"]
-    return [
+    lines = [
         "## How much context the MTSAEs use",
         "",
-        "Mean |w| over channels of each depth-wise convolution tap (the dilation-r branch reads the token "
-        "r and 2r places back and the token itself; at initialisation the context taps are about 0.008, "
-        "|N(0, 0.01)|, and the tap at offset 0 is 1), and the *context share* of the pre-activation and "
-        "the activation with earlier tokens removed (% of the activation), averaged over the sampled "
-        "features' top examples (the feature-examples tables below). Runs whose convolutions are frozen "
-        "are left out (their taps are the identity).",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---" * len(head) + "|",
-        *rows,
+        "Mean |w| over channels of each depth-wise convolution tap (the dilation-r branch reads the tokens "
+        "r and 2r places back and the token itself; the taps start at 1 for the token itself and "
+        "N(0, context_init_std) noise for the others, whose mean |w| is the *context taps at init* "
+        "column), and the *context share* of the pre-activation and the activation with earlier tokens "
+        "removed (% of the activation), averaged over the sampled features' top examples (the "
+        "feature-examples tables below). Runs whose convolutions are frozen are left out (their taps are "
+        "the identity).",
         "",
     ]
+    for dilations, rows in tables.items():
+        head = [
+            "run",
+            "context taps at init",
+            *(f"r = {d}: −{2 * d} / −{d} / 0" for d in dilations),
+            "context share",
+            "act. w/o context",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *rows, ""]
+    return lines

@@ -286,8 +286,8 @@ def frontier_sections(
         + ", ".join(f"`{f}` ({' '.join(a) or 'the base model'})" for f, a in fr.families.items())
         + ".",
         f"Seeds: {cfg.seeds}. Each (family, seed) frontier is the runs' end (L0, metric) points over the "
-        "knob values (end value: the mean of a run's last 3 validations in its second half of training, which averages out validation "
-        "jitter on the plateau); metrics are interpolated linearly in L0 at "
+        "knob values (end value: the mean of a run's last 3 validations in its second half of training, "
+        "which averages out validation jitter on the plateau); metrics are interpolated linearly in L0 at "
         f"{fr.n_l0} common L0 values spread over the range that every frontier covers (no "
         "extrapolation), then averaged over seeds (mean ± std, ddof 1; n = seeds). A family is "
         "*better* or *worse* than another only when the intervals mean ± std do not overlap and the means "

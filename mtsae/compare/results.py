@@ -49,13 +49,19 @@ def _saved_config(rd: Path) -> dict[str, Any]:
 
 
 def _unlearning_record(rd: Path, global_step: int | None) -> dict[str, Any] | None:
-    """The run's unlearning record at its last step (``<run>/unlearning/step<N>.json``; ``None``: none)."""
-    records = {}
-    for path in (rd / "unlearning").glob("step*.json"):
-        m = re.fullmatch(r"step(\d+)\.json", path.name)
-        if m and (global_step is None or int(m.group(1)) <= global_step):
-            records[int(m.group(1))] = path
-    return json.loads(records[max(records)].read_text()) if records else None
+    """The run's unlearning record of its last step (``<run>/unlearning/step<global_step>.json``; with no
+    known step, the highest-numbered one); ``None``: there is none. An earlier evaluation's record never
+    stands in for a failed or missing final one."""
+    folder = rd / "unlearning"
+    if global_step is not None:
+        path = folder / f"step{global_step}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    steps = {
+        int(m.group(1)): p
+        for p in folder.glob("step*.json")
+        if (m := re.fullmatch(r"step(\d+)\.json", p.name))
+    }
+    return json.loads(steps[max(steps)].read_text()) if steps else None
 
 
 def collect_results(
@@ -79,9 +85,9 @@ def collect_results(
             metrics = {k: c[-1][1] for k, c in curves.items() if c} | metrics
         # the unlearning record holds every value the callback logs from it, also ones added after the
         # run finished (e.g. val/unlearning/text_selectivity_max); the logged values take precedence
-        record_u = _unlearning_record(rd, summary.get("global_step"))
-        if record_u is not None:
-            metrics = logged_metrics(record_u) | metrics
+        unlearning = _unlearning_record(rd, summary.get("global_step"))
+        if unlearning is not None:
+            metrics = logged_metrics(unlearning) | metrics
         metrics = {k: v for k, v in metrics.items() if not math.isinf(v)}
         saved = _saved_config(rd)
         max_steps = (saved.get("trainer") or {}).get("max_steps")
