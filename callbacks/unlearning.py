@@ -15,19 +15,10 @@ from callbacks.export import run_dir
 from callbacks.periodic import EveryNValidations
 from mtsae.evals.records import save_results
 from mtsae.evals.unlearning.config import UnlearningDuringTraining
-from mtsae.evals.unlearning.report import save_best_recipe
+from mtsae.evals.unlearning.report import LOGGED_METRICS, logged_metrics, save_best_recipe
 from mtsae.evals.unlearning.run import UnlearningRun
 
 __all__ = ["Unlearning", "LOGGED_METRICS"]
-
-#: metric name -> key of the results of :meth:`mtsae.evals.unlearning.run.UnlearningRun.evaluate`
-LOGGED_METRICS = {
-    "val/unlearning_score": "unlearning_score",
-    "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
-    "val/unlearning/mmlu_acc_best": "mmlu_acc_best",
-}
-#: logged beside them when held-out text is configured and a grid point is best (the text selectivity)
-OPTIONAL_METRICS = {"val/unlearning/text_selectivity_best": "text_selectivity_best"}
 
 
 class Unlearning(EveryNValidations):
@@ -45,9 +36,10 @@ class Unlearning(EveryNValidations):
 
     Logs ``val/unlearning_score``, ``val/unlearning/wmdp_acc_best`` and ``val/unlearning/mmlu_acc_best``
     (of the best grid point; with none keeping MMLU accuracy, those of the unmodified model), with held-out
-    text also ``val/unlearning/text_selectivity_best``, and writes every grid point (features, accuracies)
-    to ``<run dir>/unlearning/step<global_step>.json`` (the results record of ``mtsae eval unlearning``
-    with ``global_step`` added).
+    text also ``val/unlearning/text_selectivity_max`` (the largest over the grid points that clamp
+    features) and ``val/unlearning/text_selectivity_best`` (the best point's, when there is one), and
+    writes every grid point (features, accuracies) to ``<run dir>/unlearning/step<global_step>.json``
+    (the results record of ``mtsae eval unlearning`` with ``global_step`` added).
 
     The evaluation runs on global rank 0 (the others wait) and its summary is broadcast, so every rank
     logs the same values. The filtered question set depends only on the model and the settings: it is
@@ -161,10 +153,7 @@ class Unlearning(EveryNValidations):
             self.last_path = save_results(
                 results, run_dir(trainer) / "unlearning" / f"step{trainer.global_step}.json"
             )
-            summary = {name: float(results[key]) for name, key in LOGGED_METRICS.items()}
-            summary.update(
-                {n: float(results[k]) for n, k in OPTIONAL_METRICS.items() if results.get(k) is not None}
-            )
+            summary = logged_metrics(results)
             rank_zero_info(
                 f"unlearning score {summary['val/unlearning_score']:.4f} at step {trainer.global_step} "
                 f"(details: {self.last_path})"

@@ -11,7 +11,8 @@ Two checks, both read from what the runs logged:
   a claim-sized amount in its last quarter had not converged for the purpose of the verdicts.
 
 The report marks every verdict whose families include unsettled runs, and lists per family how the runs
-ended and how many had settled on each metric.
+ended and how many had settled on each metric. A curve with fewer than ``2 × SETTLE_POINTS`` validations
+(e.g. a metric evaluated only at the end of training) cannot show either: its cell says ``n/a``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "SETTLE_POINTS",
     "LATE_FRACTION",
+    "END_FRACTION",
     "late_change",
     "end_values",
     "RunEnd",
@@ -37,6 +39,8 @@ __all__ = [
 SETTLE_POINTS = 3
 #: the late-change window starts at this fraction of the run's steps
 LATE_FRACTION = 0.75
+#: a run's end value averages validations at or after this fraction of its steps only
+END_FRACTION = 0.5
 
 
 def _mean_near(curve: Sequence[tuple[int, float]], step: float, n: int) -> float:
@@ -61,14 +65,16 @@ def late_change(curve: Sequence[tuple[int, float]], late_fraction: float = LATE_
 
 def end_values(final: dict[str, float], curves: dict[str, Sequence[tuple[int, float]]]) -> dict[str, float]:
     """A run's value of each metric at the end of training: the mean of its last :data:`SETTLE_POINTS`
-    validations where its curve has them (the run is on its plateau there, so this only averages out
-    validation jitter, e.g. a feature whose best cosine hovers at the recovery threshold), else its final
-    value."""
+    validations at or after half of the metric's last logged step (the run is on its plateau there, so
+    this only averages out validation jitter, e.g. a feature whose best cosine hovers at the recovery
+    threshold), else its final value. The bound keeps a metric evaluated only a few times (e.g. every
+    2nd of 6 validations) from averaging in a value from early in training."""
     out = dict(final)
     for metric, curve in curves.items():
-        vals = [float(v) for _, v in sorted(curve) if not math.isnan(float(v))]
-        if metric in out and len(vals) >= SETTLE_POINTS:
-            out[metric] = sum(vals[-SETTLE_POINTS:]) / SETTLE_POINTS
+        pts = sorted((int(s), float(v)) for s, v in curve if not math.isnan(float(v)))
+        late = [v for s, v in pts if s >= END_FRACTION * pts[-1][0]][-SETTLE_POINTS:]
+        if metric in out and late:
+            out[metric] = sum(late) / len(late)
     return out
 
 
@@ -104,6 +110,9 @@ class FamilyConvergence:
     """end kind -> count"""
     unsettled: dict[str, list[str]] = field(default_factory=dict)
     """metric -> names of runs that had not settled on it"""
+    untested: dict[str, list[str]] = field(default_factory=dict)
+    """metric -> names of runs whose curve of it is too short to tell (e.g. a metric evaluated once, at
+    the end): neither settled nor unsettled"""
 
 
 def assess(
@@ -112,20 +121,26 @@ def assess(
     """Per family of ``activation``: how its runs ended and which had not settled on each metric.
 
     ``results``: :class:`mtsae.compare.results.RunResult` objects; ``min_effect``: a callable metric ->
-    min effect. A metric with a min effect of 0 is checked against nothing and counts as settled.
+    min effect. A metric with a min effect of 0 is checked against nothing and counts as settled; a curve
+    too short to tell (:func:`late_change` is NaN) counts as neither (``untested``).
     """
     out: dict[str, FamilyConvergence] = {}
     for r in results:
         if r.spec.activation != activation or r.spec.family is None:
             continue
-        fc = out.setdefault(r.spec.family, FamilyConvergence(unsettled={m: [] for m in metrics}))
+        fc = out.setdefault(
+            r.spec.family,
+            FamilyConvergence(unsettled={m: [] for m in metrics}, untested={m: [] for m in metrics}),
+        )
         fc.runs += 1
         end = run_end(r.global_step, r.max_steps, r.stopping)
         fc.ends[end.kind] = fc.ends.get(end.kind, 0) + 1
         for m in metrics:
             tol = min_effect(m)
             change = late_change(r.curves.get(m, []))
-            if tol > 0 and not math.isnan(change) and abs(change) >= tol:
+            if math.isnan(change):
+                fc.untested[m].append(r.name)
+            elif tol > 0 and abs(change) >= tol:
                 fc.unsettled[m].append(r.name)
     return out
 
@@ -141,7 +156,8 @@ def unsettled_note(conv: dict[str, FamilyConvergence], metric: str, families: Se
 
 
 def convergence_table(conv: dict[str, FamilyConvergence], metrics: Sequence[str]) -> list[str]:
-    """A markdown table: per family, how its runs ended and how many had settled on each metric."""
+    """A markdown table: per family, how its runs ended and how many had settled on each metric
+    (``n/a``: no run's curve was long enough to tell; ``k/n (m n/a)``: m of the runs' curves were not)."""
     if not conv:
         return []
     names = [m.removeprefix("val/") for m in metrics]
@@ -152,9 +168,18 @@ def convergence_table(conv: dict[str, FamilyConvergence], metrics: Sequence[str]
         "|---" * (5 + len(metrics)) + "|",
     ]
     for fam, fc in conv.items():
-        settled = [f"{fc.runs - len(fc.unsettled.get(m, []))}/{fc.runs}" for m in metrics]
+        settled = [_settled_cell(fc, m) for m in metrics]
         lines.append(
             f"| {fam} | {fc.runs} | {fc.ends.get('plateau', 0)} | {fc.ends.get('early', 0)} | "
             f"{fc.ends.get('cap', 0)} | " + " | ".join(settled) + " |"
         )
     return [*lines, ""]
+
+
+def _settled_cell(fc: FamilyConvergence, metric: str) -> str:
+    untested = len(fc.untested.get(metric, []))
+    if untested == fc.runs:
+        return "n/a"
+    tested = fc.runs - untested
+    cell = f"{tested - len(fc.unsettled.get(metric, []))}/{tested}"
+    return f"{cell} ({untested} n/a)" if untested else cell

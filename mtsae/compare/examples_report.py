@@ -6,19 +6,27 @@ family, all at the same activation, knob value and seed (the first activation's 
 first seed), so the families are seen by the same rule at about the same sparsity; explicit runs are shown
 one each. Per run: a table of a seeded sample of live features and, for an MTSAE, a table of the
 features whose encoder weight sits mostly in the long-dilation branches.
+
+:func:`context_use_section` says how much every MTSAE run with trainable convolutions uses earlier
+tokens: the mean magnitude of each convolution tap (from the run's exported SAE) and the context share of
+its sampled features' top examples.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+
+import torch
 
 from mtsae.compare.config import CompareConfig
 from mtsae.compare.results import RunResult
 from mtsae.compare.runner import run_dir
 from mtsae.features.examples import EXAMPLES_FILE, examples_markdown
+from mtsae.sae.export import load_sae
 
-__all__ = ["shown_runs", "examples_section"]
+__all__ = ["shown_runs", "examples_section", "context_use_section", "tap_magnitudes"]
 
 
 def shown_runs(cfg: CompareConfig, results: list[RunResult]) -> list[RunResult]:
@@ -86,3 +94,73 @@ def examples_section(
         "",
         *blocks,
     ]
+
+
+def tap_magnitudes(conv_weight: torch.Tensor) -> list[list[float]]:
+    """Mean ``|w|`` over channels of each tap of each branch: ``[branch][tap]``, taps in the order of
+    ``MTSAE.conv_weight`` (offsets ``-2r``, ``-r``, ``0``)."""
+    return conv_weight.detach().abs().float().mean(dim=1).tolist()
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _context_row(out: Path, cfg: CompareConfig, r: RunResult) -> tuple[tuple[int, ...], str] | None:
+    """``(dilations, table row)`` of a run with trained convolutions, its exported SAE and its feature
+    examples (``None`` otherwise)."""
+    rd = run_dir(out, cfg, r.spec)
+    trained = r.hparams.get("dilations") and not r.hparams.get("freeze_conv")
+    if not trained or not (rd / "sae").is_dir() or not (rd / EXAMPLES_FILE).exists():
+        return None
+    sae = load_sae(rd / "sae")
+    sample = json.loads((rd / EXAMPLES_FILE).read_text())["sample"]
+    share = _mean([f["context_share"] for f in sample if f.get("context_share") is not None])
+    kept = _mean([f["ablated_ratio"] for f in sample if f.get("ablated_ratio") is not None])
+    init = r.hparams.get("context_init_std")
+    cells = [
+        f"`{r.name}`",
+        "—" if init is None else f"{init * math.sqrt(2 / math.pi):.3f}",
+        *(" / ".join(f"{w:.3f}" for w in branch) for branch in tap_magnitudes(sae.conv_weight)),
+        "—" if share is None else f"{share:.3f}",
+        "—" if kept is None else f"{100 * kept:.0f}%",
+    ]
+    return tuple(sae.dilations), "| " + " | ".join(cells) + " |"
+
+
+def context_use_section(out: Path, cfg: CompareConfig, results: list[RunResult]) -> list[str]:
+    """``## How much context the MTSAEs use``: a row per finished run with trained convolutions and feature
+    examples (``callbacks.FeatureExamples``), a table per set of dilations; empty when there is none.
+
+    Columns: the mean ``|w|`` of each tap per branch (from ``<run>/sae``, the SAE ``callbacks.ExportSAE``
+    wrote) beside its expected value at initialisation, and, from ``feature_examples.json``, the context
+    share and the activation without earlier tokens averaged over the sampled features."""
+    tables: dict[tuple[int, ...], list[str]] = {}
+    for r in results:
+        row = _context_row(out, cfg, r)
+        if row is not None:
+            tables.setdefault(row[0], []).append(row[1])
+    if not tables:
+        return []
+    lines = [
+        "## How much context the MTSAEs use",
+        "",
+        "Mean |w| over channels of each depth-wise convolution tap (the dilation-r branch reads the tokens "
+        "r and 2r places back and the token itself; the taps start at 1 for the token itself and "
+        "N(0, context_init_std) noise for the others, whose mean |w| is the *context taps at init* "
+        "column), and the *context share* of the pre-activation and the activation with earlier tokens "
+        "removed (% of the activation), averaged over the sampled features' top examples (the "
+        "feature-examples tables below). Runs whose convolutions are frozen are left out (their taps are "
+        "the identity).",
+        "",
+    ]
+    for dilations, rows in tables.items():
+        head = [
+            "run",
+            "context taps at init",
+            *(f"r = {d}: −{2 * d} / −{d} / 0" for d in dilations),
+            "context share",
+            "act. w/o context",
+        ]
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|", *rows, ""]
+    return lines

@@ -19,6 +19,7 @@ import yaml  # noqa: E402
 
 from mtsae.compare.config import CompareConfig  # noqa: E402
 from mtsae.compare.convergence import (  # noqa: E402
+    SETTLE_POINTS,
     FamilyConvergence,
     assess,
     convergence_table,
@@ -285,8 +286,8 @@ def frontier_sections(
         + ", ".join(f"`{f}` ({' '.join(a) or 'the base model'})" for f, a in fr.families.items())
         + ".",
         f"Seeds: {cfg.seeds}. Each (family, seed) frontier is the runs' end (L0, metric) points over the "
-        "knob values (end value: the mean of a run's last 3 validations, which averages out validation "
-        "jitter on the plateau); metrics are interpolated linearly in L0 at "
+        "knob values (end value: the mean of a run's last 3 validations in its second half of training, "
+        "which averages out validation jitter on the plateau); metrics are interpolated linearly in L0 at "
         f"{fr.n_l0} common L0 values spread over the range that every frontier covers (no "
         "extrapolation), then averaged over seeds (mean ± std, ddof 1; n = seeds). A family is "
         "*better* or *worse* than another only when the intervals mean ± std do not overlap and the means "
@@ -333,7 +334,8 @@ def frontier_sections(
             if not convs[fa.activation]
             else [
                 f"**Convergence** ({fa.activation}): how the runs ended, and how many had settled on each metric "
-                "(moved by less than its min effect over the last quarter of training; min effects: "
+                "(moved by less than its min effect over the last quarter of training; n/a: evaluated fewer "
+                f"than {2 * SETTLE_POINTS} times, too few to tell; min effects: "
                 + ", ".join(f"{m.removeprefix('val/')} {min_effect_of(m, fr.min_effect):g}" for m in metrics)
                 + ")",
                 "",

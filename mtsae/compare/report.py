@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from mtsae.compare.config import CompareConfig  # noqa: E402
 from mtsae.compare.convergence import run_end  # noqa: E402
-from mtsae.compare.examples_report import examples_section  # noqa: E402
+from mtsae.compare.examples_report import context_use_section, examples_section  # noqa: E402
 from mtsae.compare.frontier_report import frontier_sections, slug  # noqa: E402
 from mtsae.compare.results import RunResult, timescale_groups  # noqa: E402
 from mtsae.compare.runner import now  # noqa: E402
@@ -267,6 +267,7 @@ def write_report(
         lines += _runs_table(results)
         if explicit:
             lines += _explicit_sections(cfg, explicit, root, figures)
+        lines += context_use_section(out, cfg, results)
         lines += examples_section(out, cfg, results)
         lines += _command_lines(results)
     path = root / "report.md"

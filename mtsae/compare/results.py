@@ -16,6 +16,7 @@ import yaml
 from mtsae.compare.config import CompareConfig, RunSpec
 from mtsae.compare.curves import read_curves, tokens_per_step
 from mtsae.compare.runner import SPEC_FILE, run_dir, train_args
+from mtsae.evals.unlearning.report import logged_metrics
 
 __all__ = ["RunResult", "collect_results", "timescale_groups"]
 
@@ -47,6 +48,22 @@ def _saved_config(rd: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}) if path.exists() else {}
 
 
+def _unlearning_record(rd: Path, global_step: int | None) -> dict[str, Any] | None:
+    """The run's unlearning record of its last step (``<run>/unlearning/step<global_step>.json``; with no
+    known step, the highest-numbered one); ``None``: there is none. An earlier evaluation's record never
+    stands in for a failed or missing final one."""
+    folder = rd / "unlearning"
+    if global_step is not None:
+        path = folder / f"step{global_step}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+    steps = {
+        int(m.group(1)): p
+        for p in folder.glob("step*.json")
+        if (m := re.fullmatch(r"step(\d+)\.json", p.name))
+    }
+    return json.loads(steps[max(steps)].read_text()) if steps else None
+
+
 def collect_results(
     out: Path, cfg: CompareConfig, extra: Sequence[str] = (), runs: Sequence[RunSpec] | None = None
 ) -> list[RunResult]:
@@ -66,6 +83,11 @@ def collect_results(
         metrics = {k: float(v) for k, v in summary.get("final_val_metrics", {}).items()}
         if "val/fvu" not in metrics:
             metrics = {k: c[-1][1] for k, c in curves.items() if c} | metrics
+        # the unlearning record holds every value the callback logs from it, also ones added after the
+        # run finished (e.g. val/unlearning/text_selectivity_max); the logged values take precedence
+        unlearning = _unlearning_record(rd, summary.get("global_step"))
+        if unlearning is not None:
+            metrics = logged_metrics(unlearning) | metrics
         metrics = {k: v for k, v in metrics.items() if not math.isinf(v)}
         saved = _saved_config(rd)
         max_steps = (saved.get("trainer") or {}).get("max_steps")

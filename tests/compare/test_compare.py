@@ -293,6 +293,9 @@ def test_late_change_and_how_runs_ended() -> None:
     jitter = {"val/recovered/slow": [(100, 0.0), (200, 0.5), (300, 0.25), (400, 0.5), (500, 0.75)]}
     ends = conv.end_values({"val/recovered/slow": 0.75, "val/l0": 3.0}, jitter)
     assert ends == {"val/recovered/slow": pytest.approx(0.5), "val/l0": 3.0}
+    # a metric evaluated on every 2nd of 6 validations: the step-128 value is not an end value
+    sparse = {"val/ce_loss_score": [(128, 0.80), (256, 0.90), (384, 0.92)]}
+    assert conv.end_values({"val/ce_loss_score": 0.92}, sparse) == {"val/ce_loss_score": pytest.approx(0.91)}
 
 
 def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
@@ -319,6 +322,17 @@ def test_verdicts_say_when_runs_behind_them_had_not_settled() -> None:
     assert "not settled" in note and "mtsae 1/2" in note and "token" not in note
     table = "\n".join(conv.convergence_table(found, ["val/recovered/slow"]))
     assert "| mtsae | 2 | 0 | 1 | 1 | 1/2 |" in table and "| token | 1 | 0 | 1 | 0 | 1/1 |" in table
+    # a metric evaluated too few times to tell (once, at the end) is neither settled nor unsettled
+    once = [run("c0", "token", [(4000, 0.5)], 4000), run("c1", "token", flat, 4000)]
+    found = conv.assess(once + results[1:2], "topk", ["val/recovered/slow"], frontier.min_effect_of)
+    assert found["token"].untested["val/recovered/slow"] == ["c0"]
+    assert found["token"].unsettled["val/recovered/slow"] == []
+    table = "\n".join(conv.convergence_table(found, ["val/recovered/slow"]))
+    assert "| token | 2 | 0 | 0 | 2 | 1/1 (1 n/a) |" in table and "| mtsae | 1 | 0 | 0 | 1 | 0/1 |" in table
+    only_once = conv.assess(once[:1], "topk", ["val/recovered/slow"], frontier.min_effect_of)
+    assert "| token | 1 | 0 | 0 | 1 | n/a |" in "\n".join(
+        conv.convergence_table(only_once, ["val/recovered/slow"])
+    )
 
 
 def _points(family: str, offset: float, seeds: range, l0s: list[float]) -> list[frontier.Point]:

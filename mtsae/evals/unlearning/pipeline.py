@@ -51,6 +51,7 @@ from mtsae.evals.unlearning.mcq import (
     score_mcq,
     special_token_ids,
 )
+from mtsae.evals.unlearning.report import max_text_selectivity
 from mtsae.evals.unlearning.selection import select_features, unlearning_score
 from mtsae.lm.hooks import capture_resid_post
 from mtsae.sae.positions import sae_valid_positions
@@ -263,6 +264,9 @@ def evaluate_unlearning(
         "unlearning_score": float(score_value),
         # the best grid point's text selectivity (None: no held-out text, or no best point)
         "text_selectivity_best": None if best is None else best.get("text_selectivity"),
+        # the largest over the grid points that clamp features (None: no held-out text, or no such
+        # point): defined whether or not a point keeps retain accuracy, so it compares across SAEs
+        "text_selectivity_max": max_text_selectivity(configs),
         "scoring": cfg.scoring,
         "wmdp_acc_best": float(chosen["wmdp_accuracy"]),
         "mmlu_acc_best": float(chosen["mmlu_accuracy"]),

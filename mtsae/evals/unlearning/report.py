@@ -4,14 +4,60 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mtsae.evals.unlearning.corpora import WMDP_NAME
 from mtsae.evals.unlearning.recipe import UnlearningRecipe, sae_sha256
 
-__all__ = ["best_recipe", "save_best_recipe", "summary_markdown"]
+__all__ = [
+    "LOGGED_METRICS",
+    "OPTIONAL_METRICS",
+    "best_recipe",
+    "logged_metrics",
+    "max_text_selectivity",
+    "save_best_recipe",
+    "summary_markdown",
+]
+
+#: metric name -> key of the results of :func:`mtsae.evals.unlearning.pipeline.evaluate_unlearning`
+LOGGED_METRICS = {
+    "val/unlearning_score": "unlearning_score",
+    "val/unlearning/wmdp_acc_best": "wmdp_acc_best",
+    "val/unlearning/mmlu_acc_best": "mmlu_acc_best",
+}
+#: logged beside them when the results have a value (held-out text configured): the text selectivity of
+#: the best grid point (when one keeps the retain accuracy) and the largest over the grid points that
+#: clamp features
+OPTIONAL_METRICS = {
+    "val/unlearning/text_selectivity_best": "text_selectivity_best",
+    "val/unlearning/text_selectivity_max": "text_selectivity_max",
+}
+
+
+def max_text_selectivity(configs: Sequence[Mapping[str, Any]]) -> float | None:
+    """The largest text selectivity over the grid points that clamp features (``None``: none has one)."""
+    values = [
+        c["text_selectivity"] for c in configs if c.get("features") and c.get("text_selectivity") is not None
+    ]
+    return float(max(values)) if values else None
+
+
+def logged_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """The scalar metrics of an unlearning evaluation's results, by the names ``callbacks.Unlearning`` logs.
+
+    Also how ``mtsae compare`` reads a finished run's unlearning record (``<run>/unlearning/stepN.json``).
+    A value that records written before it existed lack is derived from their grid points (the text
+    selectivity's maximum), so those runs report it too.
+    """
+    if "text_selectivity_max" not in results and "configs" in results:
+        results = {**results, "text_selectivity_max": max_text_selectivity(results["configs"])}
+    out = {name: float(results[key]) for name, key in LOGGED_METRICS.items()}
+    out.update(
+        {name: float(results[key]) for name, key in OPTIONAL_METRICS.items() if results.get(key) is not None}
+    )
+    return out
 
 
 def _portable_model_id(model: dict) -> dict:

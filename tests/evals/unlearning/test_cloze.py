@@ -188,3 +188,5 @@ def test_pipeline_in_cloze_mode(lm, tmp_path: Path, tmp_path_factory: pytest.Tem
     for c in res["configs"]:
         assert c["text_selectivity"] == pytest.approx(c["ce_increase_forget"] - c["ce_increase_retain"])
         assert c["ce_forget"] == pytest.approx(base["ce_forget"] + c["ce_increase_forget"])
+    # the largest selectivity over the points that clamp features: defined with or without a best point
+    assert res["text_selectivity_max"] == max(c["text_selectivity"] for c in res["configs"] if c["features"])
