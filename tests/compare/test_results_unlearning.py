@@ -74,3 +74,12 @@ def test_an_earlier_record_never_stands_in_for_the_last_steps(tmp_path: Path) ->
     (rd / "summary.json").write_text(json.dumps({**summary, "global_step": None}))
     (result,) = compare.collect_results(tmp_path, cfg, runs=[run])
     assert result.metrics["val/unlearning/text_selectivity_max"] == 0.9
+
+
+def test_the_maximum_counts_only_grid_points_that_clamp_features() -> None:
+    from mtsae.evals.unlearning.report import max_text_selectivity
+
+    # a point with no eligible feature changes nothing (selectivity 0); it is not the SAE's best
+    configs = [{"features": [], "text_selectivity": 0.0}, {"features": [3], "text_selectivity": -0.3}]
+    assert max_text_selectivity(configs) == -0.3
+    assert max_text_selectivity([{"features": [], "text_selectivity": 0.0}]) is None
